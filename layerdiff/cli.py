@@ -1,0 +1,72 @@
+"""Command line: ``python -m layerdiff <command> ...``.
+
+Each feature module exposes ``register(subparsers)``, which adds its sub-command with
+``set_defaults(func=run)``; ``run(args) -> int`` returns the exit code. User errors
+(:class:`layerdiff.errors.LayerDiffError`, missing files, unwritable folders) print one line on
+stderr and exit non-zero, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from layerdiff import __version__
+from layerdiff.errors import LayerDiffError
+
+# (module, attribute) pairs registering sub-commands; imported lazily so that ``--help`` stays fast
+# and one broken optional feature never takes the whole command line down.
+_COMMANDS = [
+    ("layerdiff.io.cli", "register"),  # info, convert
+    ("layerdiff.generate_cli", "register"),  # generate
+    ("layerdiff.bench", "register"),  # bench
+    ("layerdiff.train_cli", "register"),  # train
+    ("layerdiff.evaluate", "register"),  # eval
+]
+_DATA_COMMANDS = [
+    ("layerdiff.data.cli", "register"),  # data toy, data inspect
+    ("layerdiff.data.mlcid.cli", "register"),  # data build
+]
+
+
+def _register_all(sub, table) -> None:
+    for module_name, attr in table:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name and module_name.startswith(exc.name):
+                continue  # feature not present in this build
+            raise
+        getattr(module, attr)(sub)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m layerdiff", description="LayerDiff: layered image generation.")
+    parser.add_argument("--version", action="version", version=f"layerdiff {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details on stderr")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _register_all(sub, _COMMANDS)
+    data = sub.add_parser("data", help="build, generate and inspect layered training data")
+    data_sub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
+    _register_all(data_sub, _DATA_COMMANDS)
+    data.set_defaults(func=lambda args: (data.print_help(sys.stderr), 2)[1])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (LayerDiffError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,267 @@
+"""Presets and configuration: the one source of truth for model sizes and sampling defaults.
+
+A :class:`LayerDiffConfig` describes a whole LayerDiff model: the base UNet (a diffusers
+``UNet2DConditionModel`` config with 4 latent channels; the LayerDiff builder widens it to 8), the
+VAE, the text encoder and tokenizer, the scheduler, and the layer modules. It is stored as JSON in
+every LayerDiff checkpoint's metadata, so a checkpoint file describes itself.
+
+Presets:
+
+- ``sd15``: the real Stable Diffusion 1.5 configuration (UNet, VAE, CLIP ViT-L/14 text encoder,
+  scheduler), read from small JSON files shipped in ``layerdiff/presets/sd15``.
+- ``toy``: a small model for the procedural toy world, trainable on a 2-core CPU.
+- ``tiny``: random weights for tests; a full forward pass takes milliseconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from layerdiff.errors import LayerDiffError
+
+CONFIG_VERSION = 1
+
+# Scheduler shared by all presets: SD 1.5's training schedule (scaled-linear betas, epsilon).
+SD_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "steps_offset": 1,
+    "set_alpha_to_one": False,
+    "clip_sample": False,
+    "prediction_type": "epsilon",
+}
+
+# Words of the toy world's prompts (layerdiff.data.toy) plus a few style words; the toy and tiny
+# presets tokenize by whole words, unknown words map to "[UNK]".
+TOY_WORDS = (
+    "a an and the in of on at with front behind left right top bottom centre center middle "
+    "small large big tiny "
+    "circle square triangle star heart cross "
+    "red orange yellow green blue purple white black "
+    "sky meadow beach wall floor field night sandy brick wooden snowy checkered grass sand snow "
+    "style painting watercolor watercolour pixel art cartoon sketch neon pastel dark bright "
+    "vivid muted flat glossy photo"
+).split()
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """Defaults for the sampler and the nodes' widgets (ranges live next to them)."""
+
+    steps: int = 25
+    cfg: float = 7.5
+    mask_guidance: float = 0.75  # self-mask guidance scale s; 0 disables it
+    mask_guidance_start: float = 0.25  # fraction of steps before SMG switches on
+    mask_guidance_blur_sigma: float = 1.0  # Gaussian blur of x0 inside the predicted masks (latent px)
+    scheduler: str = "ddim"
+    eta: float = 0.0
+
+
+@dataclass(frozen=True)
+class LayerDiffConfig:
+    """Everything needed to build a LayerDiff model (weights come from a checkpoint)."""
+
+    name: str
+    unet: dict[str, Any]  # diffusers UNet2DConditionModel config of the *base* (4-channel) UNet
+    vae: dict[str, Any]  # diffusers AutoencoderKL config
+    text_encoder: dict[str, Any]  # transformers CLIPTextConfig kwargs
+    tokenizer: dict[str, Any]  # {"type": "clip_bpe"} or {"type": "words", "words": [...], "max_length": n}
+    scheduler: dict[str, Any] = field(default_factory=lambda: dict(SD_SCHEDULER))
+    max_layers: int = 4  # background + 3 foregrounds
+    layer_head_dim: int = 64  # head width of inter-layer attention
+    enhancer_blocks: int = 2
+    enhancer_head_dim: int = 64
+    image_size: int = 512  # default generation size (pixels)
+    sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
+    description: str = ""
+
+    def __post_init__(self):
+        if not 1 <= int(self.max_layers) <= 64:
+            raise LayerDiffError(f"max_layers {self.max_layers} is out of range: use 1..64 (default 4)")
+        if self.unet.get("in_channels", 4) != 4 or self.unet.get("out_channels", 4) != 4:
+            raise LayerDiffError(
+                "config.unet describes the base UNet and must have in_channels = out_channels = 4, got "
+                f"{self.unet.get('in_channels')}/{self.unet.get('out_channels')}: LayerDiff widens it to 8 itself"
+            )
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.vae.get("latent_channels", 4))
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.get("block_out_channels", [0] * 4)) - 1)
+
+    def replace(self, **changes) -> LayerDiffConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["config_version"] = CONFIG_VERSION
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LayerDiffConfig:
+        data = dict(data)
+        version = data.pop("config_version", CONFIG_VERSION)
+        if version > CONFIG_VERSION:
+            raise LayerDiffError(
+                f"config_version {version} is newer than this LayerDiff understands ({CONFIG_VERSION}): "
+                "update the LayerDiff package"
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise LayerDiffError(f"unknown LayerDiff config fields {unknown}: expected some of {sorted(known)}")
+        if isinstance(data.get("sampling"), dict):
+            data["sampling"] = SamplingDefaults(**data["sampling"])
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> LayerDiffConfig:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise LayerDiffError(f"LayerDiff config is not valid JSON ({exc})") from exc
+        return cls.from_dict(data)
+
+
+def _words_tokenizer(max_length: int) -> dict[str, Any]:
+    return {"type": "words", "words": list(TOY_WORDS), "max_length": max_length}
+
+
+def _tiny() -> LayerDiffConfig:
+    words = _words_tokenizer(16)
+    return LayerDiffConfig(
+        name="tiny",
+        unet={
+            "sample_size": 8,
+            "in_channels": 4,
+            "out_channels": 4,
+            "block_out_channels": [32, 64],
+            "layers_per_block": 1,
+            "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+            "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+            "cross_attention_dim": 32,
+            "attention_head_dim": 4,
+            "norm_num_groups": 8,
+        },
+        vae={
+            "in_channels": 3,
+            "out_channels": 3,
+            "down_block_types": ["DownEncoderBlock2D"] * 4,
+            "up_block_types": ["UpDecoderBlock2D"] * 4,
+            "block_out_channels": [8, 8, 8, 8],
+            "layers_per_block": 1,
+            "latent_channels": 4,
+            "norm_num_groups": 4,
+            "sample_size": 64,
+            "scaling_factor": 1.0,
+        },
+        text_encoder={
+            "vocab_size": len(words["words"]) + 4,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 16,
+            "hidden_act": "quick_gelu",
+            "pad_token_id": 0,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+        },
+        tokenizer=words,
+        layer_head_dim=16,
+        enhancer_head_dim=16,
+        image_size=64,
+        sampling=SamplingDefaults(steps=4),
+        description="random-weight test model (64x64 images, 8x8 latents)",
+    )
+
+
+def _toy() -> LayerDiffConfig:
+    words = _words_tokenizer(24)
+    return LayerDiffConfig(
+        name="toy",
+        unet={
+            "sample_size": 16,
+            "in_channels": 4,
+            "out_channels": 4,
+            "block_out_channels": [64, 128, 128],
+            "layers_per_block": 1,
+            "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+            "cross_attention_dim": 128,
+            "attention_head_dim": 4,
+            "norm_num_groups": 16,
+        },
+        vae={
+            "in_channels": 3,
+            "out_channels": 3,
+            "down_block_types": ["DownEncoderBlock2D"] * 4,
+            "up_block_types": ["UpDecoderBlock2D"] * 4,
+            "block_out_channels": [32, 64, 64, 64],
+            "layers_per_block": 1,
+            "latent_channels": 4,
+            "norm_num_groups": 16,
+            "sample_size": 128,
+            "scaling_factor": 1.0,
+        },
+        text_encoder={
+            "vocab_size": len(words["words"]) + 4,
+            "hidden_size": 128,
+            "intermediate_size": 256,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 24,
+            "hidden_act": "quick_gelu",
+            "pad_token_id": 0,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+        },
+        tokenizer=words,
+        layer_head_dim=32,
+        enhancer_head_dim=32,
+        image_size=128,
+        sampling=SamplingDefaults(steps=20),
+        description="toy-world model: 128x128 images, 16x16 latents, word-level tokenizer",
+    )
+
+
+def _sd15() -> LayerDiffConfig:
+    from layerdiff.io.sd15 import load_sd15_configs
+
+    cfg = load_sd15_configs()
+    return LayerDiffConfig(
+        name="sd15",
+        unet=cfg["unet"],
+        vae=cfg["vae"],
+        text_encoder=cfg["text_encoder"],
+        tokenizer={"type": "clip_bpe"},
+        scheduler=cfg["scheduler"],
+        layer_head_dim=64,
+        enhancer_head_dim=64,
+        image_size=512,
+        description="Stable Diffusion 1.5 architecture (CLIP ViT-L/14 text encoder, 64x64 latents at 512 px)",
+    )
+
+
+PRESETS = {"tiny": _tiny, "toy": _toy, "sd15": _sd15}
+
+
+def get_preset(name: str, **overrides) -> LayerDiffConfig:
+    """A named preset, optionally with fields replaced (e.g. ``max_layers=8``)."""
+    try:
+        factory = PRESETS[name]
+    except KeyError:
+        raise LayerDiffError(f"unknown preset {name!r}: choose one of {sorted(PRESETS)}") from None
+    config = factory()
+    return config.replace(**overrides) if overrides else config

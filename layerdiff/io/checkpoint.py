@@ -1,0 +1,296 @@
+"""LayerDiff checkpoints: ONE self-describing ``.safetensors`` file per model.
+
+Layout of a LayerDiff file:
+
+- tensors ``unet.*`` (the widened UNet with its layer modules, diffusers key names) and
+  ``prompt_enhancer.*``; optionally ``vae.*`` and ``text_encoder.*`` (a *full* file, as the
+  built-in toy model is). An SD 1.5 LayerDiff usually omits the VAE and text encoder: they come
+  from the user's SD 1.5 checkpoint (``base``).
+- metadata ``format = "layerdiff"``, ``config`` (the :class:`LayerDiffConfig` as JSON),
+  ``components`` (comma-separated) and ``layerdiff_version``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from layerdiff import __version__
+from layerdiff.config import LayerDiffConfig, get_preset
+from layerdiff.errors import CheckpointError, LayerDiffError
+from layerdiff.io.files import read_safetensors, read_safetensors_header, save_safetensors_atomic
+from layerdiff.model.bundle import LayerDiffModel
+from layerdiff.model.text import build_tokenizer
+from layerdiff.model.unet import LayerDiffUNet
+
+logger = logging.getLogger("layerdiff.io")
+
+FORMAT = "layerdiff"
+CORE = ("unet", "prompt_enhancer")
+OPTIONAL = ("vae", "text_encoder")
+
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+# Built-in models: name -> file in layerdiff/weights (trained by this project) or a random preset.
+BUILTIN_FILES = {"layerdiff-toy": "layerdiff-toy.safetensors"}
+RANDOM_PRESETS = {"tiny": "tiny", "toy-random": "toy"}
+DEFAULT_MODEL = "layerdiff-toy"
+
+
+def builtin_names() -> list[str]:
+    """Built-in model names usable without a file (the toy model once its weights are present)."""
+    names = [n for n, f in BUILTIN_FILES.items() if (WEIGHTS_DIR / f).is_file()]
+    return names + list(RANDOM_PRESETS)
+
+
+# ---------------------------------------------------------------------------- building
+def build_vae(config: LayerDiffConfig, device="cpu"):
+    from diffusers import AutoencoderKL
+
+    with torch.device(device):
+        return AutoencoderKL(**config.vae)
+
+
+def build_text_encoder(config: LayerDiffConfig, device="cpu"):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device(device):
+        return CLIPTextModel(CLIPTextConfig(**config.text_encoder))
+
+
+def build_random_model(config: LayerDiffConfig, seed: int = 0, tokenizer_dirs=None) -> LayerDiffModel:
+    """A LayerDiff with random weights (deterministic for ``seed``): tests and timing."""
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        unet = LayerDiffUNet.from_config(config)
+        vae, text = build_vae(config), build_text_encoder(config)
+    finally:
+        torch.random.set_rng_state(state)
+    tok = build_tokenizer(config.tokenizer, tokenizer_dirs)
+    return LayerDiffModel(config, unet, vae, text, tok, source=f"random:{config.name}:{seed}").eval()
+
+
+# ---------------------------------------------------------------------------- saving
+def model_state_dict(model: LayerDiffModel | LayerDiffUNet, components=CORE + OPTIONAL) -> dict[str, torch.Tensor]:
+    unet = model.unet if isinstance(model, LayerDiffModel) else model
+    tensors = {k: v for k, v in unet.state_dict().items() if k.split(".", 1)[0] in components}
+    if isinstance(model, LayerDiffModel):
+        for name in OPTIONAL:
+            if name in components:
+                module = getattr(model, name)
+                tensors.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
+    return tensors
+
+
+def save_layerdiff(
+    model: LayerDiffModel | LayerDiffUNet,
+    path: str | Path,
+    include_vae_and_text_encoder: bool = True,
+    overwrite: bool = False,
+    dtype: torch.dtype | None = None,
+    extra_metadata: dict[str, str] | None = None,
+) -> Path:
+    """Write the model as one .safetensors file (atomic; never overwrites unless asked)."""
+    config = model.config
+    components = CORE + (OPTIONAL if include_vae_and_text_encoder and isinstance(model, LayerDiffModel) else ())
+    tensors = model_state_dict(model, components)
+    # position_ids buffers are rebuilt by transformers; keep files free of them
+    tensors = {k: v for k, v in tensors.items() if not k.endswith("position_ids")}
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    metadata = {
+        "format": FORMAT,
+        "config": config.to_json(),
+        "components": ",".join(components),
+        "layerdiff_version": __version__,
+        **(extra_metadata or {}),
+    }
+    return save_safetensors_atomic(tensors, path, metadata=metadata, overwrite=overwrite)
+
+
+# ---------------------------------------------------------------------------- loading
+def read_config(metadata: dict[str, str], path) -> LayerDiffConfig:
+    if metadata.get("format") != FORMAT or "config" not in metadata:
+        raise CheckpointError(
+            f"{path} is not a LayerDiff checkpoint (no LayerDiff config in its metadata): "
+            "build one from an SD 1.5 checkpoint with `python -m layerdiff convert --base FILE --out OUT`"
+        )
+    try:
+        return LayerDiffConfig.from_json(metadata["config"])
+    except LayerDiffError as exc:
+        raise CheckpointError(f"{path} has an unreadable LayerDiff config: {exc}") from exc
+
+
+def _load_into(module: torch.nn.Module, tensors: dict[str, torch.Tensor], what: str, path) -> None:
+    expected = module.state_dict()
+    ignorable = {k for k in expected if k.endswith("position_ids")}
+    missing = sorted(set(expected) - set(tensors) - ignorable)
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(tensors) if tuple(expected[k].shape) != tuple(tensors[k].shape))
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+        if wrong:
+            k = wrong[0]
+            parts.append(
+                f"{len(wrong)} with wrong shapes (e.g. {k}: file {tuple(tensors[k].shape)}, "
+                f"config {tuple(expected[k].shape)})"
+            )
+        raise CheckpointError(
+            f"{path}: the {what} tensors do not match the config stored in the file ({'; '.join(parts)}): "
+            "the file is damaged or was edited; re-export it from the trainer or `python -m layerdiff convert`"
+        )
+    for k in ignorable - set(tensors):
+        tensors[k] = expected[k] if not expected[k].is_meta else torch.arange(expected[k].shape[-1])[None]
+    module.load_state_dict(tensors, strict=True, assign=True)
+    _materialize_buffers(module)
+
+
+def _materialize_buffers(module: torch.nn.Module) -> None:
+    """Non-persistent buffers (CLIP's position_ids) are not in files; rebuild those left on meta."""
+    for owner in module.modules():
+        for name, buf in list(owner.named_buffers(recurse=False)):
+            if buf is not None and buf.is_meta:
+                if name != "position_ids":
+                    raise CheckpointError(f"buffer {name!r} of {type(owner).__name__} was not restored from the file")
+                owner.register_buffer(name, torch.arange(buf.shape[-1]).expand(buf.shape).clone(), persistent=False)
+
+
+def _split(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    n = len(prefix) + 1
+    return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+
+
+def load_layerdiff(
+    path: str | Path,
+    base: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    tokenizer_dirs: list[str] | None = None,
+) -> LayerDiffModel:
+    """Load a LayerDiff file; the VAE/text encoder come from the file or from ``base``
+    (an SD 1.5 single-file checkpoint or a diffusers folder) when the file has none."""
+    path = Path(path)
+    tensors, metadata = read_safetensors(path)
+    config = read_config(metadata, path)
+    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    unet = LayerDiffUNet.from_config(config, device="meta")
+    _load_into(unet, {k: v for k, v in tensors.items() if k.split(".", 1)[0] in CORE}, "UNet", path)
+    have = {name for name in OPTIONAL if any(k.startswith(name + ".") for k in tensors)}
+    parts = {}
+    if base is not None:
+        parts = load_base_components(base, dtype=dtype, components=tuple(n for n in OPTIONAL if n not in have))
+    for name, builder in (("vae", build_vae), ("text_encoder", build_text_encoder)):
+        if name in have:
+            module = builder(config, device="meta")
+            _load_into(module, _split(tensors, name), name, path)
+            parts[name] = module
+        elif name not in parts:
+            raise CheckpointError(
+                f"{path} holds no {name.replace('_', ' ')}: give the SD 1.5 checkpoint it was trained on as base "
+                "(--base FILE, or the base_checkpoint input of Load LayerDiff)"
+            )
+    tokenizer = build_tokenizer(config.tokenizer, tokenizer_dirs)
+    model = LayerDiffModel(config, unet, parts["vae"], parts["text_encoder"], tokenizer, source=str(path))
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def load_base_components(base, dtype=torch.float32, components=("unet", "vae", "text_encoder")) -> dict:
+    """SD 1.5 parts from an original-layout single file or a diffusers folder."""
+    from layerdiff.io.sd15 import load_diffusers_dir, load_sd15_single_file
+
+    base = Path(base)
+    if base.is_dir():
+        return load_diffusers_dir(base, dtype=dtype, components=components)
+    return load_sd15_single_file(base, dtype=dtype, components=components)
+
+
+def convert_sd15(
+    base: str | Path,
+    out: str | Path,
+    config: LayerDiffConfig | None = None,
+    include_vae_and_text_encoder: bool = False,
+    overwrite: bool = False,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Build an untrained LayerDiff from a user's SD 1.5 checkpoint (the start of training)."""
+    config = config or get_preset("sd15")
+    comps = ("unet", "vae", "text_encoder") if include_vae_and_text_encoder else ("unet",)
+    parts = load_base_components(base, components=comps)
+    unet = LayerDiffUNet.from_base(parts["unet"], config.replace(unet=_base_unet_config(parts["unet"])))
+    if include_vae_and_text_encoder:
+        tokenizer = None
+        model = LayerDiffModel(unet.config, unet, parts["vae"], parts["text_encoder"], tokenizer, source=str(base))
+        return save_layerdiff(model, out, include_vae_and_text_encoder=True, overwrite=overwrite, dtype=dtype)
+    return save_layerdiff(unet, out, include_vae_and_text_encoder=False, overwrite=overwrite, dtype=dtype)
+
+
+def _base_unet_config(unet) -> dict:
+    """The 4-channel diffusers config of a (possibly already widened) base UNet, as plain JSON."""
+    cfg = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
+    cfg["in_channels"] = cfg["out_channels"] = 4
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
+
+
+# ---------------------------------------------------------------------------- by name
+def load_model(
+    name_or_path: str | Path | None = None,
+    base: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    tokenizer_dirs: list[str] | None = None,
+) -> LayerDiffModel:
+    """A built-in model by name (``layerdiff-toy``, ``tiny``, ``toy-random``) or a LayerDiff file."""
+    name = str(name_or_path or DEFAULT_MODEL)
+    if name in RANDOM_PRESETS:
+        model = build_random_model(get_preset(RANDOM_PRESETS[name]), seed=0, tokenizer_dirs=tokenizer_dirs)
+        model.source = name
+        return model.to(device=device, dtype=dtype)
+    if name in BUILTIN_FILES:
+        file = WEIGHTS_DIR / BUILTIN_FILES[name]
+        if not file.is_file():
+            raise CheckpointError(
+                f"built-in model {name!r} is not installed ({file} is missing): reinstall the package, "
+                f"or use one of {builtin_names()} or a LayerDiff .safetensors file"
+            )
+        model = load_layerdiff(file, base=base, device=device, dtype=dtype, tokenizer_dirs=tokenizer_dirs)
+        model.source = name
+        return model
+    path = Path(name).expanduser()
+    if not path.exists() and path.suffix == "" and "/" not in name and "\\" not in name:
+        raise CheckpointError(
+            f"unknown model {name!r}: use a built-in name ({', '.join(builtin_names())}) or a path to a "
+            "LayerDiff .safetensors file"
+        )
+    return load_layerdiff(path, base=base, device=device, dtype=dtype, tokenizer_dirs=tokenizer_dirs)
+
+
+def describe_file(path: str | Path) -> dict:
+    """What a .safetensors file is (reads only its header): architecture, parameters, config."""
+    from layerdiff.io.sd15 import detect_architecture
+
+    shapes, metadata = read_safetensors_header(path)
+    arch = detect_architecture({k: tuple(v[1]) for k, v in shapes.items()})
+    n = 0
+    for _, shape in shapes.values():
+        size = 1
+        for d in shape:
+            size *= int(d)
+        n += size
+    info = {"file": str(path), "architecture": arch, "tensors": len(shapes), "parameters": n}
+    if metadata.get("format") == FORMAT:
+        config = read_config(metadata, path)
+        info["layerdiff_config"] = {
+            "name": config.name,
+            "max_layers": config.max_layers,
+            "image_size": config.image_size,
+            "components": metadata.get("components", ""),
+            "block_out_channels": config.unet.get("block_out_channels"),
+        }
+        info["layerdiff_version"] = metadata.get("layerdiff_version", "")
+    return info

@@ -1,0 +1,59 @@
+"""``python -m layerdiff info FILE`` and ``python -m layerdiff convert --base SD15 --out FILE``."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def register(sub) -> None:
+    info = sub.add_parser("info", help="say what a .safetensors model file is (architecture, parameters, config)")
+    info.add_argument("file", help="a .safetensors file")
+    info.add_argument("--json", action="store_true", help="print the whole description as JSON")
+    info.set_defaults(func=run_info)
+
+    conv = sub.add_parser("convert", help="build an untrained LayerDiff checkpoint from an SD 1.5 checkpoint")
+    conv.add_argument("--base", required=True, help="SD 1.5 single-file .safetensors (original layout) or diffusers folder")
+    conv.add_argument("--out", required=True, help="LayerDiff .safetensors file to write")
+    conv.add_argument("--max-layers", type=int, default=4, help="layer slots (background + foregrounds), default 4")
+    conv.add_argument("--full", action="store_true", help="also store the VAE and text encoder in the file")
+    conv.add_argument("--fp16", action="store_true", help="store weights as float16 (half the size)")
+    conv.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    conv.set_defaults(func=run_convert)
+
+
+def run_info(args) -> int:
+    from layerdiff.io.checkpoint import describe_file
+
+    info = describe_file(args.file)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    line = f"{info['file']}: {info['architecture']}, {info['parameters']:,} parameters in {info['tensors']} tensors"
+    if "layerdiff_config" in info:
+        c = info["layerdiff_config"]
+        line += (
+            f"; LayerDiff config {c['name']!r}: max_layers {c['max_layers']}, image size {c['image_size']}, "
+            f"components {c['components']}"
+        )
+    print(line)
+    return 0
+
+
+def run_convert(args) -> int:
+    import torch
+
+    from layerdiff.config import get_preset
+    from layerdiff.io.checkpoint import convert_sd15
+
+    config = get_preset("sd15", max_layers=args.max_layers)
+    out = convert_sd15(
+        args.base,
+        args.out,
+        config=config,
+        include_vae_and_text_encoder=args.full,
+        overwrite=args.overwrite,
+        dtype=torch.float16 if args.fp16 else None,
+    )
+    print(f"wrote {out}", file=sys.stderr)
+    return 0

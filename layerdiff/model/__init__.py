@@ -1,0 +1,15 @@
+"""LayerDiff model parts: the layered UNet, its layer modules and the prompt enhancer."""
+
+from layerdiff.model.enhancer import PromptEnhancer
+from layerdiff.model.layers import InterLayerAttention, IntraLayerAttention, LayerContext, LayeredTransformerBlock
+from layerdiff.model.unet import CHANNELS_PER_LAYER, LayerDiffUNet
+
+__all__ = [
+    "CHANNELS_PER_LAYER",
+    "InterLayerAttention",
+    "IntraLayerAttention",
+    "LayerContext",
+    "LayerDiffUNet",
+    "LayeredTransformerBlock",
+    "PromptEnhancer",
+]

@@ -1,0 +1,120 @@
+"""The LayerDiff model bundle (ComfyUI type ``LAYERDIFF_MODEL``): everything sampling needs.
+
+Holds the layered UNet (with its prompt enhancer), the VAE, the text encoder and tokenizer, and the
+scheduler configuration, plus conversions between layer images/masks and layer latents.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from einops import rearrange
+
+from layerdiff.config import LayerDiffConfig
+from layerdiff.model.text import tokenize
+from layerdiff.model.unet import LayerDiffUNet
+
+
+@dataclass
+class LayerDiffModel:
+    config: LayerDiffConfig
+    unet: LayerDiffUNet
+    vae: torch.nn.Module  # diffusers AutoencoderKL
+    text_encoder: torch.nn.Module  # transformers CLIPTextModel
+    tokenizer: object
+    source: str = ""  # where it was loaded from (file path or built-in name)
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def max_layers(self) -> int:
+        return self.config.max_layers
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_factor(self) -> int:
+        """Width/height of generated images must be multiples of this (VAE x UNet downsampling)."""
+        return self.vae_scale_factor * 2 ** (len(self.unet.unet.config.block_out_channels) - 1)
+
+    def to(self, device=None, dtype=None) -> LayerDiffModel:
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.to(device=device, dtype=dtype)
+        return self
+
+    def eval(self) -> LayerDiffModel:
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.eval().requires_grad_(False)
+        return self
+
+    # ---------------------------------------------------------------- text
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        """prompts (N) -> CLIP last hidden states (N, T, D) in the UNet's dtype."""
+        ids = tokenize(self.tokenizer, prompts).to(self.text_encoder.device)
+        hidden = self.text_encoder(ids)[0]
+        return hidden.to(self.dtype)
+
+    # ---------------------------------------------------------------- latents
+    def _scaling(self) -> float:
+        return float(getattr(self.vae.config, "scaling_factor", 1.0))
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """images (N, 3, H, W) in [-1, 1] -> scaled latents (N, 4, h, w) (posterior mean)."""
+        vae_dtype = next(self.vae.parameters()).dtype
+        dist = self.vae.encode(images.to(self.vae.device, vae_dtype)).latent_dist
+        return (dist.mean * self._scaling()).to(self.dtype)
+
+    @torch.no_grad()
+    def decode_images(self, latents: torch.Tensor) -> torch.Tensor:
+        """scaled latents (N, 4, h, w) -> images (N, 3, H, W) in [-1, 1]."""
+        vae_dtype = next(self.vae.parameters()).dtype
+        return self.vae.decode(latents.to(self.vae.device, vae_dtype) / self._scaling()).sample.float()
+
+    @torch.no_grad()
+    def encode_layers(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """images (B, L, H, W, 3) in 0..1, masks (B, L-1, H, W) in 0..1 -> latents (B, L, 8, h, w).
+
+        A mask is encoded as a 3-channel image in [-1, 1]; the background's mask slot holds the
+        latent of an all-white image (METHOD.md section 2).
+        """
+        B, L = images.shape[:2]
+        full = torch.cat([torch.ones_like(masks[:, :1]), masks], dim=1)  # (B, L, H, W)
+        img = rearrange(images, "b l h w c -> (b l) c h w") * 2 - 1
+        msk = rearrange(full, "b l h w -> (b l) 1 h w").expand(-1, 3, -1, -1) * 2 - 1
+        lat = torch.cat([self.encode_images(img), self.encode_images(msk)], dim=1)  # (B*L, 8, h, w)
+        return rearrange(lat, "(b l) c h w -> b l c h w", b=B)
+
+    @torch.no_grad()
+    def decode_layers(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """latents (B, L, 8, h, w) -> images (B, L, H, W, 3) in 0..1, soft masks (B, L-1, H, W) in 0..1."""
+        B, L = latents.shape[:2]
+        flat = rearrange(latents, "b l c h w -> (b l) c h w")
+        img = self.decode_images(flat[:, :4])
+        images = rearrange((img + 1) / 2, "(b l) c h w -> b l h w c", b=B).clamp(0, 1)
+        if L == 1:
+            masks = images.new_zeros(B, 0, *images.shape[2:4])
+        else:
+            fg = rearrange(latents[:, 1:, 4:], "b k c h w -> (b k) c h w")
+            m = self.decode_images(fg).mean(dim=1)  # (B*K, H, W), grey value of the decoded mask image
+            masks = rearrange((m + 1) / 2, "(b k) h w -> b k h w", b=B).clamp(0, 1)
+        return images, masks
+
+    @torch.no_grad()
+    def mask_axis(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latents (4,) of all-white and all-black images, averaged over space: the axis on which a
+        mask latent is projected to read a mask without decoding (self-mask guidance, previews)."""
+        size = self.vae_scale_factor * 4
+        img = torch.stack([torch.ones(3, size, size), -torch.ones(3, size, size)])
+        lat = self.encode_images(img).float().mean(dim=(2, 3))  # (2, 4)
+        return lat[0], lat[1]

@@ -1,0 +1,179 @@
+"""The layer-collaborative parts that LayerDiff adds to every transformer block of the SD UNet.
+
+METHOD.md section 2: after SD's spatial self-attention, *inter-layer attention* lets the L layers
+of one composable image attend to each other at every spatial position (like temporal attention
+in video UNets); after SD's cross-attention to the global prompt, *text-guided intra-layer
+attention* lets each layer attend to its own enhanced prompt. Both start as exact no-ops
+(zero-initialised output projection / zero gate), so an untrained LayerDiff equals SD per layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from layerdiff.errors import LayerDiffError
+
+
+@dataclass
+class LayerContext:
+    """What the wrapped transformer blocks need beyond diffusers' own arguments.
+
+    Travels through the UNet inside ``cross_attention_kwargs["layerdiff"]``.
+    """
+
+    num_layers: int  # L, the (padded) number of layer slots per sample
+    valid: torch.Tensor  # (B, L) bool, False for empty slots
+    layer_tokens: torch.Tensor | None  # (B*L, T, D) enhanced layer-prompt embeddings, or None
+
+
+def _heads(dim: int, head_dim: int) -> int:
+    """Number of heads of width ``head_dim`` in ``dim`` channels (one full-width head if it does not divide)."""
+    return dim // head_dim if head_dim <= dim and dim % head_dim == 0 else 1
+
+
+class InterLayerAttention(nn.Module):
+    """Attention across the L layers at each spatial position (pre-LN, slot embedding, zero out)."""
+
+    def __init__(self, dim: int, max_layers: int, head_dim: int = 64):
+        super().__init__()
+        self.heads = _heads(dim, head_dim)
+        self.max_layers = max_layers
+        self.norm = nn.LayerNorm(dim)
+        self.slot_embedding = nn.Embedding(max_layers, dim)
+        nn.init.normal_(self.slot_embedding.weight, std=0.02)
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(dim, dim, bias=False)
+        self.to_v = nn.Linear(dim, dim, bias=False)
+        self.to_out = nn.Linear(dim, dim)
+        nn.init.zeros_(self.to_out.weight)
+        nn.init.zeros_(self.to_out.bias)
+
+    def forward(self, hidden: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+        """hidden (B*L, N, C) -> residual update of the same shape."""
+        L = ctx.num_layers
+        if L > self.max_layers:
+            raise LayerDiffError(f"{L} layers exceed this model's max_layers={self.max_layers}")
+        x = rearrange(hidden, "(b l) n c -> (b n) l c", l=L)
+        n = hidden.shape[1]
+        x = self.norm(x) + self.slot_embedding.weight[:L].to(x.dtype)  # (B*N, L, C)
+        q, k, v = (rearrange(p(x), "s l (h d) -> s h l d", h=self.heads) for p in (self.to_q, self.to_k, self.to_v))
+        # keys of empty slots are masked out; the background slot is always valid, so no row is empty
+        key_mask = ctx.valid.repeat_interleave(n, dim=0)[:, None, None, :]  # (B*N, 1, 1, L)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
+        out = self.to_out(rearrange(out, "s h l d -> s l (h d)"))
+        return rearrange(out, "(b n) l c -> (b l) n c", n=n)
+
+
+class IntraLayerAttention(nn.Module):
+    """Each layer cross-attends to its own enhanced prompt; initialised from SD's cross-attention."""
+
+    def __init__(self, dim: int, context_dim: int, heads: int, head_dim: int):
+        super().__init__()
+        inner = heads * head_dim
+        self.heads = heads
+        self.norm = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Linear(inner, dim)
+        self.gate = nn.Parameter(torch.zeros(1))  # zero gate: an exact no-op until trained
+
+    @torch.no_grad()
+    def copy_from_cross_attention(self, attn2: nn.Module, norm2: nn.Module) -> None:
+        """Start from SD's text cross-attention (the paper: 'initialised from SD')."""
+        for name in ("to_q", "to_k", "to_v"):
+            getattr(self, name).weight.copy_(getattr(attn2, name).weight)
+        self.to_out.weight.copy_(attn2.to_out[0].weight)
+        self.to_out.bias.copy_(attn2.to_out[0].bias)
+        if getattr(norm2, "weight", None) is not None:
+            self.norm.weight.copy_(norm2.weight)
+            self.norm.bias.copy_(norm2.bias)
+
+    def forward(self, hidden: torch.Tensor, layer_tokens: torch.Tensor) -> torch.Tensor:
+        """hidden (B*L, N, C), layer_tokens (B*L, T, D) -> residual update (B*L, N, C)."""
+        x = self.norm(hidden)
+        q = rearrange(self.to_q(x), "s n (h d) -> s h n d", h=self.heads)
+        k = rearrange(self.to_k(layer_tokens), "s t (h d) -> s h t d", h=self.heads)
+        v = rearrange(self.to_v(layer_tokens), "s t (h d) -> s h t d", h=self.heads)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.gate.to(out.dtype) * self.to_out(rearrange(out, "s h n d -> s n (h d)"))
+
+
+def _check_plain_block(block: nn.Module) -> None:
+    """LayerDiff rewrites the SD 1.x transformer block only; refuse anything it cannot reproduce."""
+    problems = []
+    if getattr(block, "norm_type", None) != "layer_norm":
+        problems.append(f"norm_type={getattr(block, 'norm_type', None)!r}")
+    if getattr(block, "only_cross_attention", False):
+        problems.append("only_cross_attention")
+    if getattr(block, "pos_embed", None) is not None:
+        problems.append("positional embeddings")
+    if getattr(block, "attn2", None) is None:
+        problems.append("no cross-attention")
+    if getattr(block, "_chunk_size", None) is not None:
+        problems.append("feed-forward chunking")
+    if problems:
+        raise LayerDiffError(
+            f"unsupported transformer block ({', '.join(problems)}): LayerDiff needs an SD 1.x-style UNet"
+        )
+
+
+class LayeredTransformerBlock(nn.Module):
+    """SD's BasicTransformerBlock with inter-layer and intra-layer attention inserted.
+
+    The original block's sub-modules are re-registered under their own names (norm1, attn1, ...),
+    so the UNet's state-dict keys stay those of diffusers and SD weights load unchanged.
+    Order: self-attn -> inter-layer attn -> cross-attn (global prompt) -> intra-layer attn -> FF.
+    """
+
+    def __init__(self, block: nn.Module, max_layers: int, layer_head_dim: int):
+        super().__init__()
+        _check_plain_block(block)
+        self.norm1, self.attn1 = block.norm1, block.attn1
+        self.norm2, self.attn2 = block.norm2, block.attn2
+        self.norm3, self.ff = block.norm3, block.ff
+        dim = block.norm1.normalized_shape[0]
+        attn2 = block.attn2
+        context_dim = attn2.to_k.in_features
+        heads = attn2.heads
+        head_dim = attn2.to_q.out_features // heads
+        self.inter_layer_attn = InterLayerAttention(dim, max_layers, layer_head_dim)
+        self.intra_layer_attn = IntraLayerAttention(dim, context_dim, heads, head_dim)
+        self.intra_layer_attn.copy_from_cross_attention(attn2, block.norm2)
+
+    # Same positional order as diffusers' BasicTransformerBlock.forward (gradient checkpointing
+    # calls blocks positionally).
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        timestep=None,
+        cross_attention_kwargs: dict | None = None,
+        class_labels=None,
+        added_cond_kwargs=None,
+    ) -> torch.Tensor:
+        kwargs = dict(cross_attention_kwargs or {})
+        ctx: LayerContext | None = kwargs.pop("layerdiff", None)
+        kwargs.pop("scale", None)
+        h = hidden_states  # (B*L, N, C)
+        h = self.attn1(self.norm1(h), encoder_hidden_states=None, attention_mask=attention_mask, **kwargs) + h
+        if h.ndim == 4:
+            h = h.squeeze(1)
+        if ctx is not None and ctx.num_layers > 1:
+            h = h + self.inter_layer_attn(h, ctx)
+        h = self.attn2(
+            self.norm2(h), encoder_hidden_states=encoder_hidden_states, attention_mask=encoder_attention_mask, **kwargs
+        ) + h
+        if ctx is not None and ctx.layer_tokens is not None:
+            h = h + self.intra_layer_attn(h, ctx.layer_tokens)
+        h = self.ff(self.norm3(h)) + h
+        if h.ndim == 4:
+            h = h.squeeze(1)
+        return h

@@ -1,0 +1,191 @@
+"""Text -> LayerStack: encode prompts, enhance them, sample, decode images and masks.
+
+METHOD.md sections 1 and 4. The pieces are separate functions so that the ComfyUI nodes (Prompt
+Enhancer -> Layered KSampler) and the command line share them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from layerdiff.errors import LayerDiffError
+from layerdiff.model.bundle import LayerDiffModel
+from layerdiff.sampling import Callback, LayerConditioning, Lock, sample
+from layerdiff.stack import LayerStack
+
+logger = logging.getLogger("layerdiff.pipeline")
+
+
+@dataclass(frozen=True)
+class LayerPrompts:
+    """Prompts of one composable image (ComfyUI type ``LAYERDIFF_PROMPTS``).
+
+    ``layers[0]`` is the background prompt, then the foregrounds back to front.
+    """
+
+    global_prompt: str = ""
+    layers: tuple[str, ...] = ()
+    negative: str = ""
+    names: tuple[str, ...] = field(default=())
+
+    def add_layer(self, prompt: str, name: str = "") -> LayerPrompts:
+        names = tuple(self.names) + ("",) * (len(self.layers) - len(self.names))
+        return LayerPrompts(self.global_prompt, tuple(self.layers) + (prompt,), self.negative, names + (name,))
+
+    def layer_names(self) -> tuple[str, ...]:
+        out = []
+        for i, prompt in enumerate(self.layers):
+            given = self.names[i] if i < len(self.names) else ""
+            out.append(given or default_name(i, prompt))
+        return tuple(out)
+
+
+def default_name(index: int, prompt: str) -> str:
+    """'background: a brick wall', 'layer 1: a red star' (PSD layer names; 60 characters at most)."""
+    head = "background" if index == 0 else f"layer {index}"
+    return f"{head}: {prompt}"[:60] if prompt else head
+
+
+def check_prompts(prompts: LayerPrompts, max_layers: int) -> None:
+    n = len(prompts.layers)
+    if n == 0:
+        raise LayerDiffError("no layer prompts: give at least a background prompt (the first layer)")
+    if n > max_layers:
+        raise LayerDiffError(
+            f"{n} layer prompts but this model generates at most {max_layers} layers (background + "
+            f"{max_layers - 1} foregrounds): remove {n - max_layers} layer prompt(s)"
+        )
+    if not prompts.global_prompt.strip():
+        raise LayerDiffError("the global prompt is empty: describe the whole scene, e.g. 'a red star in front of a brick wall'")
+    for i, p in enumerate(prompts.layers):
+        if not p.strip():
+            what = "background" if i == 0 else f"foreground {i}"
+            raise LayerDiffError(f"the prompt of layer {i} ({what}) is empty: describe what that layer shows")
+
+
+def check_size(width: int, height: int, multiple: int = 8) -> None:
+    for name, v in (("width", width), ("height", height)):
+        if v < multiple or v % multiple:
+            lo = max(multiple, v // multiple * multiple)
+            hi = lo + multiple if lo <= v else lo
+            nearest = f"{lo} or {hi}" if lo != hi and lo < v else f"{hi}"
+            raise LayerDiffError(f"{name} {v} is not a multiple of {multiple}: use {nearest}")
+
+
+@torch.no_grad()
+def encode_prompts(model: LayerDiffModel, prompts: LayerPrompts | list[LayerPrompts]) -> LayerConditioning:
+    """Prompts of B images -> conditioning with enhanced layer tokens (B, L, T, D).
+
+    Several prompt sets may have different layer counts: they are padded to the largest with
+    empty slots (valid = False). The unconditional side uses the negative prompt (or "") for the
+    global prompt and for every layer, as in training's prompt dropout.
+    """
+    sets = [prompts] if isinstance(prompts, LayerPrompts) else list(prompts)
+    if not sets:
+        raise LayerDiffError("no prompts given")
+    for p in sets:
+        check_prompts(p, model.max_layers)
+    B, L = len(sets), max(len(p.layers) for p in sets)
+    layer_texts = [list(p.layers) + [""] * (L - len(p.layers)) for p in sets]
+    valid = torch.tensor([[i < len(p.layers) for i in range(L)] for p in sets], device=model.device)
+    negs = [p.negative for p in sets]
+    texts = [p.global_prompt for p in sets] + [t for row in layer_texts for t in row]
+    uniq = sorted(set(texts) | set(negs))
+    enc = dict(zip(uniq, model.encode_text(uniq)))  # each distinct text encoded once
+    glob = torch.stack([enc[p.global_prompt] for p in sets])  # (B, T, D)
+    lay = torch.stack([torch.stack([enc[t] for t in row]) for row in layer_texts])  # (B, L, T, D)
+    u_glob = torch.stack([enc[n] for n in negs])
+    u_lay = torch.stack([enc[n] for n in negs])[:, None].expand(-1, L, -1, -1)
+    both = model.unet.enhance(torch.cat([glob, u_glob]), torch.cat([lay, u_lay]))  # one enhancer call
+    return LayerConditioning(
+        glob, both[:B], u_glob, both[B:], valid,
+        global_prompts=tuple(p.global_prompt for p in sets),
+        layer_prompts=tuple(tuple(p.layers) for p in sets),
+        negative_prompt=negs[0],
+    )
+
+
+@torch.no_grad()
+def decode_stack(
+    model: LayerDiffModel,
+    latents: torch.Tensor,
+    prompts: tuple[str, ...] = (),
+    names: tuple[str, ...] = (),
+    global_prompt: str = "",
+    seeds: tuple[int | None, ...] = (),
+    binarize: bool = True,
+) -> LayerStack:
+    """Latents (B, L, 8, h, w) -> LayerStack; masks binarised with overlaps resolved front-first."""
+    images, masks = model.decode_layers(latents)
+    stack = LayerStack(
+        images=images.float().cpu(),
+        masks=masks.float().cpu(),
+        latents=latents.float().cpu(),
+        names=tuple(names),
+        prompts=tuple(prompts),
+        global_prompt=global_prompt,
+        seeds=tuple(seeds),
+    )
+    return stack.binarized() if binarize else stack
+
+
+def generate(
+    model: LayerDiffModel,
+    prompts: LayerPrompts,
+    width: int | None = None,
+    height: int | None = None,
+    seed: int = 0,
+    batch: int = 1,
+    steps: int | None = None,
+    cfg: float | None = None,
+    mask_guidance: float | None = None,
+    mask_guidance_start: float | None = None,
+    scheduler: str | None = None,
+    callback: Callback | None = None,
+    conditioning: LayerConditioning | None = None,
+    lock: Lock | None = None,
+    init_latents: torch.Tensor | None = None,
+    strength: float = 1.0,
+) -> LayerStack:
+    """Generate ``batch`` composable images; sample b uses seed ``seed + b``. Defaults: model config."""
+    d = model.config.sampling
+    width = width or model.config.image_size
+    height = height or model.config.image_size
+    check_size(width, height, model.vae_scale_factor)
+    if batch < 1:
+        raise LayerDiffError(f"batch {batch} must be at least 1")
+    cond = conditioning if conditioning is not None else encode_prompts(model, prompts)
+    if cond.batch_size == 1 and batch > 1:
+        cond = cond.repeat(batch)
+    elif cond.batch_size != batch:
+        raise LayerDiffError(f"conditioning holds {cond.batch_size} prompt sets but batch is {batch}")
+    f = model.vae_scale_factor
+    seeds = [int(seed) + b for b in range(batch)]
+    smg = d.mask_guidance if mask_guidance is None else mask_guidance
+    latents = sample(
+        model.unet,
+        cond,
+        height // f,
+        width // f,
+        seeds,
+        steps=steps or d.steps,
+        cfg=d.cfg if cfg is None else cfg,
+        scheduler=scheduler or d.scheduler,
+        scheduler_config=model.config.scheduler,
+        mask_guidance=smg,
+        mask_guidance_start=d.mask_guidance_start if mask_guidance_start is None else mask_guidance_start,
+        mask_guidance_blur=d.mask_guidance_blur_sigma,
+        mask_axis=model.mask_axis() if smg else None,
+        lock=lock,
+        init_latents=init_latents,
+        strength=strength,
+        eta=d.eta,
+        callback=callback,
+    )
+    return decode_stack(
+        model, latents, prompts=tuple(prompts.layers), names=prompts.layer_names(),
+        global_prompt=prompts.global_prompt, seeds=tuple([seed] * len(prompts.layers)),
+    )

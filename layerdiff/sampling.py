@@ -1,0 +1,310 @@
+"""Layered sampler: classifier-free guidance over global + layer prompts, self-mask guidance
+(METHOD.md section 4) and RePaint-style locks for editing (section 5).
+
+All latents are (B, L, 8, h, w): per layer 4 image and 4 mask channels. The sampler works with any
+of the diffusers schedulers in :data:`SCHEDULERS`; internally it reasons in the variance-preserving
+space that the UNet sees (``x_vp = sqrt(a) x0 + sqrt(1 - a) eps``), so self-mask guidance and locks
+are scheduler-independent.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from layerdiff.errors import Interrupted, LayerDiffError
+
+logger = logging.getLogger("layerdiff.sampling")
+
+# name -> (diffusers class name, extra config); DDIM is the paper's sampler and the default.
+SCHEDULERS: dict[str, tuple[str, dict]] = {
+    "ddim": ("DDIMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_ancestral": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpmpp_2m_karras": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+    ),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+_VE_SCHEDULERS = {"EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler"}  # x = x0 + sigma * eps
+
+Callback = Callable[[int, int, torch.Tensor], object]
+
+
+def make_scheduler(name: str, config: dict):
+    """A fresh diffusers scheduler by name, from the model's scheduler config."""
+    import diffusers
+
+    try:
+        cls_name, extra = SCHEDULERS[name]
+    except KeyError:
+        raise LayerDiffError(f"unknown scheduler {name!r}: choose one of {', '.join(SCHEDULERS)}") from None
+    cls = getattr(diffusers, cls_name)
+    return cls.from_config({**config, **extra})
+
+
+@dataclass
+class LayerConditioning:
+    """Encoded prompts for a batch (ComfyUI type ``LAYERDIFF_CONDITIONING``).
+
+    global_tokens (B, T, D); layer_tokens (B, L, T, D) *enhanced*; the unconditional (or negative)
+    versions of both; valid (B, L) bool.
+    """
+
+    global_tokens: torch.Tensor
+    layer_tokens: torch.Tensor
+    uncond_global_tokens: torch.Tensor
+    uncond_layer_tokens: torch.Tensor
+    valid: torch.Tensor
+    global_prompts: tuple[str, ...] = ()
+    layer_prompts: tuple[tuple[str, ...], ...] = ()
+    negative_prompt: str = ""
+
+    @property
+    def batch_size(self) -> int:
+        return self.global_tokens.shape[0]
+
+    @property
+    def num_layers(self) -> int:
+        return self.layer_tokens.shape[1]
+
+    def repeat(self, n: int) -> LayerConditioning:
+        """Each sample repeated n times (sample-major), for batch generation from one prompt set."""
+        if n == 1:
+            return self
+        r = lambda t: t.repeat_interleave(n, dim=0)  # noqa: E731
+        return LayerConditioning(
+            r(self.global_tokens), r(self.layer_tokens), r(self.uncond_global_tokens), r(self.uncond_layer_tokens),
+            r(self.valid), tuple(p for p in self.global_prompts for _ in range(n)),
+            tuple(p for p in self.layer_prompts for _ in range(n)), self.negative_prompt,
+        )
+
+
+@dataclass
+class Lock:
+    """Latents kept fixed during sampling (RePaint): where ``mask`` is True, the result is ``latents``.
+
+    latents (B, L, 8, h, w) clean; mask bool, broadcastable to it: (B, L, 1, 1, 1) locks whole
+    layers, (B, L, 8, 1, 1) single channels (e.g. a layer's mask), (B, L, 1, h, w) regions.
+    """
+
+    latents: torch.Tensor
+    mask: torch.Tensor
+
+    @staticmethod
+    def layers(latents: torch.Tensor, keep: list[int]) -> Lock:
+        """Lock whole layers by index (every other layer is generated)."""
+        B, L = latents.shape[:2]
+        mask = torch.zeros(B, L, 1, 1, 1, dtype=torch.bool, device=latents.device)
+        mask[:, keep] = True
+        return Lock(latents, mask)
+
+    def expanded(self) -> torch.Tensor:
+        return self.mask.to(torch.bool).expand_as(self.latents)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Depthwise Gaussian blur of (N, C, h, w), reflect padding."""
+    radius = max(1, math.ceil(3 * sigma))
+    k = torch.arange(-radius, radius + 1, dtype=torch.float32, device=x.device)
+    k = torch.exp(-0.5 * (k / sigma) ** 2)
+    k = (k / k.sum()).to(x.dtype)
+    C = x.shape[1]
+    pad = min(radius, x.shape[-1] - 1, x.shape[-2] - 1)
+    if pad < radius:  # tiny latents: fall back to zero padding beyond what reflect allows
+        x = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+        x = F.pad(x, (radius - pad,) * 4)
+    else:
+        x = F.pad(x, (radius,) * 4, mode="reflect")
+    x = F.conv2d(x, k.view(1, 1, 1, -1).repeat(C, 1, 1, 1), groups=C)
+    return F.conv2d(x, k.view(1, 1, -1, 1).repeat(C, 1, 1, 1), groups=C)
+
+
+def read_masks(x0: torch.Tensor, white: torch.Tensor, black: torch.Tensor) -> torch.Tensor:
+    """Soft foreground masks at latent resolution from predicted clean latents, without decoding.
+
+    x0 (B, L, 8, h, w) -> (B, L-1, h, w) in ~[0, 1]: each mask latent projected on the axis from the
+    latent of an all-black image (0) to that of an all-white image (1).
+    """
+    axis = (white - black).to(x0)
+    m = x0[:, 1:, 4:] - black.to(x0)[None, None, :, None, None]  # (B, K, 4, h, w)
+    return torch.einsum("bkchw,c->bkhw", m, axis) / axis.dot(axis)
+
+
+class _Levels:
+    """Noise levels of a scheduler's steps in VP terms: a_bar at step i (i == n: clean)."""
+
+    def __init__(self, scheduler, n: int):
+        self.scheduler = scheduler
+        self.n = n
+        self.ve = type(scheduler).__name__ in _VE_SCHEDULERS
+        sigmas = getattr(scheduler, "sigmas", None)
+        ts = scheduler.timesteps
+        a = []
+        for i in range(n):
+            if sigmas is not None and len(sigmas) > i:
+                s = float(sigmas[i])
+                a.append(1.0 / (1.0 + s * s))
+            else:
+                a.append(float(scheduler.alphas_cumprod[int(ts[i])]))
+        self.a = a + [1.0]
+
+    def noise_to(self, clean: torch.Tensor, noise: torch.Tensor, i: int) -> torch.Tensor:
+        """clean latents noised to the level of step i, in the scheduler's own space."""
+        a = self.a[i]
+        if i >= self.n:
+            return clean
+        if self.ve:
+            return clean + math.sqrt((1 - a) / a) * noise
+        return math.sqrt(a) * clean + math.sqrt(1 - a) * noise
+
+
+def _noise(shape, generators: list[torch.Generator], device, dtype) -> torch.Tensor:
+    """Per-sample noise drawn on the CPU (same numbers on every device), stacked on dim 0."""
+    return torch.stack([torch.randn(shape[1:], generator=g, dtype=torch.float32) for g in generators]).to(
+        device=device, dtype=dtype
+    )
+
+
+@torch.no_grad()
+def sample(
+    unet,
+    cond: LayerConditioning,
+    height: int,
+    width: int,
+    seeds: list[int],
+    steps: int = 25,
+    cfg: float = 7.5,
+    scheduler: str = "ddim",
+    scheduler_config: dict | None = None,
+    mask_guidance: float = 0.0,
+    mask_guidance_start: float = 0.25,
+    mask_guidance_blur: float = 1.0,
+    mask_axis: tuple[torch.Tensor, torch.Tensor] | None = None,
+    lock: Lock | None = None,
+    init_latents: torch.Tensor | None = None,
+    strength: float = 1.0,
+    eta: float = 0.0,
+    callback: Callback | None = None,
+    max_batch: int | None = None,
+) -> torch.Tensor:
+    """Denoise a batch of layer stacks; returns clean latents (B, L, 8, h, w).
+
+    height/width are latent sizes. ``seeds`` gives one seed per sample (same seed -> same result).
+    ``mask_guidance`` is the self-mask guidance scale s (0 disables it), switched on after the
+    first ``mask_guidance_start`` fraction of steps. ``init_latents`` with ``strength`` < 1 starts
+    from those latents noised part-way (restyling); strength 0 returns them unchanged.
+    ``callback(step, total, x0)`` runs after every step with the predicted clean latents; returning
+    False (or raising) stops sampling with :class:`Interrupted`. ``max_batch`` splits the UNet batch.
+    """
+    B, L = cond.batch_size, cond.num_layers
+    if len(seeds) != B:
+        raise LayerDiffError(f"got {len(seeds)} seeds for a batch of {B}: give one seed per sample")
+    if steps < 1:
+        raise LayerDiffError(f"steps {steps} must be at least 1")
+    if not 0.0 <= strength <= 1.0:
+        raise LayerDiffError(f"strength {strength} must be within 0..1")
+    if mask_guidance and mask_axis is None:
+        raise LayerDiffError("self-mask guidance needs mask_axis (the model bundle's mask_axis())")
+    device, dtype = unet.device, unet.dtype
+    shape = (B, L, 8, height, width)
+    for name, t in (("lock.latents", lock.latents if lock else None), ("init_latents", init_latents)):
+        if t is not None and tuple(t.shape) != shape:
+            raise LayerDiffError(f"{name} has shape {tuple(t.shape)}: expected {shape} for this batch")
+    if init_latents is not None and strength == 0.0:
+        return init_latents.clone()
+
+    sched = make_scheduler(scheduler, scheduler_config or {})
+    sched.set_timesteps(steps, device=device)
+    n = len(sched.timesteps)
+    levels = _Levels(sched, n)
+    start = 0
+    if init_latents is not None and strength < 1.0:
+        start = min(n - 1, int(round(n * (1.0 - strength))))
+    if hasattr(sched, "set_begin_index"):
+        sched.set_begin_index(start)
+    gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+    noise = _noise(shape, gens, device, torch.float32)
+    if init_latents is not None and strength < 1.0:
+        x = levels.noise_to(init_latents.float(), noise, start)
+    else:
+        x = noise * float(sched.init_noise_sigma)
+    locked = lock_clean = None
+    if lock is not None:
+        locked = lock.expanded().to(device)
+        lock_clean = lock.latents.to(device=device, dtype=torch.float32)
+        x = torch.where(locked, levels.noise_to(lock_clean, noise, start), x)
+
+    use_cfg = cfg != 1.0
+    smg_from = start + int(math.ceil(mask_guidance_start * (n - start)))
+    K = L - 1
+    x0_prev = mask_prev = None
+    accepted = inspect.signature(sched.step).parameters
+    step_kwargs = {}
+    if "generator" in accepted:  # ancestral samplers: per-sample noise from each sample's seed
+        step_kwargs["generator"] = gens[0] if B == 1 else gens
+    if "eta" in accepted:
+        step_kwargs["eta"] = eta
+    for i in range(start, n):
+        t = sched.timesteps[i]
+        a = levels.a[i]
+        x_in = sched.scale_model_input(x, t)  # VP space, (B, L, 8, h, w)
+        smg = mask_guidance > 0 and K > 0 and i >= smg_from and x0_prev is not None
+        inputs, glob, lay, val = [x_in], [cond.global_tokens], [cond.layer_tokens], [cond.valid]
+        if use_cfg or smg:
+            inputs.append(x_in)
+            glob.append(cond.uncond_global_tokens)
+            lay.append(cond.uncond_layer_tokens)
+            val.append(cond.valid)
+        if smg:
+            # degrade each foreground's image inside its own predicted mask (previous step's x0,
+            # so this pass is batched with the others): remove the detail blur(x0) lacks
+            detail = x0_prev[:, 1:, :4] - _blur_layers(x0_prev[:, 1:, :4], mask_guidance_blur)  # (B, K, 4, h, w)
+            x_deg = x_in.clone()
+            x_deg[:, 1:, :4] -= math.sqrt(a) * mask_prev[:, :, None] * detail
+            inputs.append(x_deg)
+            glob.append(cond.uncond_global_tokens)
+            lay.append(cond.uncond_layer_tokens)
+            val.append(cond.valid)
+        eps = _run(unet, torch.cat(inputs).to(dtype), t, torch.cat(glob), torch.cat(lay), torch.cat(val), max_batch)
+        eps = eps.float().chunk(len(inputs))
+        guided = eps[1] + cfg * (eps[0] - eps[1]) if use_cfg else eps[0]
+        if smg:
+            guided = guided + mask_guidance * (eps[1] - eps[2])
+        x0 = (x_in - math.sqrt(1 - a) * guided) / math.sqrt(a)  # (B, L, 8, h, w)
+        if mask_guidance > 0 and K > 0:
+            x0_u = (x_in - math.sqrt(1 - a) * eps[1]) / math.sqrt(a) if len(eps) > 1 else x0
+            x0_prev = x0_u
+            mask_prev = (read_masks(x0, *mask_axis) > 0.5).to(x0.dtype)  # (B, K, h, w)
+        x = sched.step(guided, t, x, **step_kwargs).prev_sample
+        if locked is not None:
+            x = torch.where(locked, levels.noise_to(lock_clean, _noise(shape, gens, device, torch.float32), i + 1), x)
+        if callback is not None and callback(i - start + 1, n - start, x0) is False:
+            raise Interrupted(f"sampling stopped at step {i - start + 1} of {n - start}")
+    if locked is not None:  # locked entries come back bit-identical
+        return torch.where(locked, lock.latents.to(device), x.to(lock.latents.dtype))
+    return x.to(dtype)
+
+
+def _blur_layers(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    B = x.shape[0]
+    return rearrange(gaussian_blur(rearrange(x, "b k c h w -> (b k) c h w"), sigma), "(b k) c h w -> b k c h w", b=B)
+
+
+def _run(unet, x, t, glob, lay, valid, max_batch):
+    if not max_batch or x.shape[0] <= max_batch:
+        return unet(x, t, glob, lay, valid=valid)
+    outs = [
+        unet(x[s : s + max_batch], t, glob[s : s + max_batch], lay[s : s + max_batch], valid=valid[s : s + max_batch])
+        for s in range(0, x.shape[0], max_batch)
+    ]
+    return torch.cat(outs)
