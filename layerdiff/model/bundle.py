@@ -48,7 +48,8 @@ class LayerDiffModel:
 
     def to(self, device=None, dtype=None) -> LayerDiffModel:
         for module in (self.unet, self.vae, self.text_encoder):
-            module.to(device=device, dtype=dtype)
+            same = dtype is None or next(module.parameters()).dtype == dtype
+            module.to(device=device) if same else module.to(device=device, dtype=dtype)
         return self
 
     def eval(self) -> LayerDiffModel:

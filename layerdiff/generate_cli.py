@@ -1,0 +1,136 @@
+"""``python -m layerdiff generate``: prompts -> a folder of layered outputs."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+logger = logging.getLogger("layerdiff.cli")
+
+
+def register(sub) -> None:
+    from layerdiff.sampling import SCHEDULERS
+
+    p = sub.add_parser(
+        "generate",
+        help="generate a layered image (background, foregrounds, masks, composite, PSD)",
+        description="Generate composable images: --prompt is the whole scene, each --layer one layer "
+        "(the first is the background, then foregrounds back to front).",
+    )
+    p.add_argument("--prompt", required=True, help="global prompt describing the whole scene")
+    p.add_argument("--layer", action="append", default=[], metavar="PROMPT",
+                   help="a layer prompt; repeat: background first, then foregrounds back to front")
+    p.add_argument("--negative", default="", help="negative prompt (global and every layer)")
+    p.add_argument("--out", required=True, help="output folder (created if missing)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (sample b of a batch uses seed + b)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
+    p.add_argument("--mask-guidance", type=float, default=None,
+                   help="self-mask guidance scale; 0 disables it (default: the model's)")
+    p.add_argument("--mask-guidance-start", type=float, default=None,
+                   help="fraction of steps before self-mask guidance starts (default 0.25)")
+    p.add_argument("--scheduler", default=None, choices=sorted(SCHEDULERS), help="sampler (default ddim)")
+    p.add_argument("--width", type=int, default=None, help="image width, a multiple of 8 (default: the model's)")
+    p.add_argument("--height", type=int, default=None, help="image height, a multiple of 8 (default: the model's)")
+    p.add_argument("--model", default=None, help="built-in model name or LayerDiff .safetensors path "
+                   "(default: layerdiff-toy; 'tiny' = random-weight test model)")
+    p.add_argument("--base", default=None, help="SD 1.5 checkpoint supplying VAE/text encoder if the model file has none")
+    p.add_argument("--batch", type=int, default=1, help="number of images (subfolders sample_000, ...)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--no-psd", action="store_true", help="do not write layers.psd")
+    p.add_argument("--overwrite", action="store_true", help="replace files already in --out")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from layerdiff.errors import LayerDiffError
+    from layerdiff.io.export import layer_set_files, sample_dir, write_layer_sets
+    from layerdiff.pipeline import LayerPrompts, check_prompts, check_size
+
+    prompts = LayerPrompts(args.prompt, tuple(args.layer), args.negative)
+    if not args.layer:
+        raise LayerDiffError("no --layer given: add --layer \"background prompt\" and one --layer per foreground")
+    check_prompts(prompts, max_layers=64)  # the model's own limit is checked once it is loaded
+    for name in ("width", "height"):
+        v = getattr(args, name)
+        if v is not None:
+            check_size(v if name == "width" else 8, v if name == "height" else 8)
+    if args.batch < 1:
+        raise LayerDiffError(f"--batch {args.batch} must be at least 1")
+    out = Path(args.out)
+    _check_writable(out)
+    if not args.overwrite:  # refuse before the (slow) generation, not after
+        dirs = [out] if args.batch == 1 else [sample_dir(out, b) for b in range(args.batch)]
+        taken = [str(f) for d in dirs for f in _expected_files(d, len(args.layer), not args.no_psd, layer_set_files)
+                 if f.exists()]
+        if taken:
+            raise LayerDiffError(f"{taken[0]} already exists: pass --overwrite or choose another --out")
+
+    import torch
+
+    from layerdiff.io.checkpoint import load_model
+    from layerdiff.pipeline import generate
+
+    model = load_model(args.model, base=args.base, device=args.device)
+    stack = generate(
+        model, prompts, width=args.width, height=args.height, seed=args.seed, batch=args.batch,
+        steps=args.steps, cfg=args.cfg, mask_guidance=args.mask_guidance,
+        mask_guidance_start=args.mask_guidance_start, scheduler=args.scheduler, callback=_progress_bar(),
+    )
+    d = model.config.sampling
+    meta = {  # sizes and the global prompt are added by the writer from the stack itself
+        "layer_prompts": list(args.layer),
+        "negative_prompt": args.negative,
+        "seed": args.seed,
+        "steps": args.steps or d.steps,
+        "scheduler": args.scheduler or d.scheduler,
+        "cfg": d.cfg if args.cfg is None else args.cfg,
+        "mask_guidance": d.mask_guidance if args.mask_guidance is None else args.mask_guidance,
+        "mask_guidance_start": d.mask_guidance_start if args.mask_guidance_start is None else args.mask_guidance_start,
+        "model": model.source,
+        "batch": args.batch,
+        "torch": torch.__version__,
+    }
+    files = write_layer_sets(stack, out, meta, overwrite=args.overwrite, psd=not args.no_psd)
+    print(f"wrote {len(files)} files to {out}", file=sys.stderr)
+    return 0
+
+
+def _expected_files(folder, n_layers, psd, layer_set_files):
+    import torch
+
+    from layerdiff.stack import LayerStack
+
+    dummy = LayerStack(torch.zeros(1, n_layers, 1, 1, 3), torch.zeros(1, n_layers - 1, 1, 1))
+    return layer_set_files(dummy, folder, psd)
+
+
+def _check_writable(out: Path) -> None:
+    """Create --out now and prove it writable, so a bad folder fails before the generation."""
+    import tempfile
+
+    from layerdiff.errors import LayerDiffError
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise LayerDiffError(f"--out {out} is not a writable folder ({exc.strerror}): choose another --out") from None
+
+
+def _progress_bar():
+    from tqdm.auto import tqdm
+
+    state = {}
+
+    def callback(step: int, total: int, preview) -> None:
+        bar = state.get("bar")
+        if bar is None:
+            bar = state["bar"] = tqdm(total=total, desc="sampling", unit="step", file=sys.stderr, leave=False)
+        bar.update(step - bar.n)
+        if step >= total:
+            bar.close()
+
+    return callback

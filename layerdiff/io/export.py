@@ -1,0 +1,263 @@
+"""Write a LayerStack as a folder of files: composite, per-layer PNGs, masks, a PSD and meta.json.
+
+Every file is written atomically (a temp file in the same folder, then os.replace), so a crash or
+a full disk never leaves a half-written PNG under its final name. Existing files are refused
+unless overwrite=True, and all target names are checked before anything is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import torch
+from PIL import Image
+
+from layerdiff.errors import LayerDiffError
+from layerdiff.stack import LayerStack
+
+logger = logging.getLogger("layerdiff.io.export")
+
+COMPOSITE_FILE = "composite.png"
+PSD_FILE = "layers.psd"
+META_FILE = "meta.json"
+# keys that write_layer_set puts into meta.json; a caller's meta with the same key is overridden
+STACK_META_KEYS = (
+    "width",
+    "height",
+    "num_layers",
+    "batch_index",
+    "global_prompt",
+    "composite",
+    "psd",
+    "layers",
+)
+
+
+def layer_file(i: int) -> str:
+    return f"layer_{i:02d}.png"
+
+
+def mask_file(i: int) -> str:
+    return f"mask_{i:02d}.png"
+
+
+def to_uint8(t: torch.Tensor) -> np.ndarray:
+    """Float 0..1 tensor -> uint8 numpy array of the same shape (round to nearest; NaN -> 0)."""
+    t = torch.nan_to_num(t.detach().to("cpu", torch.float32), nan=0.0).clamp(0, 1)
+    return (t * 255).round().to(torch.uint8).numpy()
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    """PNG of an (H, W) L, (H, W, 3) RGB or (H, W, 4) RGBA uint8 array. No text chunks or time
+    stamps, so identical pixels give identical bytes."""
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(array)).save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+def _open_temp(path: Path) -> tuple[int, Path]:
+    """A new temp file beside `path`. os.open with mode 0o666 lets the umask decide the final
+    permissions, as for any file the user writes (mkstemp would leave 0600, and reading the umask
+    means setting it, which races with other threads in the host)."""
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temp file name beside {path}")
+
+
+def ensure_dir(folder: str | os.PathLike) -> Path:
+    """Create `folder` (and parents) if missing; LayerDiffError naming it if that fails."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as e:
+        raise LayerDiffError(f"output folder {folder} exists as a file: choose a folder path") from e
+    except OSError as e:
+        raise LayerDiffError(
+            f"cannot create output folder {folder}: {e.strerror or e}; choose a writable folder"
+        ) from e
+    return folder
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None] | bytes) -> Path:
+    """Write `path` atomically: `write(fileobj)` (or the given bytes) goes to a temp file in the
+    same folder, which then replaces `path`. Does not check for an existing file."""
+    path = Path(path)
+    folder = path.parent
+    try:
+        fd, tmp = _open_temp(path)
+    except OSError as e:
+        raise LayerDiffError(
+            f"cannot write into folder {folder}: {e.strerror or e}; choose a writable folder"
+        ) from e
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if isinstance(write, (bytes, bytearray)):
+                f.write(write)
+            else:
+                write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise LayerDiffError(
+            f"could not write {path}: {e.strerror or e}; check free space and permissions"
+        ) from e
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def check_free(paths: list[Path], overwrite: bool, folder: str | os.PathLike) -> None:
+    """LayerDiffError listing (relative to `folder`) the paths that exist already, unless overwrite."""
+    if overwrite:
+        return
+    taken = [p for p in paths if p.exists() or p.is_symlink()]
+    if taken:
+        rel = [str(p.relative_to(folder)) if p.is_relative_to(folder) else str(p) for p in taken]
+        shown = ", ".join(rel[:4]) + (f" (and {len(rel) - 4} more)" if len(rel) > 4 else "")
+        raise LayerDiffError(
+            f"output folder {folder} already holds {shown}: pass overwrite=True to replace them, "
+            f"or choose another folder"
+        )
+
+
+def _check_args(stack: LayerStack, batch_index: int) -> None:
+    if not isinstance(stack, LayerStack):
+        raise LayerDiffError(f"expected a LayerStack to export, got {type(stack).__name__}")
+    if (
+        isinstance(batch_index, bool)
+        or not isinstance(batch_index, int)
+        or not 0 <= batch_index < stack.batch_size
+    ):
+        raise LayerDiffError(
+            f"batch_index {batch_index!r} is out of range for a batch of {stack.batch_size} samples "
+            f"(0..{stack.batch_size - 1})"
+        )
+
+
+def layer_set_files(stack: LayerStack, out_dir: str | os.PathLike, psd: bool = True) -> list[Path]:
+    """The paths write_layer_set writes, in write order (meta.json last)."""
+    out = Path(out_dir)
+    names = [COMPOSITE_FILE] + [layer_file(i) for i in range(stack.num_layers)]
+    names += [mask_file(i) for i in range(1, stack.num_layers)]
+    names += [PSD_FILE] * psd + [META_FILE]
+    return [out / n for n in names]
+
+
+def _meta_json(stack: LayerStack, meta: dict | None, batch_index: int, psd: bool) -> bytes:
+    meta = {} if meta is None else meta
+    if not isinstance(meta, dict):
+        raise LayerDiffError(f"meta must be a dict of JSON values, got {type(meta).__name__}")
+    clash = [k for k in STACK_META_KEYS if k in meta]
+    if clash:
+        logger.warning("meta keys %s are replaced by the stack's own values in %s", clash, META_FILE)
+    layers = [
+        {
+            "index": i,
+            "name": stack.names[i],
+            "prompt": stack.prompts[i],
+            # seeds describe batch sample 0; other samples' seeds are not known here
+            "seed": stack.seeds[i] if batch_index == 0 else None,
+            "image": layer_file(i),
+            "mask": mask_file(i) if i else None,
+        }
+        for i in range(stack.num_layers)
+    ]
+    data = {
+        **meta,
+        "width": stack.width,
+        "height": stack.height,
+        "num_layers": stack.num_layers,
+        "batch_index": batch_index,
+        "global_prompt": stack.global_prompt,
+        "composite": COMPOSITE_FILE,
+        "psd": PSD_FILE if psd else None,
+        "layers": layers,
+    }
+    try:
+        text = json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise LayerDiffError(
+            f"meta cannot be written as JSON ({e}); pass only str, int, finite float, bool, None, list "
+            f"and dict values"
+        ) from e
+    return (text + "\n").encode("utf-8")
+
+
+def write_layer_set(
+    stack: LayerStack,
+    out_dir: str | os.PathLike,
+    meta: dict | None = None,
+    batch_index: int = 0,
+    overwrite: bool = False,
+    psd: bool = True,
+) -> list[Path]:
+    """Write sample `batch_index` of `stack` into `out_dir` (created if missing):
+    composite.png (RGB), layer_00.png (background, RGB), layer_01.png... (foregrounds, RGBA with
+    the mask as alpha), mask_01.png... (8-bit L, 255 = object), layers.psd (if psd) and meta.json
+    (meta plus sizes, names, prompts, seeds of sample 0 only). Returns the written paths."""
+    _check_args(stack, batch_index)
+    targets = layer_set_files(stack, out_dir, psd)
+    meta_bytes = _meta_json(stack, meta, batch_index, psd)  # bad meta fails before any write
+    if psd:
+        from layerdiff.io.psd import require_psd_tools, save_psd
+
+        require_psd_tools()
+    check_free(targets, overwrite, Path(out_dir))
+    ensure_dir(out_dir)
+
+    one = stack.select_batch([batch_index])
+    k = stack.num_layers
+    atomic_write(targets[0], png_bytes(to_uint8(one.composite()[0])))  # (H, W, 3)
+    atomic_write(targets[1], png_bytes(to_uint8(one.images[0, 0])))  # (H, W, 3)
+    for i in range(1, k):
+        atomic_write(targets[1 + i], png_bytes(to_uint8(one.layer_rgba(i)[0])))  # (H, W, 4)
+    for i in range(1, k):
+        atomic_write(targets[k + i], png_bytes(to_uint8(one.masks[0, i - 1])))  # (H, W)
+    if psd:
+        save_psd(stack, targets[-2], batch_index=batch_index, overwrite=True)
+    atomic_write(targets[-1], meta_bytes)
+    logger.info("wrote %d files for sample %d to %s", len(targets), batch_index, out_dir)
+    return targets
+
+
+def sample_dir(out_dir: str | os.PathLike, batch_index: int) -> Path:
+    return Path(out_dir) / f"sample_{batch_index:03d}"
+
+
+def write_layer_sets(
+    stack: LayerStack,
+    out_dir: str | os.PathLike,
+    meta: dict | None = None,
+    overwrite: bool = False,
+    psd: bool = True,
+) -> list[Path]:
+    """Write every sample: B == 1 directly into out_dir, B > 1 into out_dir/sample_000, sample_001,
+    ... (see write_layer_set). All targets are checked before anything is written."""
+    _check_args(stack, 0)
+    if stack.batch_size == 1:
+        return write_layer_set(stack, out_dir, meta, 0, overwrite, psd)
+    dirs = [sample_dir(out_dir, b) for b in range(stack.batch_size)]
+    targets = [p for d in dirs for p in layer_set_files(stack, d, psd)]
+    check_free(targets, overwrite, Path(out_dir))
+    written: list[Path] = []
+    for b, d in enumerate(dirs):
+        written += write_layer_set(stack, d, meta, b, overwrite=True, psd=psd)
+    return written
