@@ -49,7 +49,7 @@ def build_vae(config: LayerDiffConfig, device="cpu"):
     from diffusers import AutoencoderKL
 
     with torch.device(device):
-        return AutoencoderKL(**config.vae)
+        return AutoencoderKL.from_config(config.vae)
 
 
 def build_text_encoder(config: LayerDiffConfig, device="cpu"):
@@ -183,8 +183,9 @@ def load_layerdiff(
     _load_into(unet, {k: v for k, v in tensors.items() if k.split(".", 1)[0] in CORE}, "UNet", path)
     have = {name for name in OPTIONAL if any(k.startswith(name + ".") for k in tensors)}
     parts = {}
-    if base is not None:
-        parts = load_base_components(base, dtype=dtype, components=tuple(n for n in OPTIONAL if n not in have))
+    need = tuple(n for n in OPTIONAL if n not in have)
+    if base is not None and need:
+        parts = load_base_components(base, dtype=dtype, components=need, config=config)
     for name, builder in (("vae", build_vae), ("text_encoder", build_text_encoder)):
         if name in have:
             module = builder(config, device="meta")
@@ -200,14 +201,22 @@ def load_layerdiff(
     return model.to(device=device, dtype=dtype).eval()
 
 
-def load_base_components(base, dtype=torch.float32, components=("unet", "vae", "text_encoder")) -> dict:
-    """SD 1.5 parts from an original-layout single file or a diffusers folder."""
+def load_base_components(
+    base, dtype=torch.float32, components=("unet", "vae", "text_encoder"), config: LayerDiffConfig | None = None
+) -> dict:
+    """SD 1.5 parts from an original-layout single file or a diffusers folder.
+
+    ``config`` (a LayerDiff config) gives the architectures to expect; default: real SD 1.5.
+    """
     from layerdiff.io.sd15 import load_diffusers_dir, load_sd15_single_file
 
     base = Path(base)
     if base.is_dir():
         return load_diffusers_dir(base, dtype=dtype, components=components)
-    return load_sd15_single_file(base, dtype=dtype, components=components)
+    kwargs = {}
+    if config is not None:
+        kwargs = {"unet_config": config.unet, "vae_config": config.vae, "text_config": config.text_encoder}
+    return load_sd15_single_file(base, dtype=dtype, components=components, **kwargs)
 
 
 def convert_sd15(
@@ -217,23 +226,36 @@ def convert_sd15(
     include_vae_and_text_encoder: bool = False,
     overwrite: bool = False,
     dtype: torch.dtype | None = None,
+    base_config: LayerDiffConfig | None = None,
 ) -> Path:
-    """Build an untrained LayerDiff from a user's SD 1.5 checkpoint (the start of training)."""
+    """Build an untrained LayerDiff from a user's SD 1.5 checkpoint (the start of training).
+
+    ``base_config``: the architecture of ``base`` when it is not the real SD 1.5 (tests use
+    reduced widths with the real key layout).
+    """
     config = config or get_preset("sd15")
-    comps = ("unet", "vae", "text_encoder") if include_vae_and_text_encoder else ("unet",)
-    parts = load_base_components(base, components=comps)
-    unet = LayerDiffUNet.from_base(parts["unet"], config.replace(unet=_base_unet_config(parts["unet"])))
+    out = Path(out)
+    if out.exists() and not overwrite:  # before the (slow) load of the base
+        raise CheckpointError(f"{out} already exists: pass --overwrite or choose another --out")
+    parts = load_base_components(base, components=("unet", "vae", "text_encoder"), config=base_config)
+    # record the base's real architecture, so the file can be paired with the same base later
+    config = config.replace(
+        unet=_diffusers_config(parts["unet"], in_out=4),
+        vae=_diffusers_config(parts["vae"]),
+        text_encoder={k: v for k, v in parts["text_encoder"].config.to_diff_dict().items() if k != "transformers_version"},
+    )
+    unet = LayerDiffUNet.from_base(parts["unet"], config)
     if include_vae_and_text_encoder:
-        tokenizer = None
-        model = LayerDiffModel(unet.config, unet, parts["vae"], parts["text_encoder"], tokenizer, source=str(base))
+        model = LayerDiffModel(config, unet, parts["vae"], parts["text_encoder"], None, source=str(base))
         return save_layerdiff(model, out, include_vae_and_text_encoder=True, overwrite=overwrite, dtype=dtype)
     return save_layerdiff(unet, out, include_vae_and_text_encoder=False, overwrite=overwrite, dtype=dtype)
 
 
-def _base_unet_config(unet) -> dict:
-    """The 4-channel diffusers config of a (possibly already widened) base UNet, as plain JSON."""
-    cfg = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
-    cfg["in_channels"] = cfg["out_channels"] = 4
+def _diffusers_config(module, in_out: int | None = None) -> dict:
+    """A diffusers model's config as plain JSON (private keys dropped)."""
+    cfg = {k: v for k, v in dict(module.config).items() if not k.startswith("_")}
+    if in_out is not None:
+        cfg["in_channels"] = cfg["out_channels"] = in_out
     return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
 
 

@@ -100,7 +100,7 @@ class LayerDiffUNet(nn.Module):
     def from_config(cls, config: LayerDiffConfig, device: str | torch.device = "cpu") -> LayerDiffUNet:
         """Random (or, with ``device="meta"``, unallocated) weights; load a checkpoint into it."""
         with torch.device(device):
-            base = UNet2DConditionModel(**config.unet)
+            base = UNet2DConditionModel.from_config(config.unet)
             return cls.from_base(base, config)
 
     # ---------------------------------------------------------------- inference

@@ -1,0 +1,229 @@
+"""Model files on disk: safetensors only, read with a validated header and written atomically.
+
+Pickle checkpoints (.ckpt/.pt/.pth/.bin) are refused before a byte of them is unpickled, because
+unpickling runs arbitrary code. Every failure is a one-line ``CheckpointError`` naming the file.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import math
+import os
+import struct
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+
+from layerdiff.errors import CheckpointError, LayerDiffError
+
+logger = logging.getLogger("layerdiff.io")
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save since 1.6 writes a zip archive of pickles
+_MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
+# Bytes per element of each safetensors dtype tag; used to check offsets against shapes.
+_DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8, "C64": 8,
+}  # fmt: skip
+
+try:  # the error class is public since safetensors 0.3; fall back so an odd build still imports
+    from safetensors import SafetensorError as _SafetensorError
+except ImportError:  # pragma: no cover
+    _SafetensorError = RuntimeError
+
+
+def _pickle_refusal(path: Path) -> CheckpointError:
+    return CheckpointError(
+        f"{path} is a pickle checkpoint; LayerDiff loads only .safetensors because unpickling can run "
+        "arbitrary code: convert it with a trusted tool first"
+    )
+
+
+def _not_found(path: Path) -> CheckpointError:
+    folder = path.parent
+    if not folder.is_dir():
+        return CheckpointError(f"model file not found: {path} (folder {folder} does not exist)")
+    names = sorted(p.name for p in folder.iterdir() if p.suffix == ".safetensors" and p.is_file())
+    if not names:
+        return CheckpointError(f"model file not found: {path} ({folder} holds no .safetensors files)")
+    # Closest names first, so a typo shows its fix at the front of the list.
+    close = difflib.get_close_matches(path.name, names, n=len(names), cutoff=0.0)[:8]
+    more = f" and {len(names) - len(close)} more" if len(names) > len(close) else ""
+    return CheckpointError(
+        f"model file not found: {path}; .safetensors files in {folder}: {', '.join(close)}{more}"
+    )
+
+
+def _check_path(path: str | os.PathLike) -> Path:
+    """Resolve ``path`` and refuse what is not a regular file or is a pickle by its suffix."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise _not_found(p)
+    if p.is_dir():
+        raise CheckpointError(f"{p} is a folder, not a model file: pass the .safetensors file inside it")
+    if p.suffix.lower() in PICKLE_SUFFIXES:
+        raise _pickle_refusal(p)
+    return p
+
+
+def _corrupt(path: Path, why: str) -> CheckpointError:
+    return CheckpointError(f"{path} is truncated or corrupt ({why}): download or export it again")
+
+
+def _read_header(p: Path) -> tuple[dict, dict[str, str]]:
+    """Parse and validate the JSON header of the safetensors file ``p``; returns (entries, metadata)."""
+    size = p.stat().st_size
+    with open(p, "rb") as f:
+        head = f.read(9)
+        n = struct.unpack("<Q", head[:8])[0] if len(head) >= 8 else 0
+        looks_safetensors = len(head) == 9 and n <= size - 8 and head[8:9] == b"{"
+        # A zip (torch.save) or raw pickle (PROTO 0x80 + protocol 2..5) is refused before it is parsed.
+        # The header length of a real safetensors file can start with those bytes too, so the JSON
+        # brace after it decides first.
+        is_pickle = head.startswith(_ZIP_MAGIC) or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
+        if is_pickle and not looks_safetensors:
+            raise _pickle_refusal(p)
+        if len(head) < 9:
+            raise _corrupt(p, f"only {size} bytes")
+        if n > _MAX_HEADER_BYTES or n > size - 8:
+            raise _corrupt(p, f"header of {n} bytes in a file of {size} bytes")
+        raw = head[8:] + f.read(n - 1)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _corrupt(p, f"bad JSON header: {e}") from None
+    if not isinstance(header, dict):
+        raise _corrupt(p, "header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _corrupt(p, "__metadata__ is not a map of strings")
+    data_bytes = size - 8 - n
+    for name, entry in header.items():
+        try:
+            dtype, shape, (start, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            expected = math.prod(shape) * _DTYPE_BYTES[dtype]
+        except (KeyError, TypeError, ValueError):
+            raise _corrupt(p, f"bad header entry for tensor {name!r}") from None
+        if not 0 <= start <= end <= data_bytes:
+            raise _corrupt(p, f"tensor {name!r} ends at byte {end} but the file has {data_bytes} data bytes")
+        if end - start != expected:
+            raise _corrupt(p, f"tensor {name!r} holds {end - start} bytes, its shape needs {expected}")
+    return header, metadata
+
+
+def read_safetensors_header(
+    path: str | os.PathLike,
+) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dict[str, str]]:
+    """Names -> (safetensors dtype tag such as "F16", shape), and the metadata; reads only the header."""
+    p = _check_path(path)
+    header, metadata = _read_header(p)
+    return {k: (v["dtype"], tuple(v["shape"])) for k, v in header.items()}, dict(metadata)
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """A CPU copy on a 64-byte boundary when safetensors hands out an unaligned buffer.
+
+    Unaligned weights make oneDNN pick other kernels: slower, and results differ in the last bit
+    from the same weights in ordinary torch memory.
+    """
+    return t.clone() if t.device.type == "cpu" and t.data_ptr() % 64 else t
+
+
+def read_safetensors(
+    path: str | os.PathLike, device: str | torch.device = "cpu", *, keys: Iterable[str] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file; ``keys`` reads only those tensors (all must exist)."""
+    from safetensors import safe_open
+
+    p = _check_path(path)
+    header, metadata = _read_header(p)
+    wanted = list(header) if keys is None else list(keys)
+    absent = [k for k in wanted if k not in header]
+    if absent:
+        raise CheckpointError(f"{p} has no tensor {absent[0]!r} ({len(absent)} requested tensors are absent)")
+    try:
+        with safe_open(str(p), framework="pt", device=str(device)) as f:
+            tensors = {k: _aligned(f.get_tensor(k)) for k in wanted}
+    except (_SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise _corrupt(p, f"{type(e).__name__}: {e}") from None
+    logger.debug("read %d tensors from %s", len(tensors), p)
+    return tensors, dict(metadata)
+
+
+def _storage_key(t: torch.Tensor) -> tuple[str, int]:
+    return (str(t.device), t.untyped_storage().data_ptr())
+
+
+def save_safetensors_atomic(
+    tensors: Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    metadata: dict[str, str] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``tensors`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
+    from safetensors.torch import save_file
+
+    p = Path(path).expanduser()
+    if p.suffix.lower() in PICKLE_SUFFIXES:
+        raise LayerDiffError(f"output path {p} has a pickle suffix: name it *.safetensors")
+    if p.is_dir():
+        raise CheckpointError(
+            f"output path {p} is a folder: pass a file name such as {p / 'model.safetensors'}"
+        )
+    if p.exists() and not overwrite:
+        raise CheckpointError(f"{p} already exists: pass overwrite=True (--overwrite) or choose another name")
+    meta = dict(metadata or {})
+    for k, v in meta.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise LayerDiffError(
+                f"metadata entry {k!r} has a {type(v).__name__} value: metadata values must be str"
+            )
+
+    # safetensors refuses tensors that share memory (tied weights, views of one buffer): clone all but
+    # the first of each storage, and make everything contiguous on the CPU.
+    seen: set[tuple[str, int]] = set()
+    flat: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise LayerDiffError(f"tensor {name!r} is a {type(t).__name__}, not a torch.Tensor")
+        key = _storage_key(t)
+        t = t.detach()
+        t = t.clone() if key in seen and t.numel() > 0 else t
+        seen.add(key)
+        flat[name] = t.to("cpu").contiguous()
+
+    folder = p.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=folder)
+        os.close(fd)
+    except OSError as e:
+        raise CheckpointError(
+            f"cannot write to folder {folder} ({e.strerror or e}): choose a writable folder"
+        ) from None
+    tmp = Path(tmp_name)
+    try:
+        save_file(flat, str(tmp), metadata=meta or None)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a model file is as readable as any other output
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the data reaches the disk before the rename makes it visible
+        finally:
+            os.close(fd)
+        os.replace(tmp, p)
+    except OSError as e:
+        raise CheckpointError(
+            f"cannot write {p} ({e.strerror or e}): check free space and permissions"
+        ) from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    logger.info("saved %d tensors to %s", len(flat), p)
+    return p
