@@ -1,0 +1,383 @@
+"""The MLCID build loop: inputs, sharding, resume, bad files and the summary.
+
+Inputs are a folder (searched recursively; hidden files and ``.txt``/``.json`` sidecars are not
+inputs) or a ``.txt`` list of paths (relative to the list's folder), sorted by relative path. They
+are cut into chunks of ``samples_per_shard`` images; chunk ``c`` is built by process ``i`` of
+``N`` when ``c % N == i - 1`` and becomes exactly one shard,
+``OUT/mlcid-{i:03d}of{N:03d}-{c:06d}.tar`` (each image gives at most one sample), so processes on
+different machines never write the same file. Shards are written atomically by
+:func:`layerdiff.data.format.write_shard`; a killed run leaves none half-written.
+
+Beside each shard a ``.stats.json`` (written after it) marks the chunk as finished and records its
+counts, the hash of its input list and the settings fingerprint. A rerun skips finished chunks;
+a chunk finished with other inputs or settings is an error unless ``overwrite``. The run ends
+with ``OUT/summary-{i}of{N}.json``, the counts over all of this process's chunks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+import warnings
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from layerdiff.data.format import LayeredSample, read_shard_meta, write_shard
+from layerdiff.data.mlcid import pipeline as P
+from layerdiff.data.mlcid.phrases import parse_phrase_list
+from layerdiff.data.mlcid.stages import Detection
+from layerdiff.errors import LayerDiffError
+
+logger = logging.getLogger("layerdiff.data.mlcid")
+
+PREFIX = "mlcid"
+SIDECAR_SUFFIXES = (".json", ".txt")
+_SHARD_NAME = re.compile(r"^mlcid-(\d{3,})of(\d{3,})-(\d{6})\.tar$")
+
+# why an input gives no image (counted under "unreadable")
+MISSING = "missing"
+NOT_AN_IMAGE = "not_an_image"
+CORRUPT = "corrupt"
+BAD_SIDECAR = "bad_sidecar"
+IMAGE_TOO_SMALL = "image_too_small"  # counted under "rejected"
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    images: Path  # folder or .txt list
+    out: Path
+    shard: tuple[int, int] = (1, 1)  # (i, N), 1-based
+    samples_per_shard: int = 256  # input images per chunk; a shard holds at most this many samples
+    batch_size: int = 8  # images per pipeline call (captioner batches)
+    max_side: int = 1024  # larger images are downscaled to this longest side; 0 keeps them
+    min_side: int = 32  # smaller images are rejected
+    overwrite: bool = False
+
+    def __post_init__(self):
+        i, n = self.shard
+        if n < 1 or not 1 <= i <= n:
+            raise LayerDiffError(f"--shard {i}/{n} is not valid: use i/N with 1 <= i <= N, e.g. 1/4")
+        if self.samples_per_shard < 1:
+            raise LayerDiffError(f"--samples-per-shard {self.samples_per_shard} must be at least 1")
+        if self.batch_size < 1:
+            raise LayerDiffError(f"--batch-size {self.batch_size} must be at least 1")
+        if self.max_side and self.max_side < self.min_side:
+            raise LayerDiffError(f"--max-side {self.max_side} is below --min-side {self.min_side}: raise it, or 0 to keep sizes")
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """"2/8" -> (2, 8)."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
+    if not m or int(m.group(2)) < 1 or not 1 <= int(m.group(1)) <= int(m.group(2)):
+        raise LayerDiffError(f"--shard {text!r} is not valid: use i/N with 1 <= i <= N, e.g. 1/4 (this is process 1 of 4)")
+    return int(m.group(1)), int(m.group(2))
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs
+
+
+def list_inputs(images) -> list[tuple[str, Path]]:
+    """Sorted ``(relative name, path)`` of every input: a folder's files or a ``.txt`` list's lines."""
+    root = Path(images)
+    if root.is_dir():
+        found = []
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            for name in filenames:
+                if name.startswith(".") or name.lower().endswith(SIDECAR_SUFFIXES):
+                    continue
+                path = Path(dirpath) / name
+                found.append((path.relative_to(root).as_posix(), path))
+        return sorted(found)
+    if root.is_file() and root.suffix.lower() == ".txt":
+        lines = root.read_text(encoding="utf-8", errors="replace").splitlines()
+        entries = {}
+        for line in lines:
+            line = line.strip()
+            if line and not line.startswith("#"):
+                path = Path(line) if Path(line).is_absolute() else root.parent / line
+                entries[Path(line).as_posix()] = path
+        return sorted(entries.items())
+    if root.exists():
+        raise LayerDiffError(f"--images {str(root)!r} is a file but not a .txt list: give a folder of images or a .txt with one path per line")
+    raise LayerDiffError(f"--images {str(root)!r} does not exist: give a folder of images or a .txt list of image paths")
+
+
+def read_sidecar(image_path: Path, scale: float = 1.0) -> P.Sidecar:
+    """``IMAGE.json`` ({"caption", "phrases", "objects": [{"phrase", "box"}], "background_prompt"})
+    or ``IMAGE.txt`` (phrases, one per line or comma-separated); boxes scale with the image."""
+    js, txt = image_path.with_suffix(".json"), image_path.with_suffix(".txt")
+    if js.is_file():
+        data = json.loads(js.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError("the top level must be an object")
+        phrases = data.get("phrases", [])
+        phrases = parse_phrase_list(phrases) if isinstance(phrases, str) else [str(p).strip() for p in phrases if str(p).strip()]
+        objects = []
+        for obj in data.get("objects", []):
+            box = [float(v) * scale for v in obj["box"]]
+            if len(box) != 4:
+                raise ValueError(f"box {obj['box']} must be [x0, y0, x1, y1]")
+            objects.append(Detection(tuple(box), float(obj.get("score", 1.0)), str(obj.get("phrase", "object"))))
+        caption = data.get("caption")
+        bg = data.get("background_prompt")
+        return P.Sidecar(caption=str(caption) if caption else None, phrases=phrases, objects=objects,
+                         background_prompt=str(bg) if bg else None)
+    if txt.is_file():
+        return P.Sidecar(phrases=parse_phrase_list(txt.read_text(encoding="utf-8", errors="replace")))
+    return P.Sidecar()
+
+
+def load_image(path: Path, max_side: int = 1024) -> tuple[Image.Image | None, float, str]:
+    """(RGB image or None, scale applied, reason when None). Transparent pixels go on white."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # EXIF and palette notes
+            with Image.open(path) as im:
+                im.load()
+                im = ImageOps.exif_transpose(im)
+                if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                    rgba = im.convert("RGBA")
+                    flat = Image.new("RGB", rgba.size, (255, 255, 255))
+                    flat.paste(rgba, mask=rgba.getchannel("A"))
+                    img = flat
+                else:
+                    img = im.convert("RGB")
+    except FileNotFoundError:
+        return None, 1.0, MISSING
+    except UnidentifiedImageError:
+        return None, 1.0, NOT_AN_IMAGE
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, EOFError):
+        return None, 1.0, CORRUPT
+    scale = 1.0
+    if max_side and max(img.size) > max_side:
+        scale = max_side / max(img.size)
+        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.LANCZOS)
+    return img, scale, ""
+
+
+def sample_key(rel: str) -> str:
+    """A readable, unique, dot-free key from the input's relative name."""
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(rel).stem).strip("_-")[:48] or "image"
+    return f"{stem}-{hashlib.sha1(rel.encode('utf-8')).hexdigest()[:10]}"
+
+
+# ---------------------------------------------------------------------------------------------
+# counting
+
+
+class Counts:
+    """The per-chunk and summary counters, JSON-ready."""
+
+    def __init__(self, data: dict | None = None):
+        data = data or {}
+        self.images_seen = int(data.get("images_seen", 0))
+        self.kept = int(data.get("kept", 0))
+        self.unreadable = Counter(data.get("unreadable", {}))
+        self.rejected = Counter(data.get("rejected", {}))
+        self.dropped_detections = Counter(data.get("dropped_detections", {}))
+        self.samples_by_layers = Counter(data.get("samples_by_layers", {}))
+
+    def add(self, other: Counts) -> None:
+        self.images_seen += other.images_seen
+        self.kept += other.kept
+        for name in ("unreadable", "rejected", "dropped_detections", "samples_by_layers"):
+            getattr(self, name).update(getattr(other, name))
+
+    def to_json(self) -> dict:
+        return {
+            "images_seen": self.images_seen,
+            "kept": self.kept,
+            "unreadable": dict(sorted(self.unreadable.items())),
+            "unreadable_total": sum(self.unreadable.values()),
+            "rejected": dict(sorted(self.rejected.items())),
+            "rejected_total": sum(self.rejected.values()),
+            "dropped_detections": dict(sorted(self.dropped_detections.items())),
+            "samples_by_layers": dict(sorted(self.samples_by_layers.items())),
+        }
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# the build
+
+
+@dataclass
+class _Chunk:
+    index: int
+    inputs: list[tuple[str, Path]]
+    tar: Path
+    stats: Path
+    inputs_sha: str
+
+
+def _chunks(config: BuildConfig, inputs: list[tuple[str, Path]]) -> list[_Chunk]:
+    i, n = config.shard
+    s = config.samples_per_shard
+    out = []
+    for c in range(i - 1, (len(inputs) + s - 1) // s, n):
+        part = inputs[c * s : (c + 1) * s]
+        stem = f"{PREFIX}-{i:03d}of{n:03d}-{c:06d}"
+        sha = hashlib.sha256("\n".join(rel for rel, _ in part).encode("utf-8")).hexdigest()[:16]
+        out.append(_Chunk(c, part, config.out / f"{stem}.tar", config.out / f"{stem}.stats.json", sha))
+    return out
+
+
+def _check_layout(config: BuildConfig, chunks: list[_Chunk], fingerprint: str) -> list[_Chunk]:
+    """Refuse to touch shards of another split, inputs or settings unless ``overwrite``; return
+    the chunks still to build."""
+    i, n = config.shard
+    hint = "pass --overwrite to rebuild them, or give another --out"
+    if not config.overwrite:
+        for p in sorted(config.out.glob(f"{PREFIX}-*.tar")):
+            m = _SHARD_NAME.match(p.name)
+            if m and int(m.group(2)) != n:
+                raise LayerDiffError(
+                    f"--out {str(config.out)!r} already holds {p.name}, built with --shard x/{int(m.group(2))}, "
+                    f"not x/{n}: use the same N as before, or {hint}"
+                )
+    todo = []
+    for ch in chunks:
+        if ch.stats.is_file() and ch.tar.is_file():
+            try:
+                stats = json.loads(ch.stats.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError):
+                stats = {}
+            same = stats.get("inputs_sha") == ch.inputs_sha and stats.get("settings_sha") == fingerprint
+            if same and not config.overwrite:
+                continue
+            if not same and not config.overwrite:
+                what = "inputs" if stats.get("inputs_sha") != ch.inputs_sha else "settings (models or thresholds)"
+                raise LayerDiffError(f"--out {str(config.out)!r}: shard {ch.tar.name} was built from other {what}: {hint}")
+        elif ch.tar.is_file() and not config.overwrite and not _is_own_unfinished(ch, fingerprint):
+            raise LayerDiffError(f"--out {str(config.out)!r} already holds {ch.tar.name}, not from this build: {hint}")
+        todo.append(ch)
+    return todo
+
+
+def _is_own_unfinished(ch: _Chunk, fingerprint: str) -> bool:
+    """A shard without its stats file (killed between the two writes) whose samples all come from
+    this chunk's inputs with these settings: safe to rebuild."""
+    sources = {rel for rel, _ in ch.inputs}
+    try:
+        for meta in read_shard_meta(ch.tar):
+            mlcid = (meta.get("extra") or {}).get("mlcid") or {}
+            if meta.get("source") not in sources or mlcid.get("settings") != fingerprint:
+                return False
+    except LayerDiffError:
+        return False
+    return True
+
+
+def _run_chunk(ch: _Chunk, config: BuildConfig, pipe: P.MLCIDPipeline, counts: Counts) -> Iterator[LayeredSample]:
+    batch: list[tuple[str, str, Image.Image, P.Sidecar]] = []
+
+    def flush():
+        for outcome in pipe.process(batch):
+            counts.dropped_detections.update(outcome.dropped)
+            if outcome.status == P.KEPT:
+                counts.kept += 1
+                counts.samples_by_layers[str(outcome.sample.num_layers)] += 1
+                yield outcome.sample
+            else:
+                counts.rejected[outcome.status] += 1
+        batch.clear()
+
+    for rel, path in ch.inputs:
+        counts.images_seen += 1
+        image, scale, reason = load_image(path, config.max_side)
+        if image is None:
+            logger.warning("MLCID: skipped %s (%s)", rel, reason.replace("_", " "))
+            counts.unreadable[reason] += 1
+            continue
+        if min(image.size) < config.min_side:
+            counts.rejected[IMAGE_TOO_SMALL] += 1
+            continue
+        try:
+            sidecar = read_sidecar(path, scale)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            logger.warning("MLCID: skipped %s: its sidecar file is not valid (%s)", rel, exc)
+            counts.unreadable[BAD_SIDECAR] += 1
+            continue
+        batch.append((sample_key(rel), rel, image, sidecar))
+        if len(batch) >= config.batch_size:
+            yield from flush()
+    if batch:
+        yield from flush()
+
+
+def build(config: BuildConfig, pipe: P.MLCIDPipeline) -> dict:
+    """Build this process's shards; return (and write) the summary."""
+    if config.out.exists() and not config.out.is_dir():
+        raise LayerDiffError(f"--out {str(config.out)!r} is a file: give a folder")
+    inputs = list_inputs(config.images)
+    config.out.mkdir(parents=True, exist_ok=True)
+    fingerprint, settings = pipe.fingerprint()
+    chunks = _chunks(config, inputs)
+    todo = _check_layout(config, chunks, fingerprint)
+    todo_ids = {ch.index for ch in todo}
+    i, n = config.shard
+    logger.info("MLCID: %d inputs, %d chunks for shard %d/%d, %d to build", len(inputs), len(chunks), i, n, len(todo))
+
+    total, built = Counts(), Counts()
+    t0 = time.perf_counter()
+    for ch in chunks:
+        if ch.index not in todo_ids:
+            total.add(Counts(json.loads(ch.stats.read_text(encoding="utf-8"))["counts"]))
+            logger.info("MLCID: %s is finished; skipped", ch.tar.name)
+            continue
+        counts = Counts()
+        start = time.perf_counter()
+        ch.stats.unlink(missing_ok=True)  # the chunk is unfinished until its stats are rewritten
+        write_shard(ch.tar, _run_chunk(ch, config, pipe, counts), overwrite=True)
+        _write_json_atomic(ch.stats, {
+            "chunk": ch.index,
+            "shard": f"{i}/{n}",
+            "inputs_sha": ch.inputs_sha,
+            "settings_sha": fingerprint,
+            "elapsed_s": round(time.perf_counter() - start, 3),
+            "counts": counts.to_json(),
+        })
+        logger.info("MLCID: wrote %s (%d of %d images kept)", ch.tar.name, counts.kept, counts.images_seen)
+        total.add(counts)
+        built.add(counts)
+    elapsed = time.perf_counter() - t0
+    summary = {
+        "shard": f"{i}/{n}",
+        "images": str(config.images),
+        "inputs_total": len(inputs),
+        "chunks": {"planned": len(chunks), "built": len(todo), "skipped": len(chunks) - len(todo)},
+        **total.to_json(),
+        "this_run": {
+            "images_seen": built.images_seen,
+            "elapsed_s": round(elapsed, 3),
+            "images_per_s": round(built.images_seen / elapsed, 3) if elapsed > 0 and built.images_seen else None,
+        },
+        "settings_sha": fingerprint,
+        "settings": settings,
+    }
+    _write_json_atomic(config.out / f"summary-{i}of{n}.json", summary)
+    return summary

@@ -1,0 +1,126 @@
+"""Stage specs (a model id or folder, "fallback" or "none") -> stage objects.
+
+Defaults are the open models closest to the paper's (METHOD.md section 6). They are looked up in
+local folders or the Hugging Face cache only; ``allow_download=True`` lets them be fetched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from layerdiff.errors import LayerDiffError
+
+if TYPE_CHECKING:
+    from layerdiff.data.mlcid.pipeline import Stages
+
+DEFAULT_MODELS = {
+    "captioner": "Salesforce/blip-image-captioning-large",
+    "detector": "google/owlv2-base-patch16-ensemble",
+    "segmenter": "facebook/sam-vit-base",
+    "depth": "depth-anything/Depth-Anything-V2-Small-hf",
+    "inpainter": "stable-diffusion-v1-5/stable-diffusion-inpainting",
+}
+FALLBACK_WORDS = ("fallback", "classical")
+NONE_WORDS = ("none", "off")
+# what "fallback" and "none" mean per stage (None = not allowed)
+FALLBACKS = {
+    "captioner": ("none", "none"),  # no classical captioner: prompts from sidecars / phrases
+    "detector": ("saliency", "none"),  # "none": only sidecar boxes
+    "segmenter": ("classical", None),
+    "depth": ("box_bottom", "box_bottom"),
+    "inpainter": ("classical", None),
+}
+
+
+@dataclass(frozen=True)
+class StageSpecs:
+    captioner: str = DEFAULT_MODELS["captioner"]
+    detector: str = DEFAULT_MODELS["detector"]
+    segmenter: str = DEFAULT_MODELS["segmenter"]
+    depth: str = DEFAULT_MODELS["depth"]
+    inpainter: str = DEFAULT_MODELS["inpainter"]
+
+    @classmethod
+    def all_fallbacks(cls) -> StageSpecs:
+        return cls(*(["fallback"] * 5))
+
+
+@dataclass(frozen=True)
+class StageOptions:
+    """Run-time options of the model stages (not part of the resume fingerprint except thresholds)."""
+
+    device: str = "auto"
+    dtype: str = "auto"
+    allow_download: bool = False
+    batch_size: int = 8
+    detector_threshold: float = 0.2
+    max_detections: int = 20
+    nms_iou: float = 0.5
+    inpaint_steps: int = 25
+    inpaint_resolution: int = 512
+    seed: int = 0
+    classical_backend: str | None = None  # "cv2" | "skimage" | None (whichever is installed)
+
+
+def _kind(stage: str, spec: str) -> str:
+    """"model", or the fallback/none implementation name for ``spec``."""
+    word = spec.strip().lower()
+    fallback, none = FALLBACKS[stage]
+    if word in FALLBACK_WORDS:
+        return fallback
+    if word in NONE_WORDS:
+        if none is None:
+            raise LayerDiffError(f"--{stage} none: the {stage} cannot be left out: give a model id or folder, or 'fallback'")
+        return none
+    if not word:
+        raise LayerDiffError(f"--{stage} is empty: give a model id or folder, 'fallback' or 'none'")
+    return "model"
+
+
+def make_stages(specs: StageSpecs, options: StageOptions | None = None) -> Stages:
+    """Build (and load) every stage; fails fast, before any image is read."""
+    from layerdiff.data.mlcid import classical
+    from layerdiff.data.mlcid.pipeline import Stages
+
+    o = options or StageOptions()
+    common = {"device": o.device, "dtype": o.dtype, "allow_download": o.allow_download}
+    kinds = {stage: _kind(stage, getattr(specs, stage)) for stage in FALLBACKS}
+
+    captioner = None
+    if kinds["captioner"] == "model":
+        from layerdiff.data.mlcid.hf import HFCaptioner
+
+        captioner = HFCaptioner(specs.captioner, batch_size=o.batch_size, **common)
+
+    detector = None
+    if kinds["detector"] == "model":
+        from layerdiff.data.mlcid.hf import OwlDetector
+
+        detector = OwlDetector(specs.detector, threshold=o.detector_threshold, nms_iou=o.nms_iou,
+                               max_detections=o.max_detections, **common)
+    elif kinds["detector"] == "saliency":
+        detector = classical.SaliencyDetector(max_detections=min(o.max_detections, 8), backend=o.classical_backend)
+
+    if kinds["segmenter"] == "model":
+        from layerdiff.data.mlcid.hf import SamSegmenter
+
+        segmenter = SamSegmenter(specs.segmenter, **common)
+    else:
+        segmenter = classical.ClassicalSegmenter(backend=o.classical_backend)
+
+    if kinds["depth"] == "model":
+        from layerdiff.data.mlcid.hf import HFDepthEstimator
+
+        depth = HFDepthEstimator(specs.depth, **common)
+    else:
+        depth = classical.BoxBottomDepth()
+
+    if kinds["inpainter"] == "model":
+        from layerdiff.data.mlcid.sd_inpaint import SDInpainter
+
+        inpainter = SDInpainter(specs.inpainter, steps=o.inpaint_steps, resolution=o.inpaint_resolution, seed=o.seed, **common)
+    else:
+        inpainter = classical.ClassicalInpainter(backend=o.classical_backend)
+
+    return Stages(segmenter=segmenter, depth=depth, inpainter=inpainter, captioner=captioner, detector=detector)

@@ -1,0 +1,247 @@
+"""Streaming reader of layered shards for training: worker/rank splitting, shuffling, mixed layer counts.
+
+Every sample becomes tensors of one training size, all layers transformed alike:
+
+    images (L, 3, S, S) float in [-1, 1]   background first, foregrounds back to front; a
+                                           foreground is exactly 0 (grey 0.5) outside its mask
+    masks  (L, 1, S, S) float in {0, 1}    the background's mask is all ones
+
+:func:`collate_layered` pads a batch to its largest L and adds ``valid`` (B, L) for the model's
+attention key mask and the loss (METHOD.md section 3).
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from layerdiff.data.format import LayeredSample, decode_record, iter_shard_records, list_shards, record_meta
+from layerdiff.errors import LayerDiffError
+
+logger = logging.getLogger("layerdiff.data")
+
+__all__ = ["LayeredShardDataset", "collate_layered", "make_loader", "resolve_shards", "sample_to_tensors"]
+
+
+def resolve_shards(paths_or_dir) -> list[Path]:
+    """Shard files from a folder, one ``.tar`` file, or a list of either (folders expand sorted)."""
+    items = [paths_or_dir] if isinstance(paths_or_dir, (str, Path)) else list(paths_or_dir)
+    shards: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            shards.extend(list_shards(p))
+        elif p.is_file() and p.suffix == ".tar":
+            shards.append(p)
+        else:
+            raise LayerDiffError(f"data path {str(p)!r} is neither a folder of shards nor a .tar shard: check the path")
+    if not shards:
+        raise LayerDiffError(f"no .tar shards found in {[str(i) for i in items]}: generate data first "
+                             "(python -m layerdiff data toy --out DIR ...)")
+    return shards
+
+
+def _resize_crop(img: Image.Image, size: int, mode: str, resample) -> Image.Image:
+    w, h = img.size
+    if (w, h) == (size, size):
+        return img
+    if mode == "resize":
+        return img.resize((size, size), resample)
+    scale = size / min(w, h)  # shorter side to `size`, then the centre square
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    img = img.resize((nw, nh), resample)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def sample_to_tensors(sample: LayeredSample, size: int = 128, resize: str = "crop") -> dict:
+    """One sample as training tensors (see the module docstring); the same geometry for every layer."""
+    L = sample.num_layers
+    images = np.empty((L, size, size, 3), dtype=np.float32)
+    masks = np.ones((L, size, size), dtype=np.float32)
+    images[0] = np.asarray(_resize_crop(sample.background, size, resize, Image.BICUBIC), dtype=np.float32)
+    for i, (fg, mask) in enumerate(zip(sample.foregrounds, sample.masks), start=1):
+        m = np.asarray(_resize_crop(mask, size, resize, Image.NEAREST)) >= 128  # re-binarised
+        masks[i] = m
+        images[i] = np.asarray(_resize_crop(fg, size, resize, Image.BICUBIC), dtype=np.float32)
+        images[i][~m] = 127.5  # exact neutral grey outside the (resized) mask
+    images = np.clip(images / 127.5 - 1.0, -1.0, 1.0)
+    return {
+        "key": sample.key,
+        "global_prompt": sample.global_prompt,
+        "layer_prompts": list(sample.layer_prompts),
+        "images": torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),  # (L, 3, S, S)
+        "masks": torch.from_numpy(masks)[:, None],  # (L, 1, S, S)
+        "num_layers": L,
+        "extra": sample.extra,
+    }
+
+
+class LayeredShardDataset(IterableDataset):
+    """Stream samples from shards, split over DataLoader workers and distributed ranks.
+
+    Each (rank, worker) reads a disjoint set of whole shards; with fewer shards than readers, every
+    reader scans all shards and keeps every N-th sample instead (still disjoint, slower). Shard
+    order and the shuffle buffer are seeded by ``(seed, epoch)``; call :meth:`set_epoch` between
+    epochs, or pass ``repeat=True`` for an endless stream. ``layer_weights`` oversamples by layer
+    count: a sample with L layers is emitted ``floor(w)`` times plus once more with probability
+    ``frac(w)`` (w = ``layer_weights.get(L, 1.0)``; 0 drops them), decided by ``(seed, epoch, key)``.
+    Samples with more than ``max_layers`` layers are skipped. Readers may receive different sample
+    counts (shards differ in size), so distributed training should run by steps with ``repeat=True``.
+    """
+
+    def __init__(self, paths_or_dir, size: int = 128, shuffle_buffer: int = 256, seed: int = 0,
+                 max_layers: int = 4, resize: str = "crop", layer_weights: Mapping[int, float] | None = None,
+                 repeat: bool = False, rank: int | None = None, world_size: int | None = None):
+        super().__init__()
+        if not isinstance(size, int) or size < 8 or size % 8:
+            raise LayerDiffError(f"training size {size!r} is not a positive multiple of 8: use e.g. 64, 128 or 512")
+        if resize not in ("crop", "resize"):
+            raise LayerDiffError(f"resize {resize!r} is unknown: use 'crop' (keep aspect, centre crop) or 'resize' (stretch)")
+        if max_layers < 1:
+            raise LayerDiffError(f"max_layers {max_layers} must be at least 1")
+        if shuffle_buffer < 0:
+            raise LayerDiffError(f"shuffle_buffer {shuffle_buffer} must be 0 (no shuffling) or more")
+        if layer_weights is not None and any(w < 0 for w in layer_weights.values()):
+            raise LayerDiffError(f"layer_weights {dict(layer_weights)} must not be negative")
+        if (rank is None) != (world_size is None) or (world_size is not None and not 0 <= rank < world_size):
+            raise LayerDiffError(f"rank {rank} / world_size {world_size}: give both, with 0 <= rank < world_size")
+        self.shards = resolve_shards(paths_or_dir)
+        self.size, self.shuffle_buffer, self.seed = size, shuffle_buffer, seed
+        self.max_layers, self.resize, self.repeat = max_layers, resize, repeat
+        self.layer_weights = dict(layer_weights) if layer_weights else None
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _reader_slot(self) -> tuple[int, int]:
+        """(this reader's index, number of readers) over ranks x workers."""
+        rank, world = self.rank, self.world_size
+        if rank is None:
+            rank, world = 0, 1
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        return rank * nw + wid, world * nw
+
+    def _copies(self, key: str, num_layers: int, epoch: int) -> int:
+        if self.layer_weights is None:
+            return 1
+        w = float(self.layer_weights.get(num_layers, 1.0))
+        whole, frac = int(w), w - int(w)
+        if frac > 0:
+            u = np.random.default_rng([self.seed, epoch, zlib.crc32(key.encode())]).random()
+            whole += int(u < frac)
+        return whole
+
+    def _records(self, epoch: int) -> Iterator[tuple[str, dict, Path]]:
+        slot, readers = self._reader_slot()
+        shards = list(self.shards)
+        if self.shuffle_buffer > 0:  # same order on every reader, so the split stays a partition
+            np.random.default_rng([self.seed, epoch]).shuffle(shards)
+        if len(shards) >= readers:
+            for path in shards[slot::readers]:
+                for key, members in iter_shard_records(path):
+                    yield key, members, path
+        else:
+            if epoch == self.epoch and slot == 0:
+                logger.warning("%d shards for %d readers: each reader scans every shard; write more shards",
+                               len(shards), readers)
+            n = 0
+            for path in shards:
+                for key, members in iter_shard_records(path):
+                    if n % readers == slot:
+                        yield key, members, path
+                    n += 1
+
+    def _samples(self, epoch: int) -> Iterator[dict]:
+        skipped = 0
+        for key, members, path in self._records(epoch):
+            num_layers = record_meta(key, members, path)["num_layers"]  # decide before decoding PNGs
+            if num_layers > self.max_layers:
+                skipped += 1
+                continue
+            copies = self._copies(key, num_layers, epoch)
+            if copies == 0:
+                continue
+            item = sample_to_tensors(decode_record(key, members, path), self.size, self.resize)
+            for _ in range(copies):
+                yield dict(item)
+        if skipped:
+            logger.info("skipped %d samples with more than %d layers", skipped, self.max_layers)
+
+    def _shuffled(self, items: Iterator[dict], epoch: int) -> Iterator[dict]:
+        if self.shuffle_buffer <= 1:
+            yield from items
+            return
+        slot, _ = self._reader_slot()
+        rng = np.random.default_rng([self.seed, epoch, slot, 1])
+        buffer: list[dict] = []
+        for item in items:
+            if len(buffer) < self.shuffle_buffer:
+                buffer.append(item)
+                continue
+            j = int(rng.integers(len(buffer)))
+            buffer[j], item = item, buffer[j]
+            yield item
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def __iter__(self) -> Iterator[dict]:
+        epoch = self.epoch
+        while True:
+            yield from self._shuffled(self._samples(epoch), epoch)
+            if not self.repeat:
+                return
+            epoch += 1
+
+
+def collate_layered(batch: Sequence[dict]) -> dict:
+    """Pad a list of samples to the largest layer count; ``valid`` (B, Lmax) marks real layers."""
+    if not batch:
+        raise LayerDiffError("collate_layered got an empty batch")
+    sizes = {tuple(item["images"].shape[-2:]) for item in batch}
+    if len(sizes) != 1:
+        raise LayerDiffError(f"samples of sizes {sorted(sizes)} in one batch: give the dataset one training size")
+    (h, w), b = sizes.pop(), len(batch)
+    lmax = max(item["num_layers"] for item in batch)
+    images = torch.zeros(b, lmax, 3, h, w)  # (B, Lmax, 3, S, S); padding = 0 = grey
+    masks = torch.zeros(b, lmax, 1, h, w)  # (B, Lmax, 1, S, S)
+    valid = torch.zeros(b, lmax, dtype=torch.bool)  # (B, Lmax)
+    for i, item in enumerate(batch):
+        n = item["num_layers"]
+        images[i, :n] = item["images"]
+        masks[i, :n] = item["masks"]
+        valid[i, :n] = True
+    return {
+        "key": [item["key"] for item in batch],
+        "global_prompt": [item["global_prompt"] for item in batch],
+        "layer_prompts": [list(item["layer_prompts"]) + [""] * (lmax - item["num_layers"]) for item in batch],
+        "images": images,
+        "masks": masks,
+        "valid": valid,
+        "num_layers": torch.tensor([item["num_layers"] for item in batch], dtype=torch.long),
+        "extra": [item["extra"] for item in batch],
+    }
+
+
+def make_loader(paths_or_dir, batch_size: int = 8, num_workers: int = 2, size: int = 128, shuffle_buffer: int = 256,
+                seed: int = 0, drop_last: bool = False, pin_memory: bool = False, **dataset_kwargs) -> DataLoader:
+    """A DataLoader over :class:`LayeredShardDataset` batching with :func:`collate_layered`."""
+    if batch_size < 1:
+        raise LayerDiffError(f"batch_size {batch_size} must be at least 1")
+    if num_workers < 0:
+        raise LayerDiffError(f"num_workers {num_workers} must be 0 or more")
+    dataset = LayeredShardDataset(paths_or_dir, size=size, shuffle_buffer=shuffle_buffer, seed=seed, **dataset_kwargs)
+    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_layered,
+                      drop_last=drop_last, pin_memory=pin_memory)
