@@ -45,7 +45,7 @@ TOY_WORDS = (
     "red orange yellow green blue purple white black "
     "sky meadow beach wall floor field night sandy brick wooden snowy checkered grass sand snow "
     "style painting watercolor watercolour pixel art cartoon sketch neon pastel dark bright "
-    "vivid muted flat glossy photo"
+    "vivid muted flat glossy photo ,"
 ).split()
 
 
@@ -188,7 +188,7 @@ def _tiny() -> LayerDiffConfig:
 
 
 def _toy() -> LayerDiffConfig:
-    words = _words_tokenizer(24)
+    words = _words_tokenizer(32)  # the longest toy prompt has 29 words and commas
     return LayerDiffConfig(
         name="toy",
         unet={
@@ -208,10 +208,10 @@ def _toy() -> LayerDiffConfig:
             "out_channels": 3,
             "down_block_types": ["DownEncoderBlock2D"] * 4,
             "up_block_types": ["UpDecoderBlock2D"] * 4,
-            "block_out_channels": [32, 64, 64, 64],
+            "block_out_channels": [16, 32, 32, 64],
             "layers_per_block": 1,
             "latent_channels": 4,
-            "norm_num_groups": 16,
+            "norm_num_groups": 8,
             "sample_size": 128,
             "scaling_factor": 1.0,
         },
@@ -221,7 +221,7 @@ def _toy() -> LayerDiffConfig:
             "intermediate_size": 256,
             "num_hidden_layers": 2,
             "num_attention_heads": 4,
-            "max_position_embeddings": 24,
+            "max_position_embeddings": 32,
             "hidden_act": "quick_gelu",
             "pad_token_id": 0,
             "bos_token_id": 1,

@@ -155,7 +155,9 @@ class _Levels:
                 s = float(sigmas[i])
                 a.append(1.0 / (1.0 + s * s))
             else:
-                a.append(float(scheduler.alphas_cumprod[int(ts[i])]))
+                # steps_offset can push the first timestep to num_train_timesteps: clamp
+                t = min(int(ts[i]), len(scheduler.alphas_cumprod) - 1)
+                a.append(float(scheduler.alphas_cumprod[t]))
         self.a = a + [1.0]
 
     def noise_to(self, clean: torch.Tensor, noise: torch.Tensor, i: int) -> torch.Tensor:
@@ -224,6 +226,9 @@ def sample(
         return init_latents.clone()
 
     sched = make_scheduler(scheduler, scheduler_config or {})
+    max_steps = int(sched.config.num_train_timesteps) - int(sched.config.get("steps_offset", 0) or 0)
+    if steps > max_steps:
+        raise LayerDiffError(f"steps {steps} is more than this model's schedule allows: use at most {max_steps}")
     sched.set_timesteps(steps, device=device)
     n = len(sched.timesteps)
     levels = _Levels(sched, n)

@@ -1,0 +1,523 @@
+"""Training LayerDiff on accelerate (METHOD.md section 3).
+
+One t per composable sample, independent noise per layer, epsilon MSE over all valid layers and all
+8 channels (the background's mask channels excepted: its mask slot is a constant), CFG dropout of
+prompts, mixed layer counts with oversampling, separate learning rates for base and new weights,
+optional frozen base, gradient clipping, EMA, mixed precision where the device allows.
+
+The same command runs on one CPU or, through ``accelerate launch``, on many GPUs and machines.
+Randomness is drawn per (seed, step, rank), so a resumed run continues bit-identically.
+
+Checkpoints are folders ``OUT/checkpoints/step-NNNNNN/`` holding ``state.safetensors`` (model,
+EMA and optimizer tensors; the rest as JSON metadata): written to a temporary folder, then
+renamed, so a killed run never leaves a half-written checkpoint; ``OUT/checkpoints/latest``
+names the newest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from layerdiff.errors import LayerDiffError
+from layerdiff.io.files import read_safetensors, save_safetensors_atomic
+from layerdiff.model.bundle import LayerDiffModel
+from layerdiff.model.text import tokenize
+
+logger = logging.getLogger("layerdiff.train")
+
+NEW_MODULE_KEYS = ("inter_layer_attn", "intra_layer_attn", "prompt_enhancer", "conv_in", "conv_out")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 8
+    lr_base: float = 1e-5  # SD weights (METHOD.md: 1e-5)
+    lr_new: float = 1e-4  # new modules + conv_in/conv_out
+    lr_text: float = 0.0  # text encoder (0 = frozen, as for SD 1.5)
+    warmup_steps: int = 100
+    weight_decay: float = 1e-2
+    grad_clip: float = 1.0
+    ema_decay: float = 0.0  # 0 disables EMA
+    freeze_base: bool = False
+    drop_all: float = 0.10  # CFG dropout: global and layer prompts together
+    drop_layers: float = 0.05  # CFG dropout: layer prompts only
+    layer_weights: dict = field(default_factory=lambda: {2: 1.0, 3: 2.0, 4: 3.0})
+    mixed_precision: str = "no"  # no | fp16 | bf16 (accelerate)
+    size: int = 512  # training resolution (pixels)
+    seed: int = 0
+    log_every: int = 50
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    sample_every: int = 0  # 0: no sample grids
+    num_workers: int = 2
+    cache_latents: bool = False  # encode the dataset once (small data sets, e.g. the toy world)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise LayerDiffError(f"unknown training settings {unknown}: expected some of {sorted(known)}")
+        data = dict(data)
+        if "layer_weights" in data:
+            data["layer_weights"] = {int(k): float(v) for k, v in data["layer_weights"].items()}
+        return cls(**data)
+
+
+# ----------------------------------------------------------------------------- randomness
+def step_generator(seed: int, step: int, rank: int = 0, stream: int = 0) -> torch.Generator:
+    """Randomness of one (step, rank): a resumed run draws exactly what the first run drew."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 64 + rank) * 8 + stream)
+
+
+# ----------------------------------------------------------------------------- the trained module
+class LayerDiffTrainModule(nn.Module):
+    """UNet + text encoder under one module, so DDP syncs all trained weights; forward = loss."""
+
+    def __init__(self, model: LayerDiffModel):
+        super().__init__()
+        self.unet = model.unet
+        self.text_encoder = model.text_encoder
+
+    def forward(self, noisy, t, ids_global, ids_layers, valid, target, weight):
+        # noisy/target (B, L, 8, h, w); ids_global (B, T); ids_layers (B, L, T); weight (B, L, 8, 1, 1)
+        B, L = noisy.shape[:2]
+        glob = self.text_encoder(ids_global)[0]  # (B, T, D)
+        lay = self.text_encoder(ids_layers.flatten(0, 1))[0].unflatten(0, (B, L))  # (B, L, T, D)
+        enhanced = self.unet.enhance(glob, lay)
+        pred = self.unet(noisy, t, glob.to(noisy.dtype), enhanced.to(noisy.dtype), valid=valid)
+        err = (pred.float() - target.float()) ** 2 * weight
+        return err.sum() / (weight.expand_as(err).sum().clamp(min=1))
+
+
+def loss_weights(valid: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(B, L) validity -> (B, L, 8, 1, 1) loss weights: valid layers, all channels, except the
+    background's mask channels (a constant white-image latent)."""
+    weight = valid[:, :, None, None, None].float().expand(-1, -1, 8, 1, 1).clone()
+    weight[:, 0, 4:] = 0
+    return weight
+
+
+class NoiseSchedule:
+    """Forward process q(x_t | x_0) of the model's scheduler config (DDPM betas)."""
+
+    def __init__(self, scheduler_config: dict):
+        from diffusers import DDPMScheduler
+
+        sched = DDPMScheduler.from_config(scheduler_config)
+        self.num_train_timesteps = sched.config.num_train_timesteps
+        self.alphas_cumprod = sched.alphas_cumprod.float()
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a = self.alphas_cumprod.to(x0.device)[t].view(-1, *([1] * (x0.ndim - 1)))
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+
+def make_batch(
+    latents: torch.Tensor,
+    valid: torch.Tensor,
+    global_prompts: list[str],
+    layer_prompts: list[list[str]],
+    tokenizer,
+    schedule: NoiseSchedule,
+    config: TrainConfig,
+    gen: torch.Generator,
+) -> dict:
+    """Noise a batch of clean layer latents (B, L, 8, h, w) and apply prompt dropout."""
+    B, L = latents.shape[:2]
+    t = torch.randint(0, schedule.num_train_timesteps, (B,), generator=gen)  # one t per composable sample
+    noise = torch.randn(latents.shape, generator=gen)  # independent per layer
+    u = torch.rand(B, generator=gen)
+    globs, lays = [], []
+    for b in range(B):
+        drop_all = u[b] < config.drop_all
+        drop_layers = u[b] < config.drop_all + config.drop_layers
+        globs.append("" if drop_all else global_prompts[b])
+        lays.extend("" if drop_layers else p for p in layer_prompts[b])
+    noisy = schedule.add_noise(latents.float(), noise, t)
+    return {
+        "noisy": noisy,
+        "t": t,
+        "ids_global": tokenize(tokenizer, globs),
+        "ids_layers": tokenize(tokenizer, lays).view(B, L, -1),
+        "valid": valid,
+        "target": noise,
+        "weight": loss_weights(valid, *latents.shape[-2:]),
+    }
+
+
+# ----------------------------------------------------------------------------- data
+class LatentCache:
+    """A whole (small) data set encoded once: latents (N, Lmax, 8, h, w) fp16 + prompts."""
+
+    def __init__(self, latents, valid, global_prompts, layer_prompts):
+        self.latents, self.valid = latents, valid
+        self.global_prompts, self.layer_prompts = global_prompts, layer_prompts
+        self.num_layers = valid.sum(1)
+
+    def __len__(self):
+        return self.latents.shape[0]
+
+    @classmethod
+    def build(cls, model: LayerDiffModel, data, size: int, path: Path, max_layers: int, batch_size: int = 32):
+        from layerdiff.data.reader import collate_layered, sample_to_tensors
+
+        from layerdiff.data.format import read_shard
+        from layerdiff.data.reader import resolve_shards
+
+        if path.exists():
+            return cls.load(path)
+        lat_all, valid_all, gp, lp = [], [], [], []
+        buf = []
+
+        def flush():
+            if not buf:
+                return
+            batch = collate_layered(buf)
+            imgs = batch["images"].permute(0, 1, 3, 4, 2) * 0.5 + 0.5  # (B, L, S, S, 3) in 0..1
+            masks = batch["masks"][:, 1:, 0]  # (B, L-1, S, S)
+            lat = model.encode_layers(imgs, masks).float()  # (B, L, 8, h, w)
+            pad = max_layers - lat.shape[1]
+            lat_all.append(F.pad(lat, (0, 0, 0, 0, 0, 0, 0, pad)).half())
+            valid_all.append(F.pad(batch["valid"], (0, pad)))
+            gp.extend(batch["global_prompt"])
+            lp.extend([row + [""] * pad for row in batch["layer_prompts"]])
+            buf.clear()
+
+        for shard in resolve_shards(data):
+            for sample in read_shard(shard):
+                if sample.num_layers > max_layers:
+                    continue
+                buf.append(sample_to_tensors(sample, size))
+                if len(buf) == batch_size:
+                    flush()
+        flush()
+        cache = cls(torch.cat(lat_all), torch.cat(valid_all), gp, lp)
+        save_safetensors_atomic(
+            {"latents": cache.latents, "valid": cache.valid.to(torch.uint8)},
+            path,
+            metadata={"prompts": json.dumps({"global": gp, "layers": lp})},
+            overwrite=True,
+        )
+        logger.info("cached %d samples' latents in %s", len(cache), path)
+        return cache
+
+    @classmethod
+    def load(cls, path: Path) -> LatentCache:
+        tensors, meta = read_safetensors(path)
+        prompts = json.loads(meta["prompts"])
+        return cls(tensors["latents"], tensors["valid"].bool(), prompts["global"], prompts["layers"])
+
+    def batch(self, gen: torch.Generator, batch_size: int, layer_weights: dict) -> tuple:
+        """Weighted draw with replacement (oversampling 3- and 4-layer samples); trims padding."""
+        w = torch.tensor([float(layer_weights.get(int(n), 1.0)) for n in self.num_layers.tolist()])
+        idx = torch.multinomial(w, batch_size, replacement=True, generator=gen)
+        L = int(self.num_layers[idx].max())
+        return (
+            self.latents[idx, :L].float(),
+            self.valid[idx, :L],
+            [self.global_prompts[i] for i in idx.tolist()],
+            [self.layer_prompts[i][:L] for i in idx.tolist()],
+        )
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], str]:
+    tensors = {}
+    scalars = {}
+    for idx, s in state["state"].items():
+        for k, v in s.items():
+            if torch.is_tensor(v):
+                tensors[f"optim.{idx}.{k}"] = v
+            else:
+                scalars[f"{idx}.{k}"] = v
+    return tensors, json.dumps({"param_groups": state["param_groups"], "scalars": scalars})
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: str) -> dict:
+    info = json.loads(meta)
+    state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        if key.startswith("optim."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = v
+    for key, v in info["scalars"].items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = v
+    return {"state": state, "param_groups": info["param_groups"]}
+
+
+def save_training_state(out: Path, step: int, module: nn.Module, optimizer, ema: dict | None, extra: dict, keep: int):
+    """Atomic: write into a temporary folder, fsync, rename; then update ``latest``."""
+    ckdir = out / "checkpoints"
+    ckdir.mkdir(parents=True, exist_ok=True)
+    final = ckdir / f"step-{step:06d}"
+    tmp = ckdir / f".tmp-step-{step:06d}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tensors = {f"model.{k}": v.detach().cpu() for k, v in module.state_dict().items()}
+    if ema:
+        tensors.update({f"ema.{k}": v.cpu() for k, v in ema.items()})
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+    tensors.update({k: v.cpu() for k, v in opt_tensors.items()})
+    meta = {"step": str(step), "optimizer": opt_meta, "extra": json.dumps(extra)}
+    save_safetensors_atomic(tensors, tmp / "state.safetensors", metadata=meta)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    latest_tmp = ckdir / ".latest.tmp"
+    latest_tmp.write_text(final.name)
+    os.replace(latest_tmp, ckdir / "latest")
+    old = sorted(p for p in ckdir.glob("step-*") if p.is_dir())
+    for p in old[: max(0, len(old) - keep)]:
+        shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    pointer = out / "checkpoints" / "latest"
+    if not pointer.is_file():
+        return None
+    path = out / "checkpoints" / pointer.read_text().strip()
+    return path if (path / "state.safetensors").is_file() else None
+
+
+def load_training_state(path: Path, module: nn.Module, optimizer, ema: dict | None) -> tuple[int, dict]:
+    tensors, meta = read_safetensors(path / "state.safetensors")
+    model_sd = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    module.load_state_dict(model_sd, strict=True)
+    optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
+    if ema is not None:
+        for k in ema:
+            ema[k].copy_(tensors[f"ema.{k}"])
+    return int(meta["step"]), json.loads(meta.get("extra", "{}"))
+
+
+# ----------------------------------------------------------------------------- the loop
+def param_groups(module: LayerDiffTrainModule, config: TrainConfig) -> list[dict]:
+    new, base, text = [], [], []
+    for name, p in module.named_parameters():
+        if name.startswith("text_encoder."):
+            p.requires_grad_(config.lr_text > 0)
+            if config.lr_text > 0:
+                text.append(p)
+        elif any(k in name for k in NEW_MODULE_KEYS):
+            new.append(p.requires_grad_(True))
+        elif not config.freeze_base:
+            base.append(p.requires_grad_(True))
+        else:
+            p.requires_grad_(False)
+    groups = [{"params": new, "lr": config.lr_new, "name": "new"}]
+    if base:
+        groups.append({"params": base, "lr": config.lr_base, "name": "base"})
+    if text:
+        groups.append({"params": text, "lr": config.lr_text, "name": "text"})
+    return groups
+
+
+def train(
+    model: LayerDiffModel,
+    data,
+    out: str | Path,
+    config: TrainConfig,
+    sample_prompts: list | None = None,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> Path:
+    """Train ``model`` (in place) on layered shards; return the exported LayerDiff file.
+
+    Resumes from ``out/checkpoints/latest`` if present. ``stop_after`` ends the run after that
+    many steps of this invocation (tests of resume).
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    accelerator = Accelerator(mixed_precision=config.mixed_precision if config.mixed_precision != "no" else "no")
+    rank, world = accelerator.process_index, accelerator.num_processes
+    set_seed(config.seed)
+    device = accelerator.device
+    model.to(device=device)
+    model.vae.requires_grad_(False).eval()
+    module = LayerDiffTrainModule(model).train()
+    groups = param_groups(module, config)
+    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay, betas=(0.9, 0.999))
+    for g in optimizer.param_groups:
+        g["base_lr"] = g["lr"]
+    trained = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    ema = {n: p.detach().clone().float() for n, p in trained.items()} if config.ema_decay > 0 else None
+    start = 0
+    ck = latest_checkpoint(out)
+    if ck is not None:
+        start, _ = load_training_state(ck, module, optimizer, ema)
+        logger.info("resumed from %s (step %d)", ck, start)
+    ddp_module, optimizer = accelerator.prepare(module, optimizer)
+    schedule = NoiseSchedule(model.config.scheduler)
+
+    cache = None
+    stream = None
+    if config.cache_latents:
+        cache_path = out / f"latents-{config.size}.safetensors"
+        if accelerator.is_main_process and not cache_path.exists():
+            LatentCache.build(model, data, config.size, cache_path, model.config.max_layers)
+        accelerator.wait_for_everyone()
+        cache = LatentCache.load(cache_path)
+    else:
+        from layerdiff.data.reader import make_loader
+
+        loader = make_loader(
+            data, batch_size=config.batch_size, num_workers=config.num_workers, size=config.size,
+            seed=config.seed + start, max_layers=model.config.max_layers, layer_weights=config.layer_weights,
+            repeat=True, rank=rank, world_size=world,
+        )
+        stream = iter(loader)
+
+    log = out / "train_log.jsonl"
+    bar = None
+    if progress and accelerator.is_main_process:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.steps, initial=start, desc="training", unit="step")
+    losses, t0 = [], time.time()
+    step = start
+    end = config.steps if stop_after is None else min(config.steps, start + stop_after)
+    while step < end:
+        gen = step_generator(config.seed, step, rank)
+        if cache is not None:
+            latents, valid, gp, lp = cache.batch(gen, config.batch_size, config.layer_weights)
+        else:
+            b = next(stream)
+            imgs = b["images"].permute(0, 1, 3, 4, 2) * 0.5 + 0.5
+            latents = model.encode_layers(imgs.to(device), b["masks"][:, 1:, 0].to(device)).float()
+            valid, gp, lp = b["valid"], b["global_prompt"], b["layer_prompts"]
+        batch = make_batch(latents.cpu(), valid.cpu(), gp, lp, model.tokenizer, schedule, config, gen)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        lr_scale = min(1.0, (step + 1) / max(1, config.warmup_steps))
+        for g in optimizer.param_groups:
+            g["lr"] = g["base_lr"] * lr_scale
+        with accelerator.autocast():
+            loss = ddp_module(**batch)
+        accelerator.backward(loss)
+        if config.grad_clip > 0:
+            accelerator.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], config.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        if ema is not None:
+            d = min(config.ema_decay, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for n, p in trained.items():
+                    ema[n].mul_(d).add_(p.detach().float(), alpha=1 - d)
+        losses.append(float(loss.detach()))
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        if step % config.log_every == 0 or step == end:
+            mean = sum(losses) / len(losses)
+            rate = len(losses) / max(1e-9, time.time() - t0)
+            if accelerator.is_main_process:
+                with open(log, "a") as f:
+                    f.write(json.dumps({"step": step, "loss": round(mean, 5), "steps_per_s": round(rate, 3)}) + "\n")
+            logger.info("step %d loss %.4f (%.2f steps/s)", step, mean, rate)
+            losses, t0 = [], time.time()
+        if step % config.checkpoint_every == 0 or step == end:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                save_training_state(out, step, module, optimizer.optimizer if hasattr(optimizer, "optimizer")
+                                    else optimizer, ema, {"rank_count": world}, config.keep_checkpoints)
+            accelerator.wait_for_everyone()
+        if config.sample_every and step % config.sample_every == 0 and accelerator.is_main_process:
+            _sample_grid(model, ema, trained, sample_prompts, out / "samples" / f"step-{step:06d}.png", config)
+    if bar is not None:
+        bar.close()
+    accelerator.wait_for_everyone()
+    final = out / "model.safetensors"
+    if step >= config.steps and accelerator.is_main_process:
+        export(model, ema, trained, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _swap_in(ema: dict | None, trained: dict):
+    """Context: EMA weights in the live parameters (for sampling and export), then back."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def cm():
+        if not ema:
+            yield
+            return
+        saved = {n: p.detach().clone() for n, p in trained.items()}
+        with torch.no_grad():
+            for n, p in trained.items():
+                p.copy_(ema[n].to(p.dtype))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in trained.items():
+                    p.copy_(saved[n])
+
+    return cm()
+
+
+def export(model: LayerDiffModel, ema, trained, path: Path, dtype=None) -> Path:
+    """The final one-file LayerDiff checkpoint (EMA weights where EMA ran)."""
+    from layerdiff.io.checkpoint import save_layerdiff
+
+    with _swap_in(ema, trained):
+        return save_layerdiff(model, path, include_vae_and_text_encoder=True, overwrite=True, dtype=dtype)
+
+
+@torch.no_grad()
+def _sample_grid(model, ema, trained, prompts, path: Path, config: TrainConfig):
+    if not prompts:
+        return
+    from layerdiff.pipeline import generate
+    from layerdiff.stack import LayerStack
+
+    model.unet.eval()
+    model.text_encoder.eval()
+    try:
+        with _swap_in(ema, trained):
+            rows = [generate(model, p, seed=i, steps=20, mask_guidance=0.0) for i, p in enumerate(prompts)]
+    finally:
+        model.unet.train()
+        model.text_encoder.train(config.lr_text > 0)
+    save_grid(rows, path)
+
+
+def save_grid(stacks: list, path: Path) -> Path:
+    """Rows of composite | layers | masks for a list of one-sample stacks, as one PNG."""
+    import numpy as np
+    from PIL import Image
+
+    from layerdiff.io.export import atomic_write, png_bytes
+
+    Lmax = max(s.num_layers for s in stacks)
+    rows = []
+    for s in stacks:
+        H, W = s.height, s.width
+        tiles = [s.composite()[0]] + [s.images[0, i] for i in range(s.num_layers)]
+        tiles += [s.masks[0, k, :, :, None].expand(H, W, 3) for k in range(s.num_foregrounds)]
+        blank = torch.full((H, W, 3), 1.0)
+        tiles += [blank] * (1 + Lmax + (Lmax - 1) - len(tiles))
+        rows.append(torch.cat(tiles, dim=1))
+    grid = (torch.cat(rows, dim=0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, png_bytes(np.ascontiguousarray(grid)))
+    return path

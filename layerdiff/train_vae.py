@@ -1,0 +1,128 @@
+"""Training the toy world's small VAE (a diffusers AutoencoderKL, the class SD 1.5 uses).
+
+SD 1.5 brings its own VAE; the built-in toy model needs one of its own. It is convolutional, so
+it trains on random crops of layer images and of mask images (masks are encoded as 3-channel
+images, METHOD.md section 2). Loss: L1 + MSE reconstruction + a small KL term. After training the
+latent scaling factor is set to 1 / std of the latents, as SD's 0.18215 was chosen.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from layerdiff.errors import LayerDiffError
+
+logger = logging.getLogger("layerdiff.train")
+
+
+@dataclass
+class VaeTrainConfig:
+    steps: int = 1500
+    batch_size: int = 16
+    crop: int = 64
+    lr: float = 5e-4
+    kl_weight: float = 1e-6
+    seed: int = 0
+    checkpoint_every: int = 250
+    log_every: int = 50
+    images: int = 2000  # data-set images (layers and masks) held in memory for crops
+
+
+def _image_pool(data, count: int, size: int, seed: int) -> torch.Tensor:
+    """Up to ``count`` layer and mask images (N, 3, S, S) in [-1, 1] from the shards."""
+    from layerdiff.data.format import read_shard
+    from layerdiff.data.reader import resolve_shards, sample_to_tensors
+
+    pool = []
+    for shard in resolve_shards(data):
+        for sample in read_shard(shard):
+            t = sample_to_tensors(sample, size)
+            pool.extend(t["images"])  # background + foregrounds (grey outside their masks)
+            pool.extend(m.expand(3, -1, -1) * 2 - 1 for m in t["masks"][1:])  # masks as images
+            if len(pool) >= count:
+                break
+        if len(pool) >= count:
+            break
+    if not pool:
+        raise LayerDiffError(f"no images found in {data}: generate the toy data first")
+    return torch.stack(pool[:count])
+
+
+def train_vae(vae, data, out: str | Path, config: VaeTrainConfig, size: int = 128, progress: bool = True):
+    """Train ``vae`` in place; checkpoints in ``out/checkpoints`` (resumable); returns the vae."""
+    from layerdiff.train import latest_checkpoint, load_training_state, save_training_state, step_generator
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    pool = _image_pool(data, config.images, size, config.seed)
+    vae.train().requires_grad_(True)
+    opt = torch.optim.AdamW(vae.parameters(), lr=config.lr, weight_decay=0.0)
+    step = 0
+    ck = latest_checkpoint(out)
+    if ck is not None:
+        step, _ = load_training_state(ck, vae, opt, None)
+        logger.info("VAE: resumed from %s (step %d)", ck, step)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.steps, initial=step, desc="training VAE", unit="step")
+    losses, t0 = [], time.time()
+    while step < config.steps:
+        g = step_generator(config.seed, step, 0, stream=3)
+        idx = torch.randint(0, len(pool), (config.batch_size,), generator=g)
+        c = config.crop
+        ys = torch.randint(0, size - c + 1, (config.batch_size,), generator=g).tolist()
+        xs = torch.randint(0, size - c + 1, (config.batch_size,), generator=g).tolist()
+        x = torch.stack([pool[i, :, y : y + c, xx : xx + c] for i, y, xx in zip(idx.tolist(), ys, xs)])
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+        rec = vae.decode(z).sample
+        kl = post.kl().mean() / (z[0].numel())
+        loss = (rec - x).abs().mean() + ((rec - x) ** 2).mean() + config.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        losses.append(loss.item())
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        if step % config.log_every == 0:
+            logger.info("VAE step %d loss %.4f (%.2f steps/s)", step, np.mean(losses), len(losses) / (time.time() - t0))
+            losses, t0 = [], time.time()
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            save_training_state(out, step, vae, opt, None, {}, keep=1)
+    if bar is not None:
+        bar.close()
+    vae.eval()
+    set_scaling_factor(vae, pool[:256])
+    return vae
+
+
+@torch.no_grad()
+def set_scaling_factor(vae, images: torch.Tensor) -> float:
+    """scaling_factor = 1 / std of the latents (posterior means) of ``images``."""
+    lat = torch.cat([vae.encode(images[i : i + 32]).latent_dist.mean for i in range(0, len(images), 32)])
+    factor = float(1.0 / lat.std())
+    vae.register_to_config(scaling_factor=factor)
+    logger.info("VAE latent scaling factor %.4f", factor)
+    return factor
+
+
+@torch.no_grad()
+def reconstruction_error(vae, images: torch.Tensor) -> float:
+    """Mean absolute error (0..1 scale) of encode/decode on images (N, 3, S, S) in [-1, 1]."""
+    errs = []
+    for i in range(0, len(images), 16):
+        x = images[i : i + 16]
+        rec = vae.decode(vae.encode(x).latent_dist.mean).sample
+        errs.append(((rec - x).abs().mean() / 2).item())
+    return float(np.mean(errs))
