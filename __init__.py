@@ -15,6 +15,15 @@ if __package__:  # imported as a package (ComfyUI's custom_nodes loader); pytest
     except ImportError:
         folder_paths = None
     if folder_paths is not None:
+        import os
+        import sys
+
+        # The library package `layerdiff` sits beside this file, but ComfyUI imports the pack by file
+        # path, so this folder is not on sys.path. Appended, not prepended: nothing of the host's (its
+        # `nodes` module, say) is shadowed.
+        _pack_dir = os.path.dirname(os.path.abspath(__file__))
+        if _pack_dir not in sys.path:
+            sys.path.append(_pack_dir)
         from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: F811
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

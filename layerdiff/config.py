@@ -195,7 +195,7 @@ def _toy() -> LayerDiffConfig:
             "sample_size": 16,
             "in_channels": 4,
             "out_channels": 4,
-            "block_out_channels": [64, 128, 128],
+            "block_out_channels": [48, 96, 96],
             "layers_per_block": 1,
             "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
             "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],

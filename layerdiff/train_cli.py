@@ -18,9 +18,9 @@ logger = logging.getLogger("layerdiff.train")
 # The built-in toy model's recipe (sized to train within ~75 minutes on a 2-core CPU).
 TOY_RECIPE = {
     "samples": 5000,
-    "vae": {"steps": 1000, "batch_size": 16, "crop": 32, "lr": 5e-4},
+    "vae": {"steps": 8000, "batch_size": 16, "crop": 32, "lr": 5e-4},
     "train": {
-        "steps": 5000,
+        "steps": 7000,
         "batch_size": 8,
         "lr_base": 3e-4,
         "lr_new": 3e-4,
