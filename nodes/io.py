@@ -1,0 +1,116 @@
+"""Save Layers as PSD (output folder, ComfyUI's counter naming) and Load PSD as Layers (input folder)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+
+from layerdiff.errors import LayerDiffError
+from layerdiff.io.export import png_bytes, to_uint8
+from layerdiff.io.psd import load_psd, save_psd
+
+from . import _host, convert
+
+logger = logging.getLogger("layerdiff.nodes")
+
+
+class LayerDiffSavePSD:
+    DESCRIPTION = (
+        "Saves each layer stack as a layered PSD in ComfyUI's output folder, named like Save Image "
+        "(<prefix>_00001_.psd, counting up, never overwriting): the background at the bottom, each foreground as a "
+        "transparent layer above it, back to front. The node shows the composite."
+    )
+    CATEGORY = "LayerDiff/io"
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "save"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "layers": ("LAYERDIFF_LAYERS", {"tooltip": "The layer stacks to save, one PSD per sample."}),
+            "filename_prefix": ("STRING", {"default": "LayerDiff", "tooltip": (
+                "File name prefix, may include a subfolder ('layers/scene') and Save Image's %date:...% style "
+                "variables. Files go to ComfyUI's output folder.")}),
+        }}
+
+    def save(self, layers, filename_prefix="LayerDiff"):
+        stack = convert.require_stack(layers)
+        folder, base, counter, subfolder = _host.save_path(filename_prefix, stack.width, stack.height)
+        saved, previews = [], []
+        for b in range(stack.batch_size):
+            while True:  # counter from the folder listing; skip names taken meanwhile (never overwrite)
+                name = f"{base}_{counter:05}_.psd"
+                try:
+                    save_psd(stack, os.path.join(folder, name), batch_index=b, overwrite=False)
+                    break
+                except LayerDiffError:
+                    if not os.path.exists(os.path.join(folder, name)):
+                        raise
+                    counter += 1
+            saved.append({"filename": name, "subfolder": subfolder, "type": "output"})
+            previews.append(self._preview(stack, b, f"{base}_{counter:05}_psd_preview.png", subfolder))
+            counter += 1
+        logger.info("saved %d PSD file(s) in %s", len(saved), folder)
+        return {"ui": {"images": [p for p in previews if p], "psd": saved,
+                       "text": [os.path.join(s["subfolder"], s["filename"]) for s in saved]}}
+
+    @staticmethod
+    def _preview(stack, b, name, subfolder):
+        """The composite as a PNG in ComfyUI's temp folder, for the node's image preview."""
+        try:
+            folder = os.path.join(_host.folder("temp"), subfolder)
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, name), "wb") as f:
+                f.write(png_bytes(to_uint8(stack.select_batch([b]).composite()[0])))
+            return {"filename": name, "subfolder": subfolder, "type": "temp"}
+        except OSError:
+            logger.warning("could not write the PSD preview %s", name, exc_info=True)
+            return None
+
+
+class LayerDiffLoadPSD:
+    DESCRIPTION = (
+        "Loads a layered PSD from ComfyUI's input folder (upload it, or copy it there) as layer stacks: the bottom "
+        "visible pixel layer is the background, the others are foregrounds with their transparency as the mask."
+    )
+    CATEGORY = "LayerDiff/io"
+    RETURN_TYPES = ("LAYERDIFF_LAYERS",)
+    RETURN_NAMES = ("layers",)
+    OUTPUT_TOOLTIPS = ("The PSD's layers (one sample, no latents; edit nodes encode them with the model).",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "psd": (_host.input_files(_host.PSD_EXTENSIONS), {"image_upload": True, "tooltip": (
+                "A .psd/.psb file in ComfyUI's input folder.")}),
+        }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, psd):
+        if psd is None:
+            return True
+        if not str(psd).lower().split(" [")[0].endswith(_host.PSD_EXTENSIONS):
+            return f"psd {psd!r} is not a .psd/.psb file: upload a layered Photoshop file"
+        if not _host.input_exists(psd):
+            return f"psd file {psd!r} is not in the input folder ({_host.folder('input')}): upload it or copy it there"
+        return True
+
+    @classmethod
+    def IS_CHANGED(cls, psd):
+        path = _host.input_path(psd)
+        if not os.path.isfile(path):
+            return ""
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        return digest.hexdigest()
+
+    def load(self, psd):
+        check = self.VALIDATE_INPUTS(psd)
+        if check is not True:
+            raise LayerDiffError(check)
+        return (load_psd(_host.input_path(psd)).to(_host.intermediate_device()),)

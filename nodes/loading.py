@@ -1,0 +1,92 @@
+"""Load LayerDiff: a model bundle (LAYERDIFF_MODEL) from a built-in name or models/layerdiff."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from layerdiff.errors import CheckpointError
+from layerdiff.io.checkpoint import DEFAULT_MODEL, builtin_names, load_model
+
+from . import _host
+
+logger = logging.getLogger("layerdiff.nodes")
+
+NONE = "none"
+DTYPES = ["auto", "fp32", "fp16", "bf16"]
+DEVICES = ["auto", "cpu", "gpu"]
+
+
+def _model_choices() -> list[str]:
+    return builtin_names() + _host.model_files()
+
+
+def _missing_model(model_name) -> str | None:
+    """Why model_name cannot be loaded (None: it can, or it is a linked input checked later)."""
+    if model_name is None or model_name in builtin_names() or _host.model_path(model_name) is not None:
+        return None
+    folders = ", ".join(_host.model_folders())
+    return (
+        f"model_name {model_name!r} is neither a built-in model ({', '.join(builtin_names())}) nor a file in "
+        f"models/layerdiff ({folders}): copy the .safetensors file there and press R, or pick another"
+    )
+
+
+class LayerDiffLoader:
+    DESCRIPTION = (
+        "Loads a LayerDiff model: a built-in one (layerdiff-toy when installed; tiny and toy-random have random "
+        "weights, for tests) or a LayerDiff .safetensors file from models/layerdiff (extra_model_paths.yaml: key "
+        "'layerdiff'). A file without its own VAE and text encoder takes them from the SD 1.5 base checkpoint."
+    )
+    CATEGORY = "LayerDiff/loaders"
+    RETURN_TYPES = ("LAYERDIFF_MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The LayerDiff model bundle (layered UNet, prompt enhancer, text encoder, VAE).",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        names = _model_choices()
+        default = DEFAULT_MODEL if DEFAULT_MODEL in names else names[0]
+        return {
+            "required": {
+                "model_name": (names, {"default": default, "tooltip": (
+                    "Built-in model or a file in models/layerdiff. Put new files there and press R (refresh).")}),
+                "base_checkpoint": ([NONE] + _host.checkpoint_files(), {"default": NONE, "tooltip": (
+                    "SD 1.5 checkpoint (models/checkpoints) giving the VAE and text encoder to a LayerDiff file "
+                    "that has none. 'none' for full files and built-in models.")}),
+                "dtype": (DTYPES, {"default": "auto", "tooltip": (
+                    "Weight precision. auto: ComfyUI's choice for the device (fp32 on a CPU, fp16/bf16 on a GPU).")}),
+                "device": (DEVICES, {"default": "auto", "tooltip": (
+                    "Where the model runs. auto: ComfyUI's device. On a GPU, ComfyUI's other models are unloaded "
+                    "first as far as needed; the model stays there while it is loaded.")}),
+            }
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, model_name):
+        # listing model_name here replaces ComfyUI's "value not in list" check with this clearer one
+        return _missing_model(model_name) or True
+
+    def load(self, model_name, base_checkpoint=NONE, dtype="auto", device="auto"):
+        if model_name in builtin_names():
+            source, size = model_name, 0
+        else:
+            source = _host.model_path(model_name)
+            if source is None:
+                raise CheckpointError(_missing_model(model_name))
+            size = os.path.getsize(source)
+        base = None
+        if base_checkpoint != NONE:
+            base = _host.checkpoint_path(base_checkpoint)
+            if base is None:
+                raise CheckpointError(
+                    f"base_checkpoint {base_checkpoint!r} is not in models/checkpoints: copy it there and press R, "
+                    f"or choose '{NONE}'"
+                )
+            size += os.path.getsize(base)
+        torch_device = _host.torch_device(device)
+        torch_dtype = _host.torch_dtype(dtype, torch_device, parameters=size // 2)
+        _host.free_memory(size, torch_device)  # make room before our (unmanaged) weights arrive
+        logger.info("loading LayerDiff %s (base %s) on %s as %s", model_name, base_checkpoint, torch_device, torch_dtype)
+        return (load_model(source, base=base, device=torch_device, dtype=torch_dtype),)

@@ -1,0 +1,65 @@
+"""Layered KSampler: conditioning -> a batch of layer stacks (LAYERDIFF_LAYERS)."""
+
+from __future__ import annotations
+
+from layerdiff.pipeline import LayerPrompts, PreviewDecoder, generate
+
+from . import _host, _widgets, convert
+
+
+def progress(model, steps: int) -> _host.Progress:
+    """ComfyUI progress bar + interrupt, with the cheap latent-resolution composite preview."""
+    return _host.Progress(steps, preview=lambda: PreviewDecoder(model))
+
+
+def prepare(model, batch: int, layers: int, height: int, width: int) -> None:
+    """Make room on the GPU for sampling (ComfyUI does not manage our model)."""
+    _host.free_memory(_host.sampling_memory(model, batch, layers, height, width), model.device)
+
+
+class LayerDiffKSampler:
+    DESCRIPTION = (
+        "Generates a batch of layered images: the background and every foreground with its mask, jointly, with "
+        "classifier-free guidance and self-mask guidance. Output: LAYERDIFF_LAYERS (composite, split, edit or "
+        "save them as PSD)."
+    )
+    CATEGORY = "LayerDiff/sampling"
+    RETURN_TYPES = ("LAYERDIFF_LAYERS",)
+    RETURN_NAMES = ("layers",)
+    OUTPUT_TOOLTIPS = ("The generated layer stacks: background first, then the foregrounds back to front.",)
+    FUNCTION = "sample"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("LAYERDIFF_MODEL", {"tooltip": "The LayerDiff model (Load LayerDiff)."}),
+                "conditioning": ("LAYERDIFF_CONDITIONING", {"tooltip": "Encoded prompts (Prompt Enhancer)."}),
+                "seed": _widgets.seed(),
+                "steps": _widgets.steps(),
+                "cfg": _widgets.cfg(),
+                "mask_guidance": _widgets.mask_guidance(),
+                "mask_guidance_start": _widgets.mask_guidance_start(),
+                "scheduler": _widgets.scheduler(),
+                "width": _widgets.size("width"),
+                "height": _widgets.size("height"),
+                "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": (
+                    "Layered images generated at once (seeds seed, seed + 1, ...).")}),
+            }
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, width, height):
+        return _widgets.validate_size(width, height)
+
+    def sample(self, model, conditioning, seed, steps, cfg, mask_guidance, mask_guidance_start, scheduler,
+               width, height, batch_size=1):
+        cond = convert.conditioning_to(conditioning, model.device)
+        prompts = LayerPrompts(cond.global_prompts[0], cond.layer_prompts[0], cond.negative_prompt)
+        prepare(model, batch_size, cond.num_layers, height, width)
+        stack = generate(
+            model, prompts, width=width, height=height, seed=seed, batch=batch_size, steps=steps, cfg=cfg,
+            mask_guidance=mask_guidance, mask_guidance_start=mask_guidance_start, scheduler=scheduler,
+            callback=progress(model, steps), conditioning=cond,
+        )
+        return (stack.to(_host.intermediate_device()),)

@@ -1,0 +1,296 @@
+"""The node pack inside a real ComfyUI server (CPU, tiny model, few steps).
+
+Runs when a ComfyUI checkout is configured: COMFYUI_DIR (with COMFY_VENV, default: the venv beside
+it), or comfy_host.sh's default ~/.cache/comfyui-host/ComfyUI with its venv; the server is started
+and stopped through comfy_host.sh (COMFY_HOST_SH, default /work/shared/tools/comfy_host.sh).
+Skipped otherwise. Run with ``pytest -m comfyui -s`` to see the timings.
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.comfyui
+
+REPO = Path(__file__).resolve().parent.parent
+COMFY_DIR = Path(os.environ.get("COMFYUI_DIR") or Path.home() / ".cache" / "comfyui-host" / "ComfyUI")
+COMFY_VENV = Path(os.environ.get("COMFY_VENV") or COMFY_DIR.parent / "venv")
+HOST_SH = Path(os.environ.get("COMFY_HOST_SH") or "/work/shared/tools/comfy_host.sh")
+NODES = {
+    "LayerDiffLoader": "Load LayerDiff", "LayerDiffLayerPrompt": "Layer Prompt",
+    "LayerDiffPromptEnhancer": "Prompt Enhancer", "LayerDiffKSampler": "Layered KSampler",
+    "LayerDiffLayerEdit": "Layer Edit", "LayerDiffLayerInpaint": "Layer Inpaint", "LayerDiffLayerStyle": "Layer Style",
+    "LayerDiffTransformLayer": "Transform Layer", "LayerDiffCompositeLayers": "Composite Layers",
+    "LayerDiffSplitLayers": "Split Layers", "LayerDiffLayersFromImages": "Layers from Images",
+    "LayerDiffSavePSD": "Save Layers as PSD", "LayerDiffLoadPSD": "Load PSD as Layers",
+}
+
+
+def _skip_reason() -> str | None:
+    if not (COMFY_DIR / "main.py").is_file():
+        return f"no ComfyUI checkout at {COMFY_DIR} (set COMFYUI_DIR)"
+    python = COMFY_VENV / "bin" / "python"
+    if not python.is_file():
+        return f"no ComfyUI venv at {COMFY_VENV} (set COMFY_VENV)"
+    if not HOST_SH.is_file():
+        return f"no comfy_host.sh at {HOST_SH} (set COMFY_HOST_SH)"
+    probe = subprocess.run([str(python), "-c", "import diffusers, psd_tools, einops"], capture_output=True)
+    if probe.returncode:
+        return f"the ComfyUI venv lacks the pack's requirements: {COMFY_VENV}/bin/pip install -r {REPO}/requirements.txt"
+    return None
+
+
+_reason = _skip_reason()
+if _reason:
+    pytest.skip(_reason, allow_module_level=True)
+
+
+def comfyui_version() -> str:
+    text = (COMFY_DIR / "comfyui_version.py").read_text() if (COMFY_DIR / "comfyui_version.py").is_file() else ""
+    version = next((ln.split("=")[1].strip().strip("\"'") for ln in text.splitlines() if "__version__" in ln), "?")
+    describe = subprocess.run(["git", "-C", str(COMFY_DIR), "describe", "--tags", "--always"],
+                              capture_output=True, text=True).stdout.strip()
+    return f"{version} ({describe or 'no git'})"
+
+
+class Server:
+    def __init__(self, port: int, env: dict):
+        self.port, self.env = port, env
+        self.url = f"http://127.0.0.1:{port}"
+
+    def host(self, *args, timeout=300) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(HOST_SH), *args], env=self.env, capture_output=True, text=True,
+                              timeout=timeout)
+
+    def http(self, method: str, path: str, body=None):
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                raw = r.read()
+                return r.status, json.loads(raw) if raw else None
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"null")
+
+    def queue(self, graph: dict) -> str:
+        status, answer = self.http("POST", "/prompt", {"prompt": graph, "client_id": "layerdiff-tests"})
+        assert status == 200, answer
+        return answer["prompt_id"]
+
+    def wait(self, prompt_id: str, timeout: float = 300) -> dict:
+        end = time.time() + timeout
+        while time.time() < end:
+            _, history = self.http("GET", f"/history/{prompt_id}")
+            if prompt_id in (history or {}) and history[prompt_id]["status"].get("completed") is not None:
+                return history[prompt_id]
+            time.sleep(0.1)
+        raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout}s")
+
+    def run(self, graph: dict) -> tuple[dict, float]:
+        t0 = time.time()
+        entry = self.wait(self.queue(graph))
+        return entry, time.time() - t0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    state = tmp_path_factory.mktemp("comfy_state")
+    env = dict(os.environ, COMFY_DIR=str(COMFY_DIR), COMFY_VENV=str(COMFY_VENV), COMFY_STATE_DIR=str(state),
+               COMFY_EXTRA_ARGS="--preview-method auto")  # previews on: exercises the preview path
+    env.setdefault("OMP_NUM_THREADS", "1")  # the tiny model runs faster unthreaded on a shared CPU
+    srv = Server(free_port(), env)
+    t0 = time.time()
+    started = srv.host("start", str(REPO), str(srv.port))
+    print(f"\nComfyUI {comfyui_version()}: server start {time.time() - t0:.1f}s on port {srv.port}")
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        srv.log = next(state.glob("comfy-*.log"))
+        srv.run_id = f"layerdiff_it_{uuid.uuid4().hex[:8]}"
+        yield srv
+    finally:
+        stopped = srv.host("stop", str(srv.port), timeout=60)
+        print(stopped.stdout.strip())
+        for kind in ("output", "temp"):
+            shutil.rmtree(COMFY_DIR / kind / getattr(srv, "run_id", "-"), ignore_errors=True)
+        for f in (COMFY_DIR / "input").glob(f"{getattr(srv, 'run_id', '-')}*"):
+            f.unlink()
+
+
+def main_graph(prefix: str, **sampler) -> dict:
+    """Load -> Layer Prompt x3 -> Prompt Enhancer -> Layered KSampler -> Layer Edit -> Split/Composite
+    -> Save Image (transparent layer PNGs and composites) / Save Layers as PSD."""
+    return {
+        "1": {"class_type": "LayerDiffLoader",
+              "inputs": {"model_name": "tiny", "base_checkpoint": "none", "dtype": "auto", "device": "auto"}},
+        "2": {"class_type": "LayerDiffLayerPrompt", "inputs": {"prompt": "a brick wall"}},
+        "3": {"class_type": "LayerDiffLayerPrompt", "inputs": {"prompt": "a red star", "previous": ["2", 0]}},
+        "4": {"class_type": "LayerDiffLayerPrompt", "inputs": {"prompt": "a blue circle", "previous": ["3", 0]}},
+        "5": {"class_type": "LayerDiffPromptEnhancer",
+              "inputs": {"model": ["1", 0], "prompts": ["4", 0], "global_prompt": "", "negative_prompt": ""}},
+        "6": {"class_type": "LayerDiffKSampler",
+              "inputs": {"model": ["1", 0], "conditioning": ["5", 0], "seed": 1, "steps": 3, "cfg": 7.5,
+                         "mask_guidance": 0.75, "mask_guidance_start": 0.25, "scheduler": "ddim", "width": 64,
+                         "height": 64, "batch_size": 2, **sampler}},
+        "7": {"class_type": "LayerDiffLayerEdit",
+              "inputs": {"model": ["1", 0], "layers": ["6", 0], "layer_index": ["3", 1], "prompt": "a green heart",
+                         "seed": 2, "regenerate": "image and mask", "steps": 3, "cfg": 7.5, "scheduler": "ddim"}},
+        "8": {"class_type": "LayerDiffSplitLayers", "inputs": {"layers": ["7", 0], "layer_index": 1}},
+        "9": {"class_type": "LayerDiffCompositeLayers", "inputs": {"layers": ["7", 0]}},
+        "10": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": f"{prefix}/layer"}},
+        "11": {"class_type": "SaveImage", "inputs": {"images": ["9", 0], "filename_prefix": f"{prefix}/composite"}},
+        "12": {"class_type": "LayerDiffSavePSD", "inputs": {"layers": ["7", 0], "filename_prefix": f"{prefix}/scene"}},
+    }
+
+
+def files(entry: dict, node_id: str, key: str = "images") -> list[Path]:
+    return [COMFY_DIR / f["type"] / f["subfolder"] / f["filename"] for f in entry["outputs"][node_id][key]]
+
+
+def test_pack_loads_and_every_node_is_listed(server):
+    status, info = server.http("GET", "/object_info")
+    assert status == 200
+    ours = {k: v for k, v in info.items() if v.get("python_module") == f"custom_nodes.{REPO.name}"}
+    assert {k: v["display_name"] for k, v in ours.items()} == NODES
+    for name, spec in ours.items():
+        assert spec["category"].startswith("LayerDiff/") and spec["description"]
+        for section in ("required", "optional"):
+            for input_name, entry in spec["input"].get(section, {}).items():
+                assert entry[1].get("tooltip"), f"{name}.{input_name}"
+
+
+def test_generate_edit_split_and_save(server):
+    entry, seconds = server.run(main_graph(server.run_id))
+    print(f"main graph (tiny, 64x64, batch 2, 3 + 3 steps): {seconds:.2f}s")
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    layer_pngs = files(entry, "10")
+    assert len(layer_pngs) == 6  # 2 samples x 3 layers, sample-major, background first
+    alphas = [np.asarray(Image.open(p)) for p in layer_pngs]
+    assert all(a.shape == (64, 64, 4) for a in alphas)  # RGBA: transparent PNGs
+    assert all(a[..., 3].min() == 255 for a in alphas[0::3])  # backgrounds opaque
+    assert any(a[..., 3].min() < 255 for row, a in enumerate(alphas) if row % 3)  # foregrounds cut out
+    assert all(Image.open(p).mode == "RGB" for p in files(entry, "11"))
+    psds = files(entry, "12", "psd")
+    assert [p.name for p in psds] == ["scene_00001_.psd", "scene_00002_.psd"]
+    assert all(p.is_file() for p in psds + files(entry, "12"))
+    from layerdiff.io.psd import load_psd
+
+    stack = load_psd(psds[0])
+    assert stack.num_layers == 3 and stack.names[1] == "layer 1: a green heart"
+    assert "preview failed" not in server.log.read_text()
+
+
+def test_psd_back_in_restyled_transformed_inpainted(server):
+    source = COMFY_DIR / "output" / server.run_id / "scene_00001_.psd"
+    if not source.is_file():
+        server.run(main_graph(server.run_id))
+    name = f"{server.run_id}.psd"
+    shutil.copy(source, COMFY_DIR / "input" / name)
+    graph = {
+        "1": {"class_type": "LayerDiffLoader",
+              "inputs": {"model_name": "tiny", "base_checkpoint": "none", "dtype": "auto", "device": "auto"}},
+        "20": {"class_type": "LayerDiffLoadPSD", "inputs": {"psd": name}},
+        "21": {"class_type": "LayerDiffLayerStyle",
+               "inputs": {"model": ["1", 0], "layers": ["20", 0], "style": "watercolor style", "strength": 0.5,
+                          "layers_to_style": "all", "seed": 3, "steps": 3, "cfg": 7.5, "scheduler": "ddim"}},
+        "22": {"class_type": "LayerDiffTransformLayer",
+               "inputs": {"layers": ["21", 0], "layer_index": 1, "dx": 8, "dy": -8, "scale": 1.25, "move_to": 2,
+                          "remove": False, "harmonize": 0.3, "seed": 4, "model": ["1", 0]}},
+        "23": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 64, "height": 64}},
+        "24": {"class_type": "LayerDiffLayerInpaint",
+               "inputs": {"model": ["1", 0], "layers": ["22", 0], "layer_index": 0, "region": ["23", 0],
+                          "prompt": "a snowy field", "seed": 5, "grow": 1, "regenerate": "image and mask",
+                          "steps": 3, "cfg": 7.5, "scheduler": "euler"}},
+        "25": {"class_type": "LayerDiffCompositeLayers", "inputs": {"layers": ["24", 0]}},
+        "26": {"class_type": "SaveImage", "inputs": {"images": ["25", 0], "filename_prefix": f"{server.run_id}/edited"}},
+    }
+    entry, seconds = server.run(graph)
+    print(f"PSD -> style -> transform + harmonize -> inpaint graph: {seconds:.2f}s")
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    assert all(p.is_file() for p in files(entry, "26"))
+
+
+def test_bad_input_is_answered_and_the_server_keeps_running(server):
+    graph = main_graph(server.run_id, width=100)
+    status, answer = server.http("POST", "/prompt", {"prompt": graph})
+    assert status == 400
+    details = json.dumps(answer["node_errors"]["6"])
+    assert "width 100 is not a multiple of 8: use 96 or 104" in details
+    graph = main_graph(server.run_id)
+    graph["1"]["inputs"]["model_name"] = "missing.safetensors"
+    status, answer = server.http("POST", "/prompt", {"prompt": graph})
+    assert status == 400 and "copy the .safetensors file there" in json.dumps(answer["node_errors"]["1"])
+    graph = main_graph(server.run_id)
+    graph["7"]["inputs"]["layer_index"] = 7
+    entry, _ = server.run(graph)
+    errors = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
+    assert errors and "layer_index 7 is out of range for a stack of 3 layers" in errors[0]["exception_message"]
+    entry, _ = server.run(main_graph(server.run_id))
+    assert entry["status"]["status_str"] == "success"
+
+
+WS_PROBE = r"""
+import asyncio, json, sys, time, aiohttp
+
+async def main(url, graph, stop_after):
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(url.replace("http", "ws") + "/ws?clientId=layerdiff-probe") as ws:
+            await session.post(url + "/prompt", json={"prompt": graph, "client_id": "layerdiff-probe"})
+            steps, previews, asked, end = [], 0, None, None
+            async for msg in ws:
+                now = time.time()
+                if msg.type == aiohttp.WSMsgType.BINARY:
+                    previews += 1  # preview images of the progress bar
+                    continue
+                event = json.loads(msg.data)
+                if event["type"] == "progress":
+                    steps.append(now)
+                    if len(steps) == stop_after:
+                        asked = time.time()
+                        await session.post(url + "/interrupt", json={})
+                elif event["type"] in ("execution_interrupted", "execution_error", "execution_success"):
+                    end = event["type"]
+                    break
+    print(json.dumps({"end": end, "stopped_after": now - asked, "steps": steps, "asked": asked,
+                      "previews": previews}))
+
+asyncio.run(main(sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])))
+"""
+
+
+def test_interrupt_stops_sampling_within_a_step(server):
+    """Watches the progress bar on ComfyUI's websocket (aiohttp from ComfyUI's venv), presses
+    Cancel after a few steps and times how long sampling goes on."""
+    graph = main_graph(server.run_id, steps=500, width=128, height=128, batch_size=1, seed=11)
+    graph = {k: graph[k] for k in "123456"}
+    graph["9"] = {"class_type": "LayerDiffCompositeLayers", "inputs": {"layers": ["6", 0]}}
+    graph["13"] = {"class_type": "PreviewImage", "inputs": {"images": ["9", 0]}}
+    probe = subprocess.run([str(COMFY_VENV / "bin" / "python"), "-c", WS_PROBE, server.url, json.dumps(graph), "6"],
+                           capture_output=True, text=True, timeout=300)
+    assert probe.returncode == 0, probe.stderr
+    result = json.loads(probe.stdout)
+    steps = np.diff(result["steps"][2:])  # after warm-up
+    late = [t for t in result["steps"] if t > result["asked"]]
+    print(f"interrupt -> stopped in {result['stopped_after']:.2f}s (a step: {np.median(steps):.2f}s), "
+          f"{result['previews']} previews for {len(result['steps'])} steps")
+    assert result["end"] == "execution_interrupted"
+    assert len(late) <= 1  # at most the step that was running finished
+    assert result["stopped_after"] < 2 * steps.max() + 1.0
+    assert result["previews"] >= len(result["steps"]) - 1  # --preview-method auto: a preview per step
