@@ -5,8 +5,14 @@ One t per composable sample, independent noise per layer, epsilon MSE over all v
 prompts, mixed layer counts with oversampling, separate learning rates for base and new weights,
 optional frozen base, gradient clipping, EMA, mixed precision where the device allows.
 
-The same command runs on one CPU or, through ``accelerate launch``, on many GPUs and machines.
-Randomness is drawn per (seed, step, rank), so a resumed run continues bit-identically.
+The same command runs on one CPU or, through ``accelerate launch``, on many GPUs and machines;
+several CPU processes form a gloo group under ``torchrun --nproc_per_node N -m layerdiff train ...``
+or ``accelerate launch --multi_gpu --num_processes N -m layerdiff train ...`` (``accelerate launch
+--cpu`` starts only one process unless given an MPI host file).
+Randomness is drawn per (seed, step, rank), so a resumed run continues bit-identically with
+``cache_latents``; a streaming run (no cache) is exact up to its checkpoint, but after a resume its
+reader starts a fresh order seeded by ``seed + step`` (skipping the consumed samples would decode
+them all again), so only noise, timesteps and prompt dropout match an uninterrupted run.
 
 Checkpoints are folders ``OUT/checkpoints/step-NNNNNN/`` holding ``state.safetensors`` (model,
 EMA and optimizer tensors; the rest as JSON metadata): written to a temporary folder, then
@@ -19,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -173,10 +178,8 @@ class LatentCache:
 
     @classmethod
     def build(cls, model: LayerDiffModel, data, size: int, path: Path, max_layers: int, batch_size: int = 32):
-        from layerdiff.data.reader import collate_layered, sample_to_tensors
-
         from layerdiff.data.format import read_shard
-        from layerdiff.data.reader import resolve_shards
+        from layerdiff.data.reader import collate_layered, resolve_shards, sample_to_tensors
 
         if path.exists():
             return cls.load(path)
@@ -260,14 +263,40 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: str) -> dict:
     return {"state": state, "param_groups": info["param_groups"]}
 
 
+def _step_of(path: Path) -> int:
+    try:
+        return int(path.name.split("-", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable (no-op where folders cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def save_training_state(out: Path, step: int, module: nn.Module, optimizer, ema: dict | None, extra: dict, keep: int):
-    """Atomic: write into a temporary folder, fsync, rename; then update ``latest``."""
+    """Atomic: write into a temporary folder, fsync, rename; then update ``latest``.
+
+    A checkpoint folder ``step-NNNNNN`` exists complete or not at all. Temporary folders of
+    earlier saves that were killed (whatever their process id) are removed first: only one
+    process (the main one) saves into an output folder.
+    """
     ckdir = out / "checkpoints"
     ckdir.mkdir(parents=True, exist_ok=True)
     final = ckdir / f"step-{step:06d}"
+    for stale in [*ckdir.glob(".tmp-step-*"), *ckdir.glob(".old-step-*")]:
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = ckdir / f".tmp-step-{step:06d}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
     tensors = {f"model.{k}": v.detach().cpu() for k, v in module.state_dict().items()}
     if ema:
         tensors.update({f"ema.{k}": v.cpu() for k, v in ema.items()})
@@ -275,24 +304,40 @@ def save_training_state(out: Path, step: int, module: nn.Module, optimizer, ema:
     tensors.update({k: v.cpu() for k, v in opt_tensors.items()})
     meta = {"step": str(step), "optimizer": opt_meta, "extra": json.dumps(extra)}
     save_safetensors_atomic(tensors, tmp / "state.safetensors", metadata=meta)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    _fsync_dir(tmp)
+    if final.exists():  # the same step saved again: move the old folder aside in one rename, never half-delete it
+        aside = ckdir / f".old-{final.name}-{os.getpid()}"
+        os.replace(final, aside)
+        os.replace(tmp, final)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
     latest_tmp = ckdir / ".latest.tmp"
     latest_tmp.write_text(final.name)
     os.replace(latest_tmp, ckdir / "latest")
-    old = sorted(p for p in ckdir.glob("step-*") if p.is_dir())
+    _fsync_dir(ckdir)
+    old = sorted((p for p in ckdir.glob("step-*") if p.is_dir()), key=_step_of)  # by number, not by name
     for p in old[: max(0, len(old) - keep)]:
-        shutil.rmtree(p, ignore_errors=True)
+        if p != final:
+            shutil.rmtree(p, ignore_errors=True)
     return final
 
 
 def latest_checkpoint(out: Path) -> Path | None:
-    pointer = out / "checkpoints" / "latest"
-    if not pointer.is_file():
-        return None
-    path = out / "checkpoints" / pointer.read_text().strip()
-    return path if (path / "state.safetensors").is_file() else None
+    """The checkpoint ``latest`` names; if that pointer is missing or names no complete checkpoint,
+    the complete ``step-*`` folder of the highest step (temporary folders are never used)."""
+    ckdir = out / "checkpoints"
+    pointer = ckdir / "latest"
+    if pointer.is_file():
+        path = ckdir / pointer.read_text().strip()
+        if path.name.startswith("step-") and (path / "state.safetensors").is_file():
+            return path
+    complete = [p for p in ckdir.glob("step-*") if _step_of(p) >= 0 and (p / "state.safetensors").is_file()]
+    if complete:
+        path = max(complete, key=_step_of)
+        logger.warning("%s names no complete checkpoint: resuming from %s", pointer, path)
+        return path
+    return None
 
 
 def load_training_state(path: Path, module: nn.Module, optimizer, ema: dict | None) -> tuple[int, dict]:
@@ -347,7 +392,10 @@ def train(
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    accelerator = Accelerator(mixed_precision=config.mixed_precision if config.mixed_precision != "no" else "no")
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision if config.mixed_precision != "no" else "no",
+        cpu=_cpu_distributed(),
+    )
     rank, world = accelerator.process_index, accelerator.num_processes
     set_seed(config.seed)
     device = accelerator.device
@@ -387,6 +435,8 @@ def train(
         stream = iter(loader)
 
     log = out / "train_log.jsonl"
+    if start and accelerator.is_main_process:
+        _truncate_log(log, start)  # steps after the checkpoint are trained (and logged) again
     bar = None
     if progress and accelerator.is_main_process:
         from tqdm.auto import tqdm
@@ -452,6 +502,44 @@ def train(
     return final
 
 
+def _cpu_distributed() -> bool:
+    """Several processes (torchrun, ``accelerate launch``) on a machine without a GPU.
+
+    accelerate forms a gloo group of CPU processes only when asked for CPU (``cpu=True`` or
+    ACCELERATE_USE_CPU); otherwise each process silently trains alone as rank 0 of 1, all of them
+    writing into one output folder. One process (world size 1) keeps accelerate's own choice.
+    """
+    world = 1
+    for key in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        try:
+            world = max(world, int(os.environ.get(key, "1") or 1))
+        except ValueError:
+            pass
+    if world <= 1:
+        return False
+    if torch.cuda.is_available():
+        return False
+    xpu = getattr(torch, "xpu", None)
+    return not (xpu is not None and xpu.is_available())
+
+
+def _truncate_log(log: Path, step: int) -> None:
+    """Drop log lines of steps after ``step`` (a resumed run logs them again)."""
+    if not log.is_file():
+        return
+    keep = []
+    for line in log.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] > step:
+                continue
+        except (ValueError, KeyError, TypeError):
+            continue
+        keep.append(line)
+    tmp = log.with_name(log.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, log)
+
+
 def _swap_in(ema: dict | None, trained: dict):
     """Context: EMA weights in the live parameters (for sampling and export), then back."""
     import contextlib
@@ -488,7 +576,6 @@ def _sample_grid(model, ema, trained, prompts, path: Path, config: TrainConfig):
     if not prompts:
         return
     from layerdiff.pipeline import generate
-    from layerdiff.stack import LayerStack
 
     model.unet.eval()
     model.text_encoder.eval()
@@ -504,7 +591,6 @@ def _sample_grid(model, ema, trained, prompts, path: Path, config: TrainConfig):
 def save_grid(stacks: list, path: Path) -> Path:
     """Rows of composite | layers | masks for a list of one-sample stacks, as one PNG."""
     import numpy as np
-    from PIL import Image
 
     from layerdiff.io.export import atomic_write, png_bytes
 

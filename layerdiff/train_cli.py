@@ -7,6 +7,7 @@ Every stage is resumable: rerunning the same command continues where a killed ru
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -74,14 +75,19 @@ def run(args) -> int:
     if not preset and not args.init:
         raise LayerDiffError("say what to train: --preset toy|tiny|sd15, or --init LAYERDIFF_FILE")
     from layerdiff.config import get_preset
+    from layerdiff.data.reader import resolve_shards
     from layerdiff.io.checkpoint import build_random_model, load_layerdiff
     from layerdiff.train import train
 
+    cfg = TrainConfig.from_dict({**settings, **_overrides(args)})  # bad settings fail before any loading
+    preset_config = get_preset(preset) if not args.init else None  # an unknown preset too
+    resolve_shards(args.data)  # a missing or empty data folder too
     if args.init:
         model = load_layerdiff(args.init, base=args.base)
     else:
-        model = build_random_model(get_preset(preset), seed=args.seed)
-    cfg = TrainConfig.from_dict({**settings, **_overrides(args)})
+        model = build_random_model(preset_config, seed=args.seed)
+    if "size" not in settings:  # train at the model's own resolution unless the settings say otherwise
+        cfg = dataclasses.replace(cfg, size=model.config.image_size)
     final = train(model, args.data, args.out, cfg)
     print(f"wrote {final}", file=sys.stderr)
     return 0

@@ -1,0 +1,526 @@
+"""The trainer (METHOD.md section 3): exact resume in one and two (gloo) processes, atomic
+checkpoints, the loss and its masking, CFG dropout, oversampling, learning-rate groups, the frozen
+base, the toy VAE trainer and the ``train`` command.
+
+Everything runs the ``tiny`` preset on CPU with one torch thread, on 16 toy samples of 64 px.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from train_ranks import launch_forked
+
+from layerdiff.config import get_preset
+from layerdiff.io.checkpoint import build_random_model, load_layerdiff
+from layerdiff.io.files import read_safetensors
+from layerdiff.train import (
+    NEW_MODULE_KEYS,
+    LatentCache,
+    LayerDiffTrainModule,
+    NoiseSchedule,
+    TrainConfig,
+    latest_checkpoint,
+    load_training_state,
+    loss_weights,
+    make_batch,
+    param_groups,
+    save_training_state,
+    train,
+)
+
+SIZE = 64
+STEPS = 6
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads; the machine is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """16 toy samples at 64 px in two shards (one per rank of the two-process test)."""
+    from layerdiff.data.toy import generate_toy_dataset
+
+    out = tmp_path_factory.mktemp("toydata") / "data"
+    generate_toy_dataset(out, 16, seed=0, size=SIZE, samples_per_shard=8, workers=1)
+    return out
+
+
+def settings(**kw) -> dict:
+    """Small and sensitive: large learning rates (every weight moves), EMA and the text encoder on."""
+    base = dict(steps=STEPS, batch_size=2, size=SIZE, warmup_steps=3, lr_base=1e-3, lr_new=2e-3, lr_text=1e-3,
+                ema_decay=0.9, checkpoint_every=2, keep_checkpoints=2, log_every=1, num_workers=0,
+                cache_latents=True, seed=3)
+    return {**base, **kw}
+
+
+def tiny(perturb: bool = False):
+    """The tiny model, seed 0. ``perturb`` scrambles every trained weight: a resumed run must
+    overwrite them all from the checkpoint (the VAE is not trained and not checkpointed)."""
+    model = build_random_model(get_preset("tiny"), seed=0)
+    if perturb:
+        g = torch.Generator().manual_seed(99)
+        with torch.no_grad():
+            for p in LayerDiffTrainModule(model).parameters():
+                p.add_(torch.randn(p.shape, generator=g))
+    return model
+
+
+def run(data, out, stop_after=None, perturb=False, **kw) -> Path:
+    return train(tiny(perturb), data, out, TrainConfig(**settings(**kw)), progress=False, stop_after=stop_after)
+
+
+def read_state(ck: Path) -> tuple[dict, dict]:
+    return read_safetensors(ck / "state.safetensors")
+
+
+def assert_same_state(a: Path, b: Path) -> None:
+    """Two checkpoint folders hold bit-identical model, EMA and optimizer state."""
+    ta, ma = read_state(a)
+    tb, mb = read_state(b)
+    assert sorted(ta) == sorted(tb)
+    assert any(k.startswith("ema.") for k in ta) and any(k.startswith("optim.") for k in ta)
+    differ = [k for k in ta if ta[k].dtype != tb[k].dtype or not torch.equal(ta[k], tb[k])]
+    assert not differ, f"{len(differ)} of {len(ta)} tensors differ between {a} and {b}, e.g. {differ[:3]}"
+    assert ma["step"] == mb["step"]
+    assert json.loads(ma["optimizer"]) == json.loads(mb["optimizer"])  # lr, base_lr, betas, scalars
+
+
+def assert_same_tensors(a: Path, b: Path) -> None:
+    ta, _ = read_safetensors(a)
+    tb, _ = read_safetensors(b)
+    assert sorted(ta) == sorted(tb)
+    differ = [k for k in ta if not torch.equal(ta[k], tb[k])]
+    assert not differ, f"{len(differ)} tensors differ between {a} and {b}, e.g. {differ[:3]}"
+
+
+def log_of(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def checkpoint_steps(out: Path) -> list[int]:
+    return sorted(int(p.name[5:]) for p in (out / "checkpoints").glob("step-*"))
+
+
+@pytest.fixture(scope="module")
+def straight(data, tmp_path_factory):
+    """Uninterrupted one-process runs of STEPS steps, per data path (cached latents / streaming)."""
+    runs = {}
+
+    def get(cache: bool) -> Path:
+        if cache not in runs:
+            out = tmp_path_factory.mktemp(f"straight-{'cache' if cache else 'stream'}")
+            run(data, out, cache_latents=cache)
+            runs[cache] = out
+        return runs[cache]
+
+    return get
+
+
+# ----------------------------------------------------------------------------- 1. resume, one process
+def test_resume_is_bit_identical_with_cached_latents(data, straight, tmp_path):
+    """Stopped after 4 steps (checkpoints at 2 and 4) and resumed to 6 from scrambled weights, a
+    run ends with the model, EMA, optimizer state and exported file of an uninterrupted run."""
+    a = straight(True)
+    b = tmp_path / "b"
+    final = run(data, b, stop_after=4)
+    assert checkpoint_steps(b) == [2, 4] and (b / "checkpoints" / "latest").read_text() == "step-000004"
+    assert not final.exists(), "an unfinished run must not export the final model"
+    assert_same_state(a / "checkpoints" / "step-000004", b / "checkpoints" / "step-000004")
+
+    run(data, b, perturb=True)
+    assert checkpoint_steps(b) == [4, 6] == checkpoint_steps(a)  # keep_checkpoints=2
+    assert_same_state(a / "checkpoints" / "step-000006", b / "checkpoints" / "step-000006")
+    assert_same_tensors(a / "model.safetensors", b / "model.safetensors")
+    # the log continues at the saved step, with the very losses of the uninterrupted run
+    assert [r["step"] for r in log_of(b)] == list(range(1, STEPS + 1))
+    assert [r["loss"] for r in log_of(b)] == [r["loss"] for r in log_of(a)]
+    # the export holds the EMA weights, not the live ones
+    tensors, _ = read_state(b / "checkpoints" / "step-000006")
+    exported, _ = read_safetensors(b / "model.safetensors")
+    key = next(k for k in exported if k.startswith("unet.") and "inter_layer_attn" in k and k.endswith("weight"))
+    assert torch.equal(exported[key], tensors[f"ema.unet.{key}"])  # the trained module holds the UNet as `unet`
+    assert not torch.equal(exported[key], tensors[f"model.unet.{key}"])
+
+
+def test_resume_with_streaming_data(data, straight, tmp_path):
+    """Streaming (cache_latents=False). Guaranteed: the run is exact up to its checkpoint, the
+    resumed run continues at the saved step, and resuming one checkpoint is deterministic.
+
+    Not guaranteed: equality with an uninterrupted run after the resume point. The resumed
+    reader is seeded with ``seed + start`` instead of skipping the samples already consumed
+    (skipping would decode every one of them again: hours at SD scale), so the data order after
+    a resume differs; noise, timesteps and prompt dropout (drawn per step) do not.
+    """
+    a = straight(False)
+    b, c = tmp_path / "b", tmp_path / "c"
+    run(data, b, stop_after=4, cache_latents=False)
+    assert_same_state(a / "checkpoints" / "step-000004", b / "checkpoints" / "step-000004")
+    assert [r["loss"] for r in log_of(b)] == [r["loss"] for r in log_of(a)][:4]
+    shutil.copytree(b, c)
+    run(data, b, perturb=True, cache_latents=False)
+    run(data, c, cache_latents=False)
+    assert [r["step"] for r in log_of(b)] == list(range(1, STEPS + 1))
+    assert checkpoint_steps(b) == [4, 6]
+    assert_same_state(b / "checkpoints" / "step-000006", c / "checkpoints" / "step-000006")
+    assert_same_tensors(b / "model.safetensors", c / "model.safetensors")
+
+
+# ----------------------------------------------------------------------------- 2. two processes (gloo)
+def test_two_process_training_and_resume(data, tmp_path):
+    """Two CPU ranks (gloo, rank variables as torchrun sets them, ACCELERATE_USE_CPU unset): DDP
+    keeps the ranks' weights identical although each rank draws its own batches; a run stopped at
+    step 2 and resumed in two new processes ends bit-identical to an uninterrupted two-process run."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    cfg = settings(steps=4)
+    job = {"data": str(data), "config": cfg}
+    launch_forked(2, [{**job, "out": str(a)}, {**job, "out": str(b), "stop_after": 2}], tmp_path)
+
+    _, meta = read_state(a / "checkpoints" / "step-000004")
+    assert json.loads(meta["extra"]) == {"rank_count": 2}, "the two processes did not form one group"
+    assert_same_tensors(a / "rank-0.safetensors", a / "rank-1.safetensors")
+    assert_same_tensors(b / "rank-0.safetensors", b / "rank-1.safetensors")
+    assert checkpoint_steps(b) == [2] and not (b / "model.safetensors").exists()
+    assert_same_state(a / "checkpoints" / "step-000002", b / "checkpoints" / "step-000002")
+    # the ranks really trained on different batches: one process alone ends elsewhere
+    one = tmp_path / "one"
+    run(data, one, steps=2)
+    ta, _ = read_state(one / "checkpoints" / "step-000002")
+    tb, _ = read_state(b / "checkpoints" / "step-000002")
+    assert not all(torch.equal(ta[k], tb[k]) for k in ta if k.startswith("model."))
+
+    launch_forked(2, [{**job, "out": str(b)}], tmp_path)  # resume, in two new processes
+    assert [r["step"] for r in log_of(b)] == [1, 2, 3, 4]
+    assert checkpoint_steps(b) == [2, 4]
+    assert_same_state(a / "checkpoints" / "step-000004", b / "checkpoints" / "step-000004")
+    assert_same_tensors(a / "model.safetensors", b / "model.safetensors")
+    assert_same_tensors(b / "rank-0.safetensors", b / "rank-1.safetensors")
+    assert_same_tensors(a / "rank-0.safetensors", b / "rank-0.safetensors")
+
+
+# ----------------------------------------------------------------------------- 3. atomic checkpoints
+def _small_state():
+    module = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(module.parameters(), lr=0.1)
+    module(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    return module, opt
+
+
+def _fail_while_writing(exc):
+    """A save_safetensors_atomic that dies half-way through its file (as a killed process would)."""
+
+    def save(tensors, path, metadata=None, overwrite=False):
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"\x00" * 100)  # a torn file, even at its final name inside the folder
+        raise exc
+
+    return save
+
+
+def test_checkpoint_appears_complete_or_not_at_all(tmp_path, monkeypatch):
+    import layerdiff.train as tr
+
+    module, opt = _small_state()
+    ckdir = tmp_path / "checkpoints"
+    save_training_state(tmp_path, 1, module, opt, None, {}, keep=2)
+    stale = ckdir / ".tmp-step-000009-424242"  # left by a run killed earlier, another pid
+    stale.mkdir()
+    (stale / "state.safetensors").write_bytes(b"junk")
+
+    monkeypatch.setattr(tr, "save_safetensors_atomic", _fail_while_writing(OSError("disk full")))
+    with pytest.raises(OSError):
+        save_training_state(tmp_path, 2, module, opt, None, {}, keep=2)
+    monkeypatch.undo()
+    assert not (ckdir / "step-000002").exists()
+    assert (ckdir / "latest").read_text() == "step-000001"
+    assert latest_checkpoint(tmp_path) == ckdir / "step-000001"
+    fresh = torch.nn.Linear(3, 2)
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=0.1)
+    assert load_training_state(latest_checkpoint(tmp_path), fresh, fresh_opt, None)[0] == 1
+    assert torch.equal(fresh.weight, module.weight)
+
+    save_training_state(tmp_path, 3, module, opt, None, {}, keep=2)  # the next save cleans up
+    assert sorted(p.name for p in ckdir.iterdir()) == ["latest", "step-000001", "step-000003"]
+
+    # a lost or broken pointer falls back to the newest complete checkpoint, never to a fresh start
+    (ckdir / "latest").unlink()
+    assert latest_checkpoint(tmp_path) == ckdir / "step-000003"
+    (ckdir / "latest").write_text("step-000007")
+    (ckdir / ".tmp-step-000008-1").mkdir()
+    assert latest_checkpoint(tmp_path) == ckdir / "step-000003"
+
+
+def test_checkpoint_rotation_orders_steps_by_number(tmp_path):
+    module, opt = _small_state()
+    save_training_state(tmp_path, 999_999, module, opt, None, {}, keep=1)
+    save_training_state(tmp_path, 1_000_000, module, opt, None, {}, keep=1)
+    assert checkpoint_steps(tmp_path) == [1_000_000]
+    assert latest_checkpoint(tmp_path).name == "step-1000000"
+
+
+def test_killed_run_loses_only_steps_since_last_checkpoint(data, straight, tmp_path, monkeypatch):
+    """Killed while writing its step-4 checkpoint, a run resumes from step 2 and still ends
+    bit-identical to the uninterrupted run; its log has each step once."""
+    import layerdiff.train as tr
+
+    real = tr.save_safetensors_atomic
+
+    def killed_at_step_4(tensors, path, metadata=None, overwrite=False):
+        if Path(path).name == "state.safetensors" and "step-000004" in Path(path).parent.name:
+            return _fail_while_writing(KeyboardInterrupt())(tensors, path)
+        return real(tensors, path, metadata=metadata, overwrite=overwrite)
+
+    b = tmp_path / "b"
+    monkeypatch.setattr(tr, "save_safetensors_atomic", killed_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        run(data, b)
+    monkeypatch.undo()
+    ckdir = b / "checkpoints"
+    assert checkpoint_steps(b) == [2] and (ckdir / "latest").read_text() == "step-000002"
+    assert list(ckdir.glob(".tmp-step-000004-*")), "the simulated kill left its temporary folder"
+    assert [r["step"] for r in log_of(b)] == [1, 2, 3, 4]
+
+    run(data, b, perturb=True)
+    a = straight(True)
+    assert_same_state(a / "checkpoints" / "step-000006", ckdir / "step-000006")
+    assert_same_tensors(a / "model.safetensors", b / "model.safetensors")
+    assert [r["step"] for r in log_of(b)] == list(range(1, STEPS + 1))
+    assert [r["loss"] for r in log_of(b)] == [r["loss"] for r in log_of(a)]
+    assert not list(ckdir.glob(".tmp-*"))
+
+
+# ----------------------------------------------------------------------------- 4. the loss and the batch
+@pytest.fixture()
+def interacting(trained_like_tiny_model):
+    """The tiny model with its zero-initialised layer paths randomised, so layers affect each other."""
+    model = trained_like_tiny_model
+    return model, LayerDiffTrainModule(model).eval(), NoiseSchedule(model.config.scheduler)
+
+
+def _batch(model, schedule, **cfg):
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 3, 8, 8, 8, generator=g)
+    valid = torch.tensor([[True, True, True], [True, True, False]])
+    gp = ["a red star in front of a brick wall", "a blue circle in front of a blue sky"]
+    lp = [["a brick wall", "a red star", "a green heart"], ["a blue sky", "a blue circle", ""]]
+    config = TrainConfig(drop_all=0.0, drop_layers=0.0, **cfg)
+    return make_batch(latents, valid, gp, lp, model.tokenizer, schedule, config, g)
+
+
+def test_loss_ignores_padded_layers_and_the_background_mask(interacting):
+    model, module, schedule = interacting
+    batch = _batch(model, schedule)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        loss = module(**batch)
+        changed = {k: v.clone() for k, v in batch.items()}
+        changed["noisy"][1, 2] = torch.randn(8, 8, 8, generator=g) * 5  # the padded layer's input
+        changed["target"][1, 2] = torch.randn(8, 8, 8, generator=g) * 5  # ... its target
+        changed["ids_layers"][1, 2] = batch["ids_layers"][0, 1]  # ... and its prompt
+        changed["target"][:, 0, 4:] = torch.randn(2, 4, 8, 8, generator=g) * 5  # the background's mask slot
+        assert torch.allclose(module(**changed), loss, rtol=1e-6, atol=0)
+
+        # controls: the same kinds of change on a valid layer do move the loss
+        fg_mask = {k: v.clone() for k, v in batch.items()}
+        fg_mask["target"][1, 1, 4:] += 1.0
+        assert not torch.allclose(module(**fg_mask), loss)
+        other_layer = {k: v.clone() for k, v in batch.items()}
+        other_layer["noisy"][0, 2] += 1.0  # layer 2 of sample 0 is valid: layers 0 and 1 see it
+        pred_changed = module(**other_layer)
+        assert not torch.allclose(pred_changed, loss)
+
+    w = loss_weights(batch["valid"], 8, 8)
+    assert w.shape == (2, 3, 8, 1, 1)
+    assert w[:, 0, :4].eq(1).all() and w[:, 0, 4:].eq(0).all()  # background: image channels only
+    assert w[0, 1:].eq(1).all() and w[1, 1].eq(1).all() and w[1, 2].eq(0).all()
+    assert batch["t"].shape == (2,) and batch["noisy"].shape == batch["target"].shape == (2, 3, 8, 8, 8)
+
+
+def test_noise_is_independent_per_layer_and_t_is_per_sample(interacting):
+    model, _, schedule = interacting
+    batch = _batch(model, schedule)
+    noise = batch["target"]
+    assert not torch.allclose(noise[0, 0], noise[0, 1])  # one draw per layer
+    # one t per sample: x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps with the same a_t for every layer
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, 3, 8, 8, 8, generator=g)
+    a = schedule.alphas_cumprod[batch["t"]].view(2, 1, 1, 1, 1)
+    assert torch.allclose(batch["noisy"], a.sqrt() * x0 + (1 - a).sqrt() * noise, atol=1e-5)
+
+
+def test_cfg_dropout_rates_follow_the_config(tiny_model):
+    n = 4000
+    schedule = NoiseSchedule(tiny_model.config.scheduler)
+    config = TrainConfig(drop_all=0.2, drop_layers=0.1)
+    latents = torch.zeros(n, 2, 8, 1, 1)
+    valid = torch.ones(n, 2, dtype=torch.bool)
+    batch = make_batch(latents, valid, ["a red star in front of a brick wall"] * n, [["a brick wall", "a red star"]] * n,
+                       tiny_model.tokenizer, schedule, config, torch.Generator().manual_seed(7))
+    from layerdiff.model.text import tokenize
+
+    empty = tokenize(tiny_model.tokenizer, [""])[0]
+    glob_dropped = (batch["ids_global"] == empty).all(-1)
+    layers_dropped = (batch["ids_layers"] == empty).all(-1).all(-1)
+    assert not (glob_dropped & ~layers_dropped).any(), "the global prompt is only ever dropped with the layer prompts"
+    assert abs(glob_dropped.float().mean() - 0.2) < 0.03
+    assert abs((layers_dropped & ~glob_dropped).float().mean() - 0.1) < 0.03
+    # the METHOD.md defaults
+    assert (TrainConfig().drop_all, TrainConfig().drop_layers) == (0.10, 0.05)
+
+
+def test_oversampling_shifts_the_layer_count_distribution():
+    counts = torch.tensor([2] * 100 + [3] * 100 + [4] * 100)
+    valid = torch.arange(4)[None] < counts[:, None]
+    cache = LatentCache(torch.zeros(300, 4, 8, 1, 1, dtype=torch.float16), valid, [f"g{i}" for i in range(300)],
+                        [[f"l{i}.{j}" if j < n else "" for j in range(4)] for i, n in enumerate(counts.tolist())])
+
+    def share(weights):
+        drawn = []
+        g = torch.Generator().manual_seed(1)
+        for _ in range(20):
+            _, v, _, _ = cache.batch(g, 200, weights)
+            drawn.append(v.sum(1))
+        drawn = torch.cat(drawn)
+        return [float((drawn == k).float().mean()) for k in (2, 3, 4)]
+
+    uniform, weighted = share({}), share({2: 1.0, 3: 2.0, 4: 3.0})
+    assert all(abs(s - 1 / 3) < 0.04 for s in uniform)
+    assert all(abs(s - e) < 0.04 for s, e in zip(weighted, (1 / 6, 2 / 6, 3 / 6)))
+    # a batch is trimmed to its largest layer count; padding prompts are empty
+    latents, v, gp, lp = cache.batch(torch.Generator().manual_seed(0), 3, {2: 1.0, 3: 0.0, 4: 0.0})
+    assert latents.shape == (3, 2, 8, 1, 1) and v.all() and all(len(p) == 2 for p in lp)
+
+
+def test_learning_rate_groups_and_freezing(tiny_config):
+    model = build_random_model(tiny_config, seed=0)
+    module = LayerDiffTrainModule(model)
+    names = {id(p): n for n, p in module.named_parameters()}
+
+    groups = param_groups(module, TrainConfig(lr_base=1e-5, lr_new=1e-4, lr_text=2e-5))
+    assert [(g["name"], g["lr"]) for g in groups] == [("new", 1e-4), ("base", 1e-5), ("text", 2e-5)]
+    by_group = {g["name"]: {names[id(p)] for p in g["params"]} for g in groups}
+    assert sum(len(s) for s in by_group.values()) == len(names)  # every weight, once
+    assert all(any(k in n for k in NEW_MODULE_KEYS) for n in by_group["new"])
+    for key in ("inter_layer_attn", "intra_layer_attn", "prompt_enhancer", "conv_in", "conv_out"):
+        assert any(key in n for n in by_group["new"]), key
+    assert all(n.startswith("text_encoder.") for n in by_group["text"])
+    assert by_group["base"] and not any(n.startswith("text_encoder.") for n in by_group["base"])
+
+    # METHOD.md section 3 defaults: 1e-5 for SD weights, 1e-4 for new modules, clipping at 1.0, no EMA
+    d = TrainConfig()
+    assert (d.lr_base, d.lr_new, d.lr_text, d.grad_clip, d.ema_decay) == (1e-5, 1e-4, 0.0, 1.0, 0.0)
+    assert d.layer_weights == {2: 1.0, 3: 2.0, 4: 3.0} and d.warmup_steps > 0 and not d.freeze_base
+
+    groups = param_groups(module, TrainConfig(freeze_base=True, lr_text=0.0))
+    assert [g["name"] for g in groups] == ["new"]
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert trainable == {names[id(p)] for p in groups[0]["params"]}
+
+
+def test_freeze_base_trains_only_the_new_modules(data, tmp_path):
+    model = tiny()
+    before = {n: p.detach().clone() for n, p in LayerDiffTrainModule(model).named_parameters()}
+    vae_before = {n: p.detach().clone() for n, p in model.vae.named_parameters()}
+    cfg = TrainConfig(**settings(steps=2, freeze_base=True, lr_text=0.0, warmup_steps=4, ema_decay=0.0))
+    train(model, data, tmp_path, cfg, progress=False)
+    after = dict(LayerDiffTrainModule(model).named_parameters())
+    new = {n for n in before if any(k in n for k in NEW_MODULE_KEYS)}
+    moved = {n for n in before if not torch.equal(before[n], after[n])}
+    assert moved and moved <= new, f"frozen weights moved: {sorted(moved - new)[:3]}"
+    for key in ("conv_in", "conv_out", "inter_layer_attn", "intra_layer_attn", "prompt_enhancer"):
+        assert any(key in n for n in moved), f"no {key} weight was trained"
+    assert all(torch.equal(p, vae_before[n]) for n, p in model.vae.named_parameters())
+    _, meta = read_state(tmp_path / "checkpoints" / "step-000002")
+    groups = json.loads(meta["optimizer"])["param_groups"]
+    assert [(g["name"], g["base_lr"], g["lr"]) for g in groups] == [("new", 2e-3, 2e-3 * 2 / 4)]  # warm-up 2/4
+
+
+# ----------------------------------------------------------------------------- 5. the VAE trainer
+def _vae():
+    from layerdiff.io.checkpoint import build_vae
+
+    torch.manual_seed(0)
+    return build_vae(get_preset("tiny"))
+
+
+def test_vae_training_lowers_the_loss_and_sets_the_latent_scale(data, tmp_path):
+    from layerdiff.train_vae import VaeTrainConfig, _image_pool, reconstruction_error, train_vae
+
+    pool = _image_pool(data, 48, SIZE, 0)
+    vae = _vae().eval()
+    before = reconstruction_error(vae, pool)
+    cfg = VaeTrainConfig(steps=80, batch_size=4, crop=32, lr=1e-2, checkpoint_every=40, images=48)
+    train_vae(vae, data, tmp_path, cfg, size=SIZE, progress=False)
+    after = reconstruction_error(vae, pool)
+    assert after < 0.6 * before, (before, after)  # measured: 0.34 -> 0.14
+    factor = vae.config.scaling_factor
+    assert factor != 1.0
+    with torch.no_grad():
+        lat = torch.cat([vae.encode(pool[i:i + 16]).latent_dist.mean for i in range(0, len(pool), 16)])
+    assert abs(float((lat * factor).std()) - 1.0) < 1e-3
+    assert checkpoint_steps(tmp_path) == [80]  # keep=1
+
+
+def test_vae_resume_is_bit_identical(data, tmp_path):
+    from layerdiff.train_vae import VaeTrainConfig, train_vae
+
+    cfg = dict(batch_size=4, crop=32, lr=3e-3, checkpoint_every=2, images=48)
+    train_vae(_vae(), data, tmp_path / "a", VaeTrainConfig(steps=6, **cfg), size=SIZE, progress=False)
+    train_vae(_vae(), data, tmp_path / "b", VaeTrainConfig(steps=4, **cfg), size=SIZE, progress=False)
+    scrambled = _vae()
+    with torch.no_grad():
+        for p in scrambled.parameters():
+            p.add_(1.0)
+    train_vae(scrambled, data, tmp_path / "b", VaeTrainConfig(steps=6, **cfg), size=SIZE, progress=False)
+    ta, _ = read_state(tmp_path / "a" / "checkpoints" / "step-000006")
+    tb, _ = read_state(tmp_path / "b" / "checkpoints" / "step-000006")
+    assert sorted(ta) == sorted(tb) and any(k.startswith("optim.") for k in ta)
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+# ----------------------------------------------------------------------------- 6. the train command
+def test_train_command_writes_a_loadable_model(data, tmp_path, capsys):
+    from layerdiff.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--data", str(data), "--out", str(out), "--steps", "3",
+                 "--batch-size", "2"]) == 0
+    model = load_layerdiff(out / "model.safetensors")
+    assert model.config.name == "tiny"
+    assert checkpoint_steps(out) == [3] and [r["step"] for r in log_of(out)] == [3]
+    assert f"wrote {out / 'model.safetensors'}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--preset", "tiny", "--data", "{tmp}/missing"], ["missing", "neither a folder of shards"]),
+        (["--preset", "tiny", "--data", "{tmp}/empty"], ["no .tar shards"]),
+        (["--preset", "nope", "--data", "{data}"], ["unknown preset 'nope'"]),
+        (["--data", "{data}"], ["say what to train"]),
+    ],
+    ids=["missing-data", "empty-data", "unknown-preset", "no-model"],
+)
+def test_train_command_bad_input_is_one_clear_line(data, tmp_path, capsys, args, words):
+    from layerdiff.cli import main
+
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "out"
+    argv = ["train", *[a.format(tmp=tmp_path, data=data) for a in args], "--out", str(out)]
+    assert main(argv) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert all(w in err[0] for w in words), err[0]
+    assert not out.exists(), "a failed start must leave no output folder behind"

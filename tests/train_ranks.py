@@ -1,0 +1,111 @@
+"""Run ``layerdiff.train.train`` as the ranks of a CPU (gloo) process group, for test_train.py.
+
+Each rank runs a list of jobs in turn, every job a fresh tiny model and one ``train()`` call:
+
+    {"data": DIR, "out": DIR, "config": {TrainConfig fields}, "stop_after": int | None}
+
+and after each job writes its own copy of the trained weights to ``OUT/rank-R.safetensors`` (so
+a test can check that DDP kept the ranks identical).
+
+Two ways to start the ranks:
+
+- :func:`launch_forked` forks them from the calling process (no second import of torch and
+  diffusers, so a two-process test takes seconds): rank variables are set the way torchrun sets
+  them (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE);
+- as a script under a real launcher, which sets those variables itself:
+
+      torchrun --nproc_per_node 2 tests/train_ranks.py JOBS.json
+
+ACCELERATE_USE_CPU is deliberately not set: ``train()`` must form the gloo group by itself on a
+machine without a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import traceback
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _reset_accelerate() -> None:
+    """A forked child inherits the parent's accelerate singletons (a one-process state): forget them."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def run_jobs(jobs: list[dict]) -> None:
+    import torch
+
+    from layerdiff.config import get_preset
+    from layerdiff.io.checkpoint import build_random_model
+    from layerdiff.io.files import save_safetensors_atomic
+    from layerdiff.train import LayerDiffTrainModule, TrainConfig, train
+
+    torch.set_num_threads(1)
+    rank = int(os.environ["RANK"])
+    for job in jobs:
+        model = build_random_model(get_preset(job.get("preset", "tiny")), seed=job.get("model_seed", 0))
+        config = TrainConfig.from_dict(job["config"])
+        train(model, job["data"], job["out"], config, progress=False, stop_after=job.get("stop_after"))
+        state = LayerDiffTrainModule(model).state_dict()
+        save_safetensors_atomic(state, Path(job["out"]) / f"rank-{rank}.safetensors", overwrite=True)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def _child(rank: int, world: int, port: int, jobs: list[dict], error_file: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1",
+    )
+    os.environ.pop("ACCELERATE_USE_CPU", None)
+    try:
+        _reset_accelerate()
+        run_jobs(jobs)
+    except BaseException:
+        Path(error_file).write_text(traceback.format_exc())
+        sys.stderr.write(traceback.format_exc())
+        os._exit(1)
+
+
+def launch_forked(world: int, jobs: list[dict], workdir: Path, timeout: float = 120.0) -> None:
+    """Fork ``world`` ranks running ``jobs``; raise with the first rank's traceback if any fails."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    port = free_port()
+    errors = [Path(workdir) / f"rank-{r}.error" for r in range(world)]
+    for e in errors:
+        e.unlink(missing_ok=True)
+    procs = [ctx.Process(target=_child, args=(r, world, port, jobs, str(errors[r])), daemon=True) for r in range(world)]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join(timeout)
+    finally:
+        hung = [p for p in procs if p.is_alive()]
+        for p in hung:  # only the ranks this function started
+            p.kill()
+            p.join(5)
+    messages = [f"rank {r}:\n{e.read_text()}" for r, e in enumerate(errors) if e.is_file()]
+    if hung:
+        messages.append(f"{len(hung)} rank(s) still running after {timeout} s: killed")
+    codes = [p.exitcode for p in procs]
+    if messages or any(c != 0 for c in codes):
+        raise RuntimeError(f"ranks failed (exit codes {codes}):\n" + "\n".join(messages))
+
+
+if __name__ == "__main__":  # under torchrun / accelerate launch: the launcher set the rank variables
+    run_jobs(json.loads(Path(sys.argv[1]).read_text()))
