@@ -1,0 +1,26 @@
+"""The benchmark command prints the documented JSON schema (timings are not asserted)."""
+
+from __future__ import annotations
+
+import json
+
+from layerdiff.cli import main
+
+KEYS = {"preset", "layers", "batch", "size", "bare_ms_per_step", "cfg_ms_per_step", "smg_ms_per_step",
+        "cfg_over_bare", "smg_over_cfg", "peak_mb_bare", "peak_mb_cfg"}
+
+
+def test_bench_prints_results_json(capsys):
+    assert main(["bench", "--preset", "tiny", "--layers", "2", "--steps", "2", "--rounds", "1", "--threads", "1"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    (row,) = out["results"]
+    assert KEYS <= set(row)
+    assert row["preset"] == "tiny" and row["layers"] == 2 and row["params_added"] > 0
+    assert row["bare_ms_per_step"] > 0 and row["cfg_over_bare"] > 0
+
+
+def test_bench_bad_arguments(capsys):
+    assert main(["bench", "--layers", "two"]) == 1
+    assert "--layers" in capsys.readouterr().err
+    assert main(["bench", "--preset", "nope", "--layers", "2"]) == 1
+    assert "unknown preset" in capsys.readouterr().err
