@@ -21,7 +21,7 @@ TOY_RECIPE = {
     "samples": 5000,
     "vae": {"steps": 8000, "batch_size": 16, "crop": 32, "lr": 5e-4},
     "train": {
-        "steps": 4500,
+        "steps": 3000,
         "batch_size": 8,
         "lr_base": 3e-4,
         "lr_new": 3e-4,
