@@ -183,3 +183,21 @@ def test_info_and_convert_commands(tmp_path, capsys, tiny_file):
     torch.save({}, pkl)
     assert main(["convert", "--base", str(pkl), "--out", str(tmp_path / "o.safetensors")]) == 1
     assert "safetensors" in capsys.readouterr().err
+
+
+def test_text_encoder_keys_load_across_transformers_layouts(tmp_path, tiny_file):
+    """transformers 4.x names CLIPTextModel keys text_model.*, 5.x does not: files use the 4.x
+    layout and either layout loads (a file written under 5.x before this rule, too)."""
+    from safetensors.torch import load_file
+
+    from layerdiff.io.files import read_safetensors
+
+    tensors, meta = read_safetensors(tiny_file)
+    text_keys = [k for k in tensors if k.startswith("text_encoder.")]
+    assert text_keys and all(k.startswith("text_encoder.text_model.") for k in text_keys)
+    bare = {k.replace("text_encoder.text_model.", "text_encoder."): v for k, v in load_file(str(tiny_file)).items()}
+    other = tmp_path / "bare.safetensors"
+    save_file(bare, str(other), metadata=meta)
+    a, b = load_layerdiff(tiny_file), load_layerdiff(other)
+    for (ka, va), (kb, vb) in zip(a.text_encoder.state_dict().items(), b.text_encoder.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)

@@ -79,8 +79,10 @@ def model_state_dict(model: LayerDiffModel | LayerDiffUNet, components=CORE + OP
     if isinstance(model, LayerDiffModel):
         for name in OPTIONAL:
             if name in components:
-                module = getattr(model, name)
-                tensors.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
+                sd = getattr(model, name).state_dict()
+                if name == "text_encoder":  # one layout in files, whatever transformers wrote it
+                    sd = _canonical_text_keys(sd)
+                tensors.update({f"{name}.{k}": v for k, v in sd.items()})
     return tensors
 
 
@@ -123,8 +125,28 @@ def read_config(metadata: dict[str, str], path) -> LayerDiffConfig:
         raise CheckpointError(f"{path} has an unreadable LayerDiff config: {exc}") from exc
 
 
+TEXT_PREFIX = "text_model."  # CLIPTextModel keys: transformers 4.x has this level, 5.x does not
+
+
+def _canonical_text_keys(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Text-encoder tensors in the one layout files use (transformers 4.x: ``text_model.*``)."""
+    return {k if k.startswith(TEXT_PREFIX) else TEXT_PREFIX + k: v for k, v in tensors.items()}
+
+
+def _match_text_keys(tensors: dict[str, torch.Tensor], expected: dict) -> dict[str, torch.Tensor]:
+    """File layout -> the installed transformers' layout (with or without ``text_model.``)."""
+    wants_prefix = any(k.startswith(TEXT_PREFIX) for k in expected)
+    out = {}
+    for k, v in tensors.items():
+        bare = k[len(TEXT_PREFIX):] if k.startswith(TEXT_PREFIX) else k
+        out[TEXT_PREFIX + bare if wants_prefix else bare] = v
+    return out
+
+
 def _load_into(module: torch.nn.Module, tensors: dict[str, torch.Tensor], what: str, path) -> None:
     expected = module.state_dict()
+    if what == "text_encoder":
+        tensors = _match_text_keys(tensors, expected)
     ignorable = {k for k in expected if k.endswith("position_ids")}
     missing = sorted(set(expected) - set(tensors) - ignorable)
     unexpected = sorted(set(tensors) - set(expected))
