@@ -29,6 +29,7 @@ class LayerContext:
     num_layers: int  # L, the (padded) number of layer slots per sample
     valid: torch.Tensor  # (B, L) bool, False for empty slots
     layer_tokens: torch.Tensor | None  # (B*L, T, D) enhanced layer-prompt embeddings, or None
+    all_valid: bool = False  # no empty slot anywhere: inter-layer attention needs no key mask
 
 
 def _heads(dim: int, head_dim: int) -> int:
@@ -63,7 +64,7 @@ class InterLayerAttention(nn.Module):
         x = self.norm(x) + self.slot_embedding.weight[:L].to(x.dtype)  # (B*N, L, C)
         q, k, v = (rearrange(p(x), "s l (h d) -> s h l d", h=self.heads) for p in (self.to_q, self.to_k, self.to_v))
         # keys of empty slots are masked out; the background slot is always valid, so no row is empty
-        key_mask = ctx.valid.repeat_interleave(n, dim=0)[:, None, None, :]  # (B*N, 1, 1, L)
+        key_mask = None if ctx.all_valid else ctx.valid.repeat_interleave(n, dim=0)[:, None, None, :]  # (B*N,1,1,L)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
         out = self.to_out(rearrange(out, "s h l d -> s l (h d)"))
         return rearrange(out, "(b n) l c -> (b l) n c", n=n)

@@ -146,7 +146,7 @@ class LayerDiffUNet(nn.Module):
         x = rearrange(sample, "b l c h w -> (b l) c h w")
         context = global_tokens.repeat_interleave(L, dim=0)  # (B*L, T, D)
         tokens = None if layer_tokens is None else rearrange(layer_tokens, "b l t d -> (b l) t d")
-        ctx = LayerContext(num_layers=L, valid=valid, layer_tokens=tokens)
+        ctx = LayerContext(num_layers=L, valid=valid, layer_tokens=tokens, all_valid=bool(valid.all()))
         out = self.unet(x, t, encoder_hidden_states=context, cross_attention_kwargs={"layerdiff": ctx}).sample
         out = rearrange(out, "(b l) c h w -> b l c h w", b=B)
         return torch.where(valid[:, :, None, None, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
