@@ -138,7 +138,8 @@ def check_free(paths: list[Path], overwrite: bool, folder: str | os.PathLike) ->
         )
 
 
-def _check_args(stack: LayerStack, batch_index: int) -> None:
+def check_export_args(stack: LayerStack, batch_index: int) -> None:
+    """The stack is a LayerStack and batch_index one of its samples (PNG, PSD and JSON writers)."""
     if not isinstance(stack, LayerStack):
         raise LayerDiffError(f"expected a LayerStack to export, got {type(stack).__name__}")
     if (
@@ -213,7 +214,7 @@ def write_layer_set(
     composite.png (RGB), layer_00.png (background, RGB), layer_01.png... (foregrounds, RGBA with
     the mask as alpha), mask_01.png... (8-bit L, 255 = object), layers.psd (if psd) and meta.json
     (meta plus sizes, names, prompts, seeds of sample 0 only). Returns the written paths."""
-    _check_args(stack, batch_index)
+    check_export_args(stack, batch_index)
     targets = layer_set_files(stack, out_dir, psd)
     meta_bytes = _meta_json(stack, meta, batch_index, psd)  # bad meta fails before any write
     if psd:
@@ -251,7 +252,7 @@ def write_layer_sets(
 ) -> list[Path]:
     """Write every sample: B == 1 directly into out_dir, B > 1 into out_dir/sample_000, sample_001,
     ... (see write_layer_set). All targets are checked before anything is written."""
-    _check_args(stack, 0)
+    check_export_args(stack, 0)
     if stack.batch_size == 1:
         return write_layer_set(stack, out_dir, meta, 0, overwrite, psd)
     dirs = [sample_dir(out_dir, b) for b in range(stack.batch_size)]

@@ -54,17 +54,9 @@ def save_psd(
     mask. The document's merged image is the composite (psd-tools re-renders it from the layers
     where it can; otherwise the stack's own composite is kept). Prompts and seeds are not stored.
     """
-    if not isinstance(stack, LayerStack):
-        raise LayerDiffError(f"save_psd expects a LayerStack, got {type(stack).__name__}")
-    if (
-        isinstance(batch_index, bool)
-        or not isinstance(batch_index, int)
-        or not 0 <= batch_index < stack.batch_size
-    ):
-        raise LayerDiffError(
-            f"batch_index {batch_index!r} is out of range for a batch of {stack.batch_size} samples "
-            f"(0..{stack.batch_size - 1})"
-        )
+    from layerdiff.io.export import check_export_args  # export imports this module lazily too
+
+    check_export_args(stack, batch_index)
     path = Path(path)
     if not overwrite and (path.exists() or path.is_symlink()):
         raise LayerDiffError(
