@@ -26,6 +26,9 @@ def register(sub) -> None:
     p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (median)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="weights/activations dtype")
+    p.add_argument("--layout", default="preset",
+                   help="layer-module layouts to time: preset (the preset's own), paper (full-width inter-layer "
+                        "and separate intra-layer attention), or both as 'preset,paper'")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.set_defaults(func=run)
 
@@ -33,17 +36,21 @@ def register(sub) -> None:
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def _peak_in_subprocess(preset, layers, batch, size, steps, variant, dtype) -> float:
+LAYOUTS = {"preset": {}, "paper": {"inter_layer_width": 1.0, "intra_layer_mode": "separate", "layer_prompt_tokens": 0}}
+
+
+def _peak_in_subprocess(preset, layers, batch, size, steps, variant, dtype, layout="preset") -> float:
     """CPU peak memory of one variant: resident-set peak of a fresh process above its level after
     the models are built (in-process numbers would be hidden by the allocator's reuse)."""
     import multiprocessing as mp
 
     with mp.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_probe_main, (preset, layers, batch, size, steps, variant, str(dtype).split(".")[-1]))
+        return pool.apply(_probe_main, (preset, layers, batch, size, steps, variant, str(dtype).split(".")[-1], layout))
 
 
-def _probe_main(preset, layers, batch, size, steps, variant, dtype_name) -> float:
-    result = bench_one(preset, layers, batch, size, steps, 1, "cpu", getattr(torch, dtype_name), only=variant)
+def _probe_main(preset, layers, batch, size, steps, variant, dtype_name, layout="preset") -> float:
+    result = bench_one(preset, layers, batch, size, steps, 1, "cpu", getattr(torch, dtype_name), only=variant,
+                       layout=layout)
     return round(result["peak_mb"], 1)
 
 
@@ -80,7 +87,8 @@ def _sync(device):
 
 
 def bench_one(
-    preset: str, layers: int, batch: int, size: int | None, steps: int, rounds: int, device, dtype, only=None
+    preset: str, layers: int, batch: int, size: int | None, steps: int, rounds: int, device, dtype, only=None,
+    layout: str = "preset",
 ) -> dict:
     from diffusers import UNet2DConditionModel
 
@@ -88,7 +96,7 @@ def bench_one(
     from layerdiff.model.unet import LayerDiffUNet
     from layerdiff.sampling import LayerConditioning, make_scheduler, sample
 
-    config = get_preset(preset, max_layers=max(4, layers))
+    config = get_preset(preset, max_layers=max(4, layers), **LAYOUTS[layout])
     size = size or config.image_size
     f = config.vae_scale_factor
     h = w = size // f
@@ -103,8 +111,9 @@ def bench_one(
     g = torch.Generator("cpu").manual_seed(0)
     rand = lambda *s: torch.randn(*s, generator=g).to(device, dtype)  # noqa: E731
     B, L = batch, layers
+    Tl = config.layer_prompt_tokens or T  # layer prompts keep their first Tl token states
     cond = LayerConditioning(
-        rand(B, T, D), rand(B, L, T, D), rand(B, T, D), rand(B, L, T, D),
+        rand(B, T, D), rand(B, L, Tl, D), rand(B, T, D), rand(B, L, Tl, D),
         torch.ones(B, L, dtype=torch.bool, device=device),
     )
     white, black = torch.ones(4, device=device), -torch.ones(4, device=device)
@@ -139,7 +148,7 @@ def bench_one(
             peaks[k] = mem.mb
         else:
             fn()
-            peaks[k] = _peak_in_subprocess(preset, layers, batch, size, steps, k, dtype)
+            peaks[k] = _peak_in_subprocess(preset, layers, batch, size, steps, k, dtype, layout)
     for _ in range(rounds):
         for k, fn in variants.items():
             _sync(torch.device(device))
@@ -152,6 +161,7 @@ def bench_one(
     n_layered = sum(p.numel() for p in layered.parameters())
     return {
         "preset": preset,
+        "layout": layout,
         "layers": L,
         "batch": B,
         "size": size,
@@ -183,12 +193,16 @@ def run(args) -> int:
         layers = [int(x) for x in args.layers.split(",") if x]
     except ValueError:
         raise LayerDiffError(f"--layers {args.layers!r} must be comma-separated integers, e.g. 2,3,4") from None
+    layouts = [x for x in args.layout.split(",") if x]
+    bad = [x for x in layouts if x not in LAYOUTS]
+    if bad or not layouts:
+        raise LayerDiffError(f"--layout {args.layout!r}: use preset, paper or 'preset,paper'")
     results = []
     for preset in [p for p in args.preset.split(",") if p]:
         for L in layers:
-            results.append(
-                bench_one(preset, L, args.batch, args.size, args.steps, args.rounds, device, DTYPES[args.dtype])
-            )
+            for layout in layouts:
+                results.append(bench_one(preset, L, args.batch, args.size, args.steps, args.rounds, device,
+                                         DTYPES[args.dtype], layout=layout))
     info = {"device": str(device), "dtype": args.dtype, "torch": torch.__version__, "threads": torch.get_num_threads()}
     print(json.dumps({"results": results, "env": info}, indent=1))
     return 0

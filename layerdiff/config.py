@@ -74,6 +74,14 @@ class LayerDiffConfig:
     scheduler: dict[str, Any] = field(default_factory=lambda: dict(SD_SCHEDULER))
     max_layers: int = 4  # background + 3 foregrounds
     layer_head_dim: int = 64  # head width of inter-layer attention
+    # Cost of the layer modules (issue 3, METHOD.md section 2). The defaults are the paper's full
+    # layout, which files written before these fields existed use; the presets choose the cheaper one.
+    inter_layer_width: float = 1.0  # inner width of inter-layer attention, a fraction of the block's
+    intra_layer_mode: str = "separate"  # "separate" own q/out projections, or "shared" with SD's cross-attention
+    # Layer prompts are short phrases: keep only their first N token states (0 = all of them). The
+    # text encoder is causal, so this equals encoding them at length N; it makes intra-layer
+    # attention and the prompt enhancer cheaper.
+    layer_prompt_tokens: int = 0
     enhancer_blocks: int = 2
     enhancer_head_dim: int = 64
     image_size: int = 512  # default generation size (pixels)
@@ -83,6 +91,12 @@ class LayerDiffConfig:
     def __post_init__(self):
         if not 1 <= int(self.max_layers) <= 64:
             raise LayerDiffError(f"max_layers {self.max_layers} is out of range: use 1..64 (default 4)")
+        if not 0 < float(self.inter_layer_width) <= 1:
+            raise LayerDiffError(f"inter_layer_width {self.inter_layer_width} is out of range: use a fraction in (0, 1]")
+        if int(self.layer_prompt_tokens) < 0 or 0 < int(self.layer_prompt_tokens) < 2:
+            raise LayerDiffError(f"layer_prompt_tokens {self.layer_prompt_tokens} is out of range: use 0 (all) or 2 or more")
+        if self.intra_layer_mode not in ("separate", "shared"):
+            raise LayerDiffError(f"intra_layer_mode {self.intra_layer_mode!r} is not known: use 'separate' or 'shared'")
         if self.unet.get("in_channels", 4) != 4 or self.unet.get("out_channels", 4) != 4:
             raise LayerDiffError(
                 "config.unet describes the base UNet and must have in_channels = out_channels = 4, got "
@@ -180,6 +194,9 @@ def _tiny() -> LayerDiffConfig:
         },
         tokenizer=words,
         layer_head_dim=16,
+        inter_layer_width=0.5,
+        intra_layer_mode="shared",
+        layer_prompt_tokens=8,
         enhancer_head_dim=16,
         image_size=64,
         sampling=SamplingDefaults(steps=4),
@@ -214,6 +231,8 @@ def _toy() -> LayerDiffConfig:
             "norm_num_groups": 8,
             "sample_size": 128,
             "scaling_factor": 1.0,
+            # no self-attention in the mid block: the VAE trains on crops and runs on whole images
+            "mid_block_add_attention": False,
         },
         text_encoder={
             "vocab_size": len(words["words"]) + 4,
@@ -229,6 +248,9 @@ def _toy() -> LayerDiffConfig:
         },
         tokenizer=words,
         layer_head_dim=32,
+        inter_layer_width=0.5,
+        intra_layer_mode="shared",
+        layer_prompt_tokens=16,  # the longest toy layer prompt is 7 words (9 tokens)
         enhancer_head_dim=32,
         image_size=128,
         sampling=SamplingDefaults(steps=20),
@@ -248,6 +270,8 @@ def _sd15() -> LayerDiffConfig:
         tokenizer={"type": "clip_bpe"},
         scheduler=cfg["scheduler"],
         layer_head_dim=64,
+        inter_layer_width=0.5,
+        intra_layer_mode="shared",
         enhancer_head_dim=64,
         image_size=512,
         description="Stable Diffusion 1.5 architecture (CLIP ViT-L/14 text encoder, 64x64 latents at 512 px)",

@@ -96,9 +96,10 @@ def encode_prompts(model: LayerDiffModel, prompts: LayerPrompts | list[LayerProm
     uniq = sorted(set(texts) | set(negs))
     enc = dict(zip(uniq, model.encode_text(uniq)))  # each distinct text encoded once
     glob = torch.stack([enc[p.global_prompt] for p in sets])  # (B, T, D)
-    lay = torch.stack([torch.stack([enc[t] for t in row]) for row in layer_texts])  # (B, L, T, D)
-    u_glob = torch.stack([enc[n] for n in negs])
-    u_lay = torch.stack([enc[n] for n in negs])[:, None].expand(-1, L, -1, -1)
+    n = model.config.layer_prompt_tokens or None  # layer prompts keep their first n token states
+    lay = torch.stack([torch.stack([enc[t][:n] for t in row]) for row in layer_texts])  # (B, L, T', D)
+    u_glob = torch.stack([enc[n_] for n_ in negs])
+    u_lay = torch.stack([enc[n_][:n] for n_ in negs])[:, None].expand(-1, L, -1, -1)
     both = model.unet.enhance(torch.cat([glob, u_glob]), torch.cat([lay, u_lay]))  # one enhancer call
     return LayerConditioning(
         glob, both[:B], u_glob, both[B:], valid,

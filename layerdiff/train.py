@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import logging
 import os
 import shutil
@@ -69,6 +70,12 @@ class TrainConfig:
     sample_every: int = 0  # 0: no sample grids
     num_workers: int = 2
     cache_latents: bool = False  # encode the dataset once (small data sets, e.g. the toy world)
+    bucket_layers: bool = True  # cached latents: every batch holds one layer count (no padded slots to compute)
+    snr_gamma: float = 0.0  # Min-SNR-gamma loss weighting (Hang et al. 2023), e.g. 5; 0 = plain epsilon MSE
+    lr_schedule: str = "constant"  # constant | cosine (to 10% of the peak at the last step), after warm-up
+    # A fresh run of a model trained from scratch (no SD weights to protect) may open the zero
+    # gates of the intra-layer attention at the start, e.g. 1.0; None keeps them shut (SD fine-tuning).
+    intra_gate_init: float | None = None
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
@@ -79,7 +86,22 @@ class TrainConfig:
         data = dict(data)
         if "layer_weights" in data:
             data["layer_weights"] = {int(k): float(v) for k, v in data["layer_weights"].items()}
+        if data.get("lr_schedule", "constant") not in LR_SCHEDULES:
+            raise LayerDiffError(f"lr_schedule {data['lr_schedule']!r} is not known: use one of {list(LR_SCHEDULES)}")
+        if float(data.get("snr_gamma", 0.0)) < 0:
+            raise LayerDiffError(f"snr_gamma {data['snr_gamma']} must be 0 (off) or positive, e.g. 5")
         return cls(**data)
+
+    def lr_scale(self, step: int) -> float:
+        """Learning-rate multiplier at ``step`` (0-based): linear warm-up, then constant or cosine."""
+        warm = min(1.0, (step + 1) / max(1, self.warmup_steps))
+        if self.lr_schedule == "constant" or step < self.warmup_steps:
+            return warm
+        frac = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+
+
+LR_SCHEDULES = ("constant", "cosine")
 
 
 # ----------------------------------------------------------------------------- randomness
@@ -96,16 +118,19 @@ class LayerDiffTrainModule(nn.Module):
         super().__init__()
         self.unet = model.unet
         self.text_encoder = model.text_encoder
+        self.layer_prompt_tokens = model.config.layer_prompt_tokens
 
     def forward(self, noisy, t, ids_global, ids_layers, valid, target, weight):
         # noisy/target (B, L, 8, h, w); ids_global (B, T); ids_layers (B, L, T); weight (B, L, 8, 1, 1)
         B, L = noisy.shape[:2]
         glob = self.text_encoder(ids_global)[0]  # (B, T, D)
-        lay = self.text_encoder(ids_layers.flatten(0, 1))[0].unflatten(0, (B, L))  # (B, L, T, D)
+        n = self.layer_prompt_tokens or None  # the same truncation as encode_prompts
+        lay = self.text_encoder(ids_layers.flatten(0, 1)[:, :n])[0].unflatten(0, (B, L))  # (B, L, T', D)
         enhanced = self.unet.enhance(glob, lay)
         pred = self.unet(noisy, t, glob.to(noisy.dtype), enhanced.to(noisy.dtype), valid=valid)
         err = (pred.float() - target.float()) ** 2 * weight
-        return err.sum() / (weight.expand_as(err).sum().clamp(min=1))
+        count = (weight > 0).to(err.dtype).expand_as(err).sum()  # loss weights scale, they do not renormalise
+        return err.sum() / count.clamp(min=1)
 
 
 def loss_weights(valid: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -153,6 +178,11 @@ def make_batch(
         globs.append("" if drop_all else global_prompts[b])
         lays.extend("" if drop_layers else p for p in layer_prompts[b])
     noisy = schedule.add_noise(latents.float(), noise, t)
+    weight = loss_weights(valid, *latents.shape[-2:])
+    if config.snr_gamma > 0:  # Min-SNR-gamma for epsilon prediction: min(SNR, gamma) / SNR
+        a = schedule.alphas_cumprod[t]
+        snr = a / (1 - a)
+        weight = weight * (snr.clamp(max=config.snr_gamma) / snr).view(B, 1, 1, 1, 1)
     return {
         "noisy": noisy,
         "t": t,
@@ -160,7 +190,7 @@ def make_batch(
         "ids_layers": tokenize(tokenizer, lays).view(B, L, -1),
         "valid": valid,
         "target": noise,
-        "weight": loss_weights(valid, *latents.shape[-2:]),
+        "weight": weight,
     }
 
 
@@ -224,9 +254,18 @@ class LatentCache:
         prompts = json.loads(meta["prompts"])
         return cls(tensors["latents"], tensors["valid"].bool(), prompts["global"], prompts["layers"])
 
-    def batch(self, gen: torch.Generator, batch_size: int, layer_weights: dict) -> tuple:
-        """Weighted draw with replacement (oversampling 3- and 4-layer samples); trims padding."""
+    def batch(self, gen: torch.Generator, batch_size: int, layer_weights: dict, bucket: bool = False) -> tuple:
+        """Weighted draw with replacement (oversampling 3- and 4-layer samples); trims padding.
+
+        With ``bucket``, the batch's layer count is drawn first (with the same overall odds) and
+        all its samples have that count, so no compute goes to empty slots.
+        """
         w = torch.tensor([float(layer_weights.get(int(n), 1.0)) for n in self.num_layers.tolist()])
+        if bucket:
+            counts = sorted(set(self.num_layers.tolist()))
+            mass = torch.tensor([float(w[self.num_layers == c].sum()) for c in counts])
+            chosen = counts[int(torch.multinomial(mass, 1, generator=gen))]
+            w = w * (self.num_layers == chosen)
         idx = torch.multinomial(w, batch_size, replacement=True, generator=gen)
         L = int(self.num_layers[idx].max())
         return (
@@ -406,6 +445,11 @@ def train(
     optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay, betas=(0.9, 0.999))
     for g in optimizer.param_groups:
         g["base_lr"] = g["lr"]
+    if config.intra_gate_init is not None:  # a checkpoint, if resumed, overwrites it below
+        with torch.no_grad():
+            for n, p in module.named_parameters():
+                if n.endswith("intra_layer_attn.gate"):
+                    p.fill_(config.intra_gate_init)
     trained = {n: p for n, p in module.named_parameters() if p.requires_grad}
     ema = {n: p.detach().clone().float() for n, p in trained.items()} if config.ema_decay > 0 else None
     start = 0
@@ -448,7 +492,7 @@ def train(
     while step < end:
         gen = step_generator(config.seed, step, rank)
         if cache is not None:
-            latents, valid, gp, lp = cache.batch(gen, config.batch_size, config.layer_weights)
+            latents, valid, gp, lp = cache.batch(gen, config.batch_size, config.layer_weights, config.bucket_layers)
         else:
             b = next(stream)
             imgs = b["images"].permute(0, 1, 3, 4, 2) * 0.5 + 0.5
@@ -456,7 +500,7 @@ def train(
             valid, gp, lp = b["valid"], b["global_prompt"], b["layer_prompts"]
         batch = make_batch(latents.cpu(), valid.cpu(), gp, lp, model.tokenizer, schedule, config, gen)
         batch = {k: v.to(device) for k, v in batch.items()}
-        lr_scale = min(1.0, (step + 1) / max(1, config.warmup_steps))
+        lr_scale = config.lr_scale(step)
         for g in optimizer.param_groups:
             g["lr"] = g["base_lr"] * lr_scale
         with accelerator.autocast():

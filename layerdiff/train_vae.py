@@ -9,6 +9,7 @@ latent scaling factor is set to 1 / std of the latents, as SD's 0.18215 was chos
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,16 @@ class VaeTrainConfig:
     checkpoint_every: int = 250
     log_every: int = 50
     images: int = 2000  # data-set images (layers and masks) held in memory for crops
+    # Probability that a crop of a foreground or mask image is centred (with jitter) on its object:
+    # objects cover a small part of their layer, and random crops would mostly show the grey fill.
+    focus: float = 0.75
+    # Loss weight of a foreground layer's object pixels (1 = uniform): objects are a few percent of
+    # the pixels but carry the colour the model is judged on.
+    object_weight: float = 1.0
+    # False: decode the posterior mean (a plain autoencoder with a small KL pull on the means),
+    # which learns exact colours much faster than decoding noisy posterior samples.
+    sample_posterior: bool = True
+    lr_schedule: str = "constant"  # constant | cosine (to 10% of lr at the last step)
 
 
 def _image_pool(data, count: int, size: int, seed: int) -> torch.Tensor:
@@ -54,13 +65,60 @@ def _image_pool(data, count: int, size: int, seed: int) -> torch.Tensor:
     return torch.stack(pool[:count])
 
 
+def _is_mask_image(pool: torch.Tensor) -> torch.Tensor:
+    """(N,) bool: images that are masks drawn as images (every pixel black or white)."""
+    return ((pool.abs() > 0.98).all(1)).flatten(1).float().mean(1) > 0.99
+
+
+def _is_foreground_image(pool: torch.Tensor) -> torch.Tensor:
+    """(N,) bool: foreground layers (most pixels the exact grey fill, 0 in [-1, 1])."""
+    return (pool.abs() < 1e-3).all(1).flatten(1).float().mean(1) > 0.3
+
+
+def _object_centres(pool: torch.Tensor) -> torch.Tensor:
+    """(N, 2) integer centre (y, x) of the object in each foreground / mask image; -1 for images
+    without one (backgrounds)."""
+    away_grey = (pool.abs() > 0.04).any(1)  # foreground object pixels (the fill is exact grey = 0)
+    white = (pool > 0.0).all(1)  # mask images: white object on black
+    is_mask = _is_mask_image(pool)
+    obj = torch.where(is_mask[:, None, None], white, away_grey)
+    obj &= (is_mask | _is_foreground_image(pool))[:, None, None]
+    frac = obj.flatten(1).float().mean(1)
+    centres = torch.full((len(pool), 2), -1, dtype=torch.long)
+    ys = torch.arange(pool.shape[-2]).float()
+    xs = torch.arange(pool.shape[-1]).float()
+    for i in torch.nonzero((frac > 0) & (frac < 0.9)).flatten().tolist():
+        m = obj[i].float()
+        total = m.sum()
+        centres[i, 0] = int((m.sum(1) * ys).sum() / total)
+        centres[i, 1] = int((m.sum(0) * xs).sum() / total)
+    return centres
+
+
+def _crop_origins(centres: torch.Tensor, idx: torch.Tensor, size: int, crop: int, focus: float,
+                  g: torch.Generator) -> tuple[list[int], list[int]]:
+    """Top-left corners: uniform, or (with probability ``focus``) around the image's object centre."""
+    n = len(idx)
+    ys = torch.randint(0, size - crop + 1, (n,), generator=g)
+    xs = torch.randint(0, size - crop + 1, (n,), generator=g)
+    use = (torch.rand(n, generator=g) < focus) & (centres[idx, 0] >= 0)
+    jitter = torch.randint(-(crop // 4), crop // 4 + 1, (n, 2), generator=g)
+    fy = (centres[idx, 0] - crop // 2 + jitter[:, 0]).clamp(0, size - crop)
+    fx = (centres[idx, 1] - crop // 2 + jitter[:, 1]).clamp(0, size - crop)
+    return torch.where(use, fy, ys).tolist(), torch.where(use, fx, xs).tolist()
+
+
 def train_vae(vae, data, out: str | Path, config: VaeTrainConfig, size: int = 128, progress: bool = True):
     """Train ``vae`` in place; checkpoints in ``out/checkpoints`` (resumable); returns the vae."""
     from layerdiff.train import latest_checkpoint, load_training_state, save_training_state, step_generator
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if config.lr_schedule not in ("constant", "cosine"):
+        raise LayerDiffError(f"VAE lr_schedule {config.lr_schedule!r} is not known: use constant or cosine")
     pool = _image_pool(data, config.images, size, config.seed)
+    centres = _object_centres(pool)
+    foreground = _is_foreground_image(pool)
     vae.train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=config.lr, weight_decay=0.0)
     step = 0
@@ -75,17 +133,25 @@ def train_vae(vae, data, out: str | Path, config: VaeTrainConfig, size: int = 12
         bar = tqdm(total=config.steps, initial=step, desc="training VAE", unit="step")
     losses, t0 = [], time.time()
     while step < config.steps:
+        if config.lr_schedule == "cosine":
+            scale = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(1, config.steps)))
+            for group in opt.param_groups:
+                group["lr"] = config.lr * scale
         g = step_generator(config.seed, step, 0, stream=3)
         idx = torch.randint(0, len(pool), (config.batch_size,), generator=g)
         c = config.crop
-        ys = torch.randint(0, size - c + 1, (config.batch_size,), generator=g).tolist()
-        xs = torch.randint(0, size - c + 1, (config.batch_size,), generator=g).tolist()
+        ys, xs = _crop_origins(centres, idx, size, c, config.focus, g)
         x = torch.stack([pool[i, :, y : y + c, xx : xx + c] for i, y, xx in zip(idx.tolist(), ys, xs)])
         post = vae.encode(x).latent_dist
-        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g) if config.sample_posterior else post.mean
         rec = vae.decode(z).sample
         kl = post.kl().mean() / (z[0].numel())
-        loss = (rec - x).abs().mean() + ((rec - x) ** 2).mean() + config.kl_weight * kl
+        w = torch.ones_like(x[:, :1])
+        if config.object_weight != 1.0:  # object pixels of foreground layers
+            obj = (x.abs() > 0.04).any(1, keepdim=True) & foreground[idx].view(-1, 1, 1, 1)
+            w = w + (config.object_weight - 1.0) * obj
+        err = rec - x
+        loss = ((err.abs() + err**2) * w).mean() + config.kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)

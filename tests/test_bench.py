@@ -17,6 +17,15 @@ def test_bench_prints_results_json(capsys):
     assert KEYS <= set(row)
     assert row["preset"] == "tiny" and row["layers"] == 2 and row["params_added"] > 0
     assert row["bare_ms_per_step"] > 0 and row["cfg_over_bare"] > 0
+    assert row["layout"] == "preset"
+
+
+def test_bench_times_both_layouts_side_by_side(capsys):
+    assert main(["bench", "--preset", "tiny", "--layers", "2", "--steps", "1", "--rounds", "1", "--threads", "1",
+                 "--layout", "preset,paper"]) == 0
+    rows = json.loads(capsys.readouterr().out)["results"]
+    assert [r["layout"] for r in rows] == ["preset", "paper"]
+    assert rows[0]["params_added"] < rows[1]["params_added"]  # the preset's layout is the slimmer one
 
 
 def test_bench_bad_arguments(capsys):
@@ -24,3 +33,5 @@ def test_bench_bad_arguments(capsys):
     assert "--layers" in capsys.readouterr().err
     assert main(["bench", "--preset", "nope", "--layers", "2"]) == 1
     assert "unknown preset" in capsys.readouterr().err
+    assert main(["bench", "--preset", "tiny", "--layers", "2", "--layout", "wide"]) == 1
+    assert "--layout 'wide'" in capsys.readouterr().err

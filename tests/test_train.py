@@ -16,6 +16,7 @@ import torch
 from train_ranks import launch_forked
 
 from layerdiff.config import get_preset
+from layerdiff.errors import LayerDiffError
 from layerdiff.io.checkpoint import build_random_model, load_layerdiff
 from layerdiff.io.files import read_safetensors
 from layerdiff.train import (
@@ -524,3 +525,91 @@ def test_train_command_bad_input_is_one_clear_line(data, tmp_path, capsys, args,
     assert len(err) == 1 and err[0].startswith("error: "), err
     assert all(w in err[0] for w in words), err[0]
     assert not out.exists(), "a failed start must leave no output folder behind"
+
+
+# ----------------------------------------------------------------------------- 5. recipe knobs
+def test_bucketed_batches_hold_one_layer_count_with_the_same_odds():
+    counts = torch.tensor([2] * 100 + [3] * 100 + [4] * 100)
+    valid = torch.arange(4)[None] < counts[:, None]
+    cache = LatentCache(torch.zeros(300, 4, 8, 1, 1, dtype=torch.float16), valid, [f"g{i}" for i in range(300)],
+                        [[f"l{i}.{j}" if j < n else "" for j in range(4)] for i, n in enumerate(counts.tolist())])
+    g = torch.Generator().manual_seed(4)
+    per_batch = []
+    for _ in range(600):
+        latents, v, gp, lp = cache.batch(g, 8, {2: 1.0, 3: 2.0, 4: 3.0}, bucket=True)
+        n = v.sum(1)
+        assert (n == n[0]).all() and v.all() and latents.shape[1] == int(n[0])  # one count, no padded slot
+        per_batch.append(int(n[0]))
+    shares = [per_batch.count(k) / len(per_batch) for k in (2, 3, 4)]
+    assert all(abs(s - e) < 0.06 for s, e in zip(shares, (1 / 6, 2 / 6, 3 / 6))), shares
+
+
+def test_cosine_schedule_warms_up_then_decays_to_a_tenth():
+    cfg = TrainConfig(steps=1000, warmup_steps=100, lr_schedule="cosine")
+    scales = [cfg.lr_scale(s) for s in range(1000)]
+    assert scales[0] == pytest.approx(0.01) and scales[99] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(scales[100:], scales[101:]))  # monotone after warm-up
+    assert scales[-1] == pytest.approx(0.1, abs=0.002)
+    assert TrainConfig(steps=1000, warmup_steps=100).lr_scale(999) == 1.0  # constant by default
+    with pytest.raises(LayerDiffError, match="lr_schedule 'linear'"):
+        TrainConfig.from_dict({"lr_schedule": "linear"})
+    with pytest.raises(LayerDiffError, match="snr_gamma -1"):
+        TrainConfig.from_dict({"snr_gamma": -1})
+
+
+def test_min_snr_weights_only_the_low_noise_steps(interacting):
+    model, module, schedule = interacting
+    plain, weighted = _batch(model, schedule), _batch(model, schedule, snr_gamma=5.0)
+    assert torch.equal(plain["t"], weighted["t"]) and torch.equal(plain["noisy"], weighted["noisy"])
+    a = schedule.alphas_cumprod[plain["t"]]
+    expected = (a / (1 - a)).clamp(max=5.0) / (a / (1 - a))
+    ratio = (weighted["weight"] / plain["weight"].clamp(min=1e-12))[plain["weight"] > 0].view(-1)
+    per_sample = weighted["weight"].flatten(1).max(1).values
+    torch.testing.assert_close(per_sample, expected)
+    assert ratio.le(1.0 + 1e-6).all()
+    # t close to 0 (SNR far above gamma) is weighted down; t near the end is not
+    t = torch.tensor([1, 999])
+    a = schedule.alphas_cumprod[t]
+    w = (a / (1 - a)).clamp(max=5.0) / (a / (1 - a))
+    assert w[0] < 0.01 and w[1] == 1.0
+    with torch.no_grad():
+        assert module(**weighted) < module(**plain) + 1e-6  # weights scale the error, never renormalise it
+
+
+def test_intra_gate_init_opens_the_gates_of_a_fresh_run(data, tmp_path):
+    final = run(data, tmp_path / "open", steps=1, intra_gate_init=1.0, lr_new=1e-6, ema_decay=0.0)
+    tensors, _ = read_safetensors(final)
+    gates = [v for k, v in tensors.items() if k.endswith("intra_layer_attn.gate")]
+    assert gates and all(abs(float(g) - 1.0) < 1e-3 for g in gates)
+
+
+def test_vae_crops_find_objects_in_foreground_and_mask_images():
+    from layerdiff.train_vae import _crop_origins, _is_foreground_image, _object_centres
+
+    size = 64
+    bg = torch.rand(3, size, size) * 2 - 1  # a textured background: no object
+    fg = torch.zeros(3, size, size)  # grey fill with a red square at rows 40-49, cols 10-19
+    fg[0, 40:50, 10:20], fg[1:, 40:50, 10:20] = 0.8, -0.8
+    mask = -torch.ones(3, size, size)
+    mask[:, 40:50, 10:20] = 1.0
+    pool = torch.stack([bg, fg, mask])
+    centres = _object_centres(pool)
+    assert centres[0].tolist() == [-1, -1]
+    assert centres[1].tolist() == centres[2].tolist() and abs(centres[1, 0] - 44.5) <= 1 and abs(centres[1, 1] - 14.5) <= 1
+    assert _is_foreground_image(pool).tolist() == [False, True, False]
+    g = torch.Generator().manual_seed(0)
+    idx = torch.tensor([1, 2] * 50)
+    ys, xs = _crop_origins(centres, idx, size, 32, 1.0, g)  # focus 1: every crop holds the object centre
+    assert all(y <= 44 < y + 32 and x <= 14 < x + 32 for y, x in zip(ys, xs))
+
+
+def test_vae_recipe_options_train_and_bad_schedule_is_named(data, tmp_path):
+    from layerdiff.train_vae import VaeTrainConfig, train_vae
+
+    vae = build_random_model(get_preset("tiny"), seed=0).vae
+    cfg = VaeTrainConfig(steps=3, batch_size=2, crop=32, images=12, object_weight=4.0, sample_posterior=False,
+                         lr_schedule="cosine", checkpoint_every=3)
+    train_vae(vae, data, tmp_path / "vae", cfg, size=SIZE, progress=False)
+    assert all(torch.isfinite(p).all() for p in vae.parameters()) and vae.config.scaling_factor > 0
+    with pytest.raises(LayerDiffError, match="VAE lr_schedule 'step'"):
+        train_vae(vae, data, tmp_path / "vae2", VaeTrainConfig(steps=1, lr_schedule="step"), size=SIZE, progress=False)

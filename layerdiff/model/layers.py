@@ -40,17 +40,20 @@ def _heads(dim: int, head_dim: int) -> int:
 class InterLayerAttention(nn.Module):
     """Attention across the L layers at each spatial position (pre-LN, slot embedding, zero out)."""
 
-    def __init__(self, dim: int, max_layers: int, head_dim: int = 64):
+    def __init__(self, dim: int, max_layers: int, head_dim: int = 64, width: float = 1.0):
         super().__init__()
-        self.heads = _heads(dim, head_dim)
+        if not 0 < width <= 1:
+            raise LayerDiffError(f"inter_layer_width {width} is out of range: use a fraction in (0, 1] (1 = full width)")
+        inner = max(1, round(dim * width))  # a narrower inner width makes q/k/v/out cheaper
+        self.heads = _heads(inner, head_dim)
         self.max_layers = max_layers
         self.norm = nn.LayerNorm(dim)
         self.slot_embedding = nn.Embedding(max_layers, dim)
         nn.init.normal_(self.slot_embedding.weight, std=0.02)
-        self.to_q = nn.Linear(dim, dim, bias=False)
-        self.to_k = nn.Linear(dim, dim, bias=False)
-        self.to_v = nn.Linear(dim, dim, bias=False)
-        self.to_out = nn.Linear(dim, dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_k = nn.Linear(dim, inner, bias=False)
+        self.to_v = nn.Linear(dim, inner, bias=False)
+        self.to_out = nn.Linear(inner, dim)
         nn.init.zeros_(self.to_out.weight)
         nn.init.zeros_(self.to_out.bias)
 
@@ -71,38 +74,72 @@ class InterLayerAttention(nn.Module):
 
 
 class IntraLayerAttention(nn.Module):
-    """Each layer cross-attends to its own enhanced prompt; initialised from SD's cross-attention."""
+    """Each layer cross-attends to its own enhanced prompt; initialised from SD's cross-attention.
 
-    def __init__(self, dim: int, context_dim: int, heads: int, head_dim: int):
+    ``mode="separate"`` (the paper's layout): its own pre-LN, q/k/v/out projections after SD's
+    cross-attention. ``mode="shared"`` (cheaper, METHOD.md section 2): run in parallel with SD's
+    cross-attention on the same normalised input, sharing its query and output projections; only
+    k/v of the layer tokens are its own, so the per-token cost is one extra attention over the
+    layer prompt's tokens and no extra matmul. Both start as exact no-ops (zero gate).
+    """
+
+    def __init__(self, dim: int, context_dim: int, heads: int, head_dim: int, mode: str = "separate"):
         super().__init__()
+        if mode not in INTRA_LAYER_MODES:
+            raise LayerDiffError(f"intra_layer_mode {mode!r} is not known: use one of {list(INTRA_LAYER_MODES)}")
         inner = heads * head_dim
         self.heads = heads
-        self.norm = nn.LayerNorm(dim)
-        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.mode = mode
+        if mode == "separate":
+            self.norm = nn.LayerNorm(dim)
+            self.to_q = nn.Linear(dim, inner, bias=False)
         self.to_k = nn.Linear(context_dim, inner, bias=False)
         self.to_v = nn.Linear(context_dim, inner, bias=False)
-        self.to_out = nn.Linear(inner, dim)
+        if mode == "separate":
+            self.to_out = nn.Linear(inner, dim)
         self.gate = nn.Parameter(torch.zeros(1))  # zero gate: an exact no-op until trained
 
     @torch.no_grad()
     def copy_from_cross_attention(self, attn2: nn.Module, norm2: nn.Module) -> None:
         """Start from SD's text cross-attention (the paper: 'initialised from SD')."""
         for name in ("to_q", "to_k", "to_v"):
-            getattr(self, name).weight.copy_(getattr(attn2, name).weight)
-        self.to_out.weight.copy_(attn2.to_out[0].weight)
-        self.to_out.bias.copy_(attn2.to_out[0].bias)
-        if getattr(norm2, "weight", None) is not None:
-            self.norm.weight.copy_(norm2.weight)
-            self.norm.bias.copy_(norm2.bias)
+            if hasattr(self, name):
+                getattr(self, name).weight.copy_(getattr(attn2, name).weight)
+        if self.mode == "separate":
+            self.to_out.weight.copy_(attn2.to_out[0].weight)
+            self.to_out.bias.copy_(attn2.to_out[0].bias)
+            if getattr(norm2, "weight", None) is not None:
+                self.norm.weight.copy_(norm2.weight)
+                self.norm.bias.copy_(norm2.bias)
 
-    def forward(self, hidden: torch.Tensor, layer_tokens: torch.Tensor) -> torch.Tensor:
-        """hidden (B*L, N, C), layer_tokens (B*L, T, D) -> residual update (B*L, N, C)."""
-        x = self.norm(hidden)
-        q = rearrange(self.to_q(x), "s n (h d) -> s h n d", h=self.heads)
+    def attend(self, q: torch.Tensor, layer_tokens: torch.Tensor) -> torch.Tensor:
+        """Queries (B*L, heads, N, d) -> attention over the layer tokens, (B*L, heads, N, d), ungated."""
         k = rearrange(self.to_k(layer_tokens), "s t (h d) -> s h t d", h=self.heads)
         v = rearrange(self.to_v(layer_tokens), "s t (h d) -> s h t d", h=self.heads)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.gate.to(out.dtype) * self.to_out(rearrange(out, "s h n d -> s n (h d)"))
+        return F.scaled_dot_product_attention(q, k, v)
+
+    def forward(self, hidden: torch.Tensor, layer_tokens: torch.Tensor) -> torch.Tensor:
+        """Separate mode: hidden (B*L, N, C), layer_tokens (B*L, T, D) -> residual update (B*L, N, C)."""
+        if self.mode != "separate":
+            raise LayerDiffError("a shared intra-layer attention runs inside its block's cross-attention")
+        q = rearrange(self.to_q(self.norm(hidden)), "s n (h d) -> s h n d", h=self.heads)
+        out = self.to_out(rearrange(self.attend(q, layer_tokens), "s h n d -> s n (h d)"))
+        return self.gate.to(out.dtype) * out
+
+
+INTRA_LAYER_MODES = ("separate", "shared")
+
+
+def _shared_cross_attention(attn2: nn.Module, intra: IntraLayerAttention, x: torch.Tensor,
+                            context: torch.Tensor, layer_tokens: torch.Tensor) -> torch.Tensor:
+    """SD's cross-attention to the global prompt plus the gated attention to each layer's own
+    prompt, sharing the query and output projections: to_out(attn(q, global) + g attn(q, layer))."""
+    q = rearrange(attn2.to_q(x), "s n (h d) -> s h n d", h=attn2.heads)
+    k = rearrange(attn2.to_k(context), "s t (h d) -> s h t d", h=attn2.heads)
+    v = rearrange(attn2.to_v(context), "s t (h d) -> s h t d", h=attn2.heads)
+    out = F.scaled_dot_product_attention(q, k, v) + intra.gate.to(q.dtype) * intra.attend(q, layer_tokens)
+    out = attn2.to_out[0](rearrange(out, "s h n d -> s n (h d)"))
+    return attn2.to_out[1](out)
 
 
 def _check_plain_block(block: nn.Module) -> None:
@@ -118,6 +155,12 @@ def _check_plain_block(block: nn.Module) -> None:
         problems.append("no cross-attention")
     if getattr(block, "_chunk_size", None) is not None:
         problems.append("feed-forward chunking")
+    attn2 = getattr(block, "attn2", None)
+    if attn2 is not None:
+        if getattr(attn2, "norm_cross", None) is not None or getattr(attn2, "spatial_norm", None) is not None:
+            problems.append("normalised cross-attention")
+        if getattr(attn2, "residual_connection", False) or getattr(attn2, "rescale_output_factor", 1.0) != 1.0:
+            problems.append("rescaled cross-attention")
     if problems:
         raise LayerDiffError(
             f"unsupported transformer block ({', '.join(problems)}): LayerDiff needs an SD 1.x-style UNet"
@@ -129,10 +172,12 @@ class LayeredTransformerBlock(nn.Module):
 
     The original block's sub-modules are re-registered under their own names (norm1, attn1, ...),
     so the UNet's state-dict keys stay those of diffusers and SD weights load unchanged.
-    Order: self-attn -> inter-layer attn -> cross-attn (global prompt) -> intra-layer attn -> FF.
+    Order: self-attn -> inter-layer attn -> cross-attn (global prompt) -> intra-layer attn -> FF
+    (with ``intra_layer_mode="shared"`` the last two run as one, sharing query and output projections).
     """
 
-    def __init__(self, block: nn.Module, max_layers: int, layer_head_dim: int):
+    def __init__(self, block: nn.Module, max_layers: int, layer_head_dim: int, inter_layer_width: float = 1.0,
+                 intra_layer_mode: str = "separate"):
         super().__init__()
         _check_plain_block(block)
         self.norm1, self.attn1 = block.norm1, block.attn1
@@ -143,8 +188,8 @@ class LayeredTransformerBlock(nn.Module):
         context_dim = attn2.to_k.in_features
         heads = attn2.heads
         head_dim = attn2.to_q.out_features // heads
-        self.inter_layer_attn = InterLayerAttention(dim, max_layers, layer_head_dim)
-        self.intra_layer_attn = IntraLayerAttention(dim, context_dim, heads, head_dim)
+        self.inter_layer_attn = InterLayerAttention(dim, max_layers, layer_head_dim, inter_layer_width)
+        self.intra_layer_attn = IntraLayerAttention(dim, context_dim, heads, head_dim, intra_layer_mode)
         self.intra_layer_attn.copy_from_cross_attention(attn2, block.norm2)
 
     # Same positional order as diffusers' BasicTransformerBlock.forward (gradient checkpointing
@@ -169,11 +214,21 @@ class LayeredTransformerBlock(nn.Module):
             h = h.squeeze(1)
         if ctx is not None and ctx.num_layers > 1:
             h = h + self.inter_layer_attn(h, ctx)
-        h = self.attn2(
-            self.norm2(h), encoder_hidden_states=encoder_hidden_states, attention_mask=encoder_attention_mask, **kwargs
-        ) + h
-        if ctx is not None and ctx.layer_tokens is not None:
-            h = h + self.intra_layer_attn(h, ctx.layer_tokens)
+        layer_tokens = None if ctx is None else ctx.layer_tokens
+        shared = self.intra_layer_attn.mode == "shared"
+        if layer_tokens is not None and shared and encoder_attention_mask is None and not kwargs:
+            h = _shared_cross_attention(self.attn2, self.intra_layer_attn, self.norm2(h), encoder_hidden_states,
+                                        layer_tokens) + h
+        else:
+            x = self.norm2(h)
+            h = self.attn2(x, encoder_hidden_states=encoder_hidden_states, attention_mask=encoder_attention_mask,
+                           **kwargs) + h
+            if layer_tokens is not None and shared:  # same sum, the global part through diffusers' processor
+                q = rearrange(self.attn2.to_q(x), "s n (h d) -> s h n d", h=self.attn2.heads)
+                a = self.intra_layer_attn.gate.to(q.dtype) * self.intra_layer_attn.attend(q, layer_tokens)
+                h = h + F.linear(rearrange(a, "s h n d -> s n (h d)"), self.attn2.to_out[0].weight)
+            elif layer_tokens is not None:
+                h = h + self.intra_layer_attn(h, layer_tokens)
         h = self.ff(self.norm3(h)) + h
         if h.ndim == 4:
             h = h.squeeze(1)

@@ -48,14 +48,16 @@ def _widen_conv(conv: nn.Conv2d, in_channels: int | None = None, out_channels: i
     return new
 
 
-def _wrap_transformer_blocks(unet: nn.Module, max_layers: int, layer_head_dim: int) -> int:
+def _wrap_transformer_blocks(unet: nn.Module, max_layers: int, layer_head_dim: int, inter_layer_width: float = 1.0,
+                            intra_layer_mode: str = "separate") -> int:
     count = 0
     for module in unet.modules():
         blocks = getattr(module, "transformer_blocks", None)
         if isinstance(blocks, nn.ModuleList):
             for i, block in enumerate(blocks):
                 if not isinstance(block, LayeredTransformerBlock):
-                    blocks[i] = LayeredTransformerBlock(block, max_layers, layer_head_dim)
+                    blocks[i] = LayeredTransformerBlock(block, max_layers, layer_head_dim, inter_layer_width,
+                                                        intra_layer_mode)
                     count += 1
     return count
 
@@ -86,7 +88,8 @@ class LayerDiffUNet(nn.Module):
         base.conv_out = _widen_conv(base.conv_out, out_channels=CHANNELS_PER_LAYER)
         # keep the diffusers config truthful about the widened convolutions
         base.register_to_config(in_channels=CHANNELS_PER_LAYER, out_channels=CHANNELS_PER_LAYER)
-        n = _wrap_transformer_blocks(base, config.max_layers, config.layer_head_dim)
+        n = _wrap_transformer_blocks(base, config.max_layers, config.layer_head_dim, config.inter_layer_width,
+                                     config.intra_layer_mode)
         if n == 0:
             raise LayerDiffError("base UNet has no transformer blocks: LayerDiff needs a text-conditioned SD UNet")
         text_dim = int(base.config.cross_attention_dim)  # the text encoder's width, by construction
