@@ -23,7 +23,7 @@ TOY_RECIPE = {
     "vae": {"steps": 4000, "batch_size": 8, "crop": 64, "lr": 1e-3, "lr_schedule": "cosine", "focus": 0.75,
             "object_weight": 4.0, "sample_posterior": False},
     "train": {
-        "steps": 6000,
+        "steps": 5000,
         "batch_size": 8,
         "lr_base": 3e-4,
         "lr_new": 3e-4,
