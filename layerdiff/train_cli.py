@@ -1,6 +1,7 @@
 """``python -m layerdiff train``: the trainer, and the one-command recipe of the built-in toy model.
 
-``--preset toy`` chains: toy data (if --data has none) -> the toy VAE -> LayerDiff (UNet, prompt
+``--preset toy`` chains: toy data (if --data has none) -> the toy VAE -> its decoder fine-tuned on noisy
+latents -> LayerDiff (UNet, prompt
 enhancer and the small text encoder trained together) -> ``OUT/layerdiff-toy.safetensors``.
 Every stage is resumable: rerunning the same command continues where a killed run stopped.
 """
@@ -22,6 +23,9 @@ TOY_RECIPE = {
     # crops centred on objects, object pixels weighted x4, posterior means decoded (see train_vae)
     "vae": {"steps": 4000, "batch_size": 8, "crop": 64, "lr": 1e-3, "lr_schedule": "cosine", "focus": 0.75,
             "object_weight": 4.0, "sample_posterior": False},
+    # then the decoder alone learns to decode noisy latents (the encoder, so the latents, stay fixed)
+    "decoder": {"steps": 1000, "batch_size": 8, "crop": 64, "lr": 3e-4, "lr_schedule": "cosine", "focus": 0.75,
+                "object_weight": 4.0, "sample_posterior": False, "decoder_only": True, "latent_noise": 0.3},
     "train": {
         "steps": 5000,
         "batch_size": 8,
@@ -124,6 +128,8 @@ def run_toy_recipe(args, settings: dict) -> int:
     recipe = json.loads(json.dumps(TOY_RECIPE))
     recipe["train"].update(settings.get("train", {}))
     recipe["vae"].update(settings.get("vae", {}))
+    if "decoder" in settings:
+        recipe["decoder"] = {**recipe.get("decoder", {}), **settings["decoder"]} if settings["decoder"] else {}
     if args.steps is not None:
         recipe["train"]["steps"] = args.steps
     if args.batch_size is not None:
@@ -158,6 +164,20 @@ def run_toy_recipe(args, settings: dict) -> int:
             overwrite=True,
         )
     timings["vae_s"] = round(time.time() - t, 1)
+    decoder_file = out / "vae-decoder.safetensors"
+    t = time.time()
+    if recipe.get("decoder"):
+        if decoder_file.is_file():
+            tensors, _ = read_safetensors(decoder_file)
+            model.vae.load_state_dict(tensors)
+        else:
+            torch.manual_seed(args.seed)
+            train_vae(model.vae, data, out / "decoder_run", VaeTrainConfig(seed=args.seed, **recipe["decoder"]))
+            save_safetensors_atomic(
+                model.vae.state_dict(), decoder_file,
+                metadata={"scaling_factor": str(model.vae.config.scaling_factor)}, overwrite=True,
+            )
+    timings["decoder_s"] = round(time.time() - t, 1)
     model.vae.eval().requires_grad_(False)
     # the LayerDiff config records the trained VAE's scaling factor
     model.config = model.unet.config = config.replace(vae={**config.vae, "scaling_factor": model.vae.config.scaling_factor})

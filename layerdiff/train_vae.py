@@ -43,6 +43,12 @@ class VaeTrainConfig:
     # which learns exact colours much faster than decoding noisy posterior samples.
     sample_posterior: bool = True
     lr_schedule: str = "constant"  # constant | cosine (to 10% of lr at the last step)
+    # Decoder fine-tuning (after the VAE is trained): the encoder is frozen, so latents cached from
+    # it stay valid, and the decoder learns to decode latents perturbed by Gaussian noise of up to
+    # ``latent_noise`` (in units of the scaled latents, per sample uniform in [0, latent_noise]) to
+    # the clean image: a diffusion model's samples are never exactly on the encoder's manifold.
+    decoder_only: bool = False
+    latent_noise: float = 0.0
 
 
 def _image_pool(data, count: int, size: int, seed: int) -> torch.Tensor:
@@ -120,7 +126,14 @@ def train_vae(vae, data, out: str | Path, config: VaeTrainConfig, size: int = 12
     centres = _object_centres(pool)
     foreground = _is_foreground_image(pool)
     vae.train().requires_grad_(True)
-    opt = torch.optim.AdamW(vae.parameters(), lr=config.lr, weight_decay=0.0)
+    params = list(vae.parameters())
+    if config.decoder_only:
+        vae.encoder.requires_grad_(False).eval()
+        if getattr(vae, "quant_conv", None) is not None:
+            vae.quant_conv.requires_grad_(False)
+        params = [p for p in vae.parameters() if p.requires_grad]
+    scale = float(getattr(vae.config, "scaling_factor", 1.0))
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     step = 0
     ck = latest_checkpoint(out)
     if ck is not None:
@@ -142,10 +155,14 @@ def train_vae(vae, data, out: str | Path, config: VaeTrainConfig, size: int = 12
         c = config.crop
         ys, xs = _crop_origins(centres, idx, size, c, config.focus, g)
         x = torch.stack([pool[i, :, y : y + c, xx : xx + c] for i, y, xx in zip(idx.tolist(), ys, xs)])
-        post = vae.encode(x).latent_dist
+        with torch.set_grad_enabled(not config.decoder_only):
+            post = vae.encode(x).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=g) if config.sample_posterior else post.mean
+        if config.latent_noise > 0:
+            sigma = torch.rand(len(z), 1, 1, 1, generator=g) * config.latent_noise / scale
+            z = z + sigma * torch.randn(z.shape, generator=g)
         rec = vae.decode(z).sample
-        kl = post.kl().mean() / (z[0].numel())
+        kl = post.kl().mean() / (z[0].numel()) if not config.decoder_only else torch.zeros(())
         w = torch.ones_like(x[:, :1])
         if config.object_weight != 1.0:  # object pixels of foreground layers
             obj = (x.abs() > 0.04).any(1, keepdim=True) & foreground[idx].view(-1, 1, 1, 1)
@@ -154,7 +171,7 @@ def train_vae(vae, data, out: str | Path, config: VaeTrainConfig, size: int = 12
         loss = ((err.abs() + err**2) * w).mean() + config.kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
         losses.append(loss.item())
@@ -168,8 +185,9 @@ def train_vae(vae, data, out: str | Path, config: VaeTrainConfig, size: int = 12
             save_training_state(out, step, vae, opt, None, {}, keep=1)
     if bar is not None:
         bar.close()
-    vae.eval()
-    set_scaling_factor(vae, pool[:256])
+    vae.eval().requires_grad_(False)
+    if not config.decoder_only:  # a frozen encoder keeps its latents, and so its scale
+        set_scaling_factor(vae, pool[:256])
     return vae
 
 

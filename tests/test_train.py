@@ -613,3 +613,20 @@ def test_vae_recipe_options_train_and_bad_schedule_is_named(data, tmp_path):
     assert all(torch.isfinite(p).all() for p in vae.parameters()) and vae.config.scaling_factor > 0
     with pytest.raises(LayerDiffError, match="VAE lr_schedule 'step'"):
         train_vae(vae, data, tmp_path / "vae2", VaeTrainConfig(steps=1, lr_schedule="step"), size=SIZE, progress=False)
+
+
+def test_decoder_fine_tuning_keeps_the_encoder_and_its_latent_scale(data, tmp_path):
+    from layerdiff.train_vae import VaeTrainConfig, train_vae
+
+    vae = build_random_model(get_preset("tiny"), seed=0).vae
+    vae.register_to_config(scaling_factor=0.5)
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    cfg = VaeTrainConfig(steps=2, batch_size=2, crop=32, images=12, lr=1e-2, decoder_only=True, latent_noise=0.3,
+                         sample_posterior=False, checkpoint_every=2)
+    train_vae(vae, data, tmp_path / "dec", cfg, size=SIZE, progress=False)
+    after = vae.state_dict()
+    enc = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    dec = [k for k in before if k.startswith(("decoder.", "post_quant_conv.")) and before[k].dtype.is_floating_point]
+    assert enc and all(torch.equal(before[k], after[k]) for k in enc)  # latents (and caches of them) stay valid
+    assert any(not torch.equal(before[k], after[k]) for k in dec)
+    assert vae.config.scaling_factor == 0.5
