@@ -209,25 +209,41 @@ class LatentCache:
     @classmethod
     def build(cls, model: LayerDiffModel, data, size: int, path: Path, max_layers: int, batch_size: int = 32):
         from layerdiff.data.format import read_shard
-        from layerdiff.data.reader import collate_layered, resolve_shards, sample_to_tensors
+        from layerdiff.data.reader import resolve_shards, sample_to_tensors
 
         if path.exists():
             return cls.load(path)
         lat_all, valid_all, gp, lp = [], [], [], []
         buf = []
+        white = None  # the background's mask slot: one constant latent, encoded once
 
         def flush():
+            # only real layers are encoded (no padded slots, no constant white masks): one VAE
+            # call for the images of the buffered samples and one for their foreground masks
+            nonlocal white
             if not buf:
                 return
-            batch = collate_layered(buf)
-            imgs = batch["images"].permute(0, 1, 3, 4, 2) * 0.5 + 0.5  # (B, L, S, S, 3) in 0..1
-            masks = batch["masks"][:, 1:, 0]  # (B, L-1, S, S)
-            lat = model.encode_layers(imgs, masks).float()  # (B, L, 8, h, w)
-            pad = max_layers - lat.shape[1]
-            lat_all.append(F.pad(lat, (0, 0, 0, 0, 0, 0, 0, pad)).half())
-            valid_all.append(F.pad(batch["valid"], (0, pad)))
-            gp.extend(batch["global_prompt"])
-            lp.extend([row + [""] * pad for row in batch["layer_prompts"]])
+            imgs = torch.cat([item["images"] for item in buf])  # (sum L, 3, S, S) in [-1, 1]
+            msks = torch.cat([item["masks"][1:] for item in buf])  # (sum (L-1), 1, S, S) in 0..1
+            lat_img = model.encode_images(imgs).float()
+            lat_msk = model.encode_images(msks.expand(-1, 3, -1, -1) * 2 - 1).float() if len(msks) else None
+            if white is None:
+                white = model.encode_images(torch.ones_like(imgs[:1])).float()[0]
+            lat = torch.zeros(len(buf), max_layers, 8, *lat_img.shape[-2:])
+            valid = torch.zeros(len(buf), max_layers, dtype=torch.bool)
+            oi = om = 0
+            for b, item in enumerate(buf):
+                n = item["num_layers"]
+                lat[b, :n, :4] = lat_img[oi:oi + n]
+                lat[b, 0, 4:] = white
+                if n > 1:
+                    lat[b, 1:n, 4:] = lat_msk[om:om + n - 1]
+                valid[b, :n] = True
+                oi, om = oi + n, om + n - 1
+                gp.append(item["global_prompt"])
+                lp.append(list(item["layer_prompts"]) + [""] * (max_layers - n))
+            lat_all.append(lat.half())
+            valid_all.append(valid)
             buf.clear()
 
         for shard in resolve_shards(data):

@@ -630,3 +630,24 @@ def test_decoder_fine_tuning_keeps_the_encoder_and_its_latent_scale(data, tmp_pa
     assert enc and all(torch.equal(before[k], after[k]) for k in enc)  # latents (and caches of them) stay valid
     assert any(not torch.equal(before[k], after[k]) for k in dec)
     assert vae.config.scaling_factor == 0.5
+
+
+def test_latent_cache_equals_encoding_each_sample_on_its_own(data, tmp_path):
+    """The cache encodes only real layers in shared VAE calls; every valid slot must equal the
+    plain per-sample encoding (encode_layers), prompts and validity must line up."""
+    from layerdiff.data.format import read_shard
+    from layerdiff.data.reader import resolve_shards, sample_to_tensors
+
+    model = tiny()
+    cache = LatentCache.build(model, data, SIZE, tmp_path / "cache.safetensors", max_layers=4, batch_size=5)
+    samples = [s for shard in resolve_shards(data) for s in read_shard(shard)]
+    assert len(cache) == len(samples)
+    for i, sample in enumerate(samples):
+        t = sample_to_tensors(sample, SIZE)
+        n = t["num_layers"]
+        ref = model.encode_layers((t["images"].permute(0, 2, 3, 1)[None] * 0.5 + 0.5), t["masks"][None, 1:, 0])[0]
+        torch.testing.assert_close(cache.latents[i, :n].float(), ref.half().float(), atol=2e-3, rtol=2e-3)
+        assert cache.valid[i].tolist() == [k < n for k in range(4)]
+        assert cache.global_prompts[i] == sample.global_prompt and cache.layer_prompts[i][:n] == list(sample.layer_prompts)
+    again = LatentCache.load(tmp_path / "cache.safetensors")
+    assert torch.equal(again.latents, cache.latents) and again.layer_prompts == cache.layer_prompts
