@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from layerdiff.errors import LayerDiffError
@@ -97,11 +96,15 @@ class TrainConfig:
         warm = min(1.0, (step + 1) / max(1, self.warmup_steps))
         if self.lr_schedule == "constant" or step < self.warmup_steps:
             return warm
-        frac = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+        return cosine_scale((step - self.warmup_steps) / max(1, self.steps - self.warmup_steps))
 
 
 LR_SCHEDULES = ("constant", "cosine")
+
+
+def cosine_scale(frac: float) -> float:
+    """Cosine decay from 1 (``frac`` 0) to 0.1 (``frac`` 1 and beyond)."""
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
 
 
 # ----------------------------------------------------------------------------- randomness

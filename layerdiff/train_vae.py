@@ -9,7 +9,6 @@ latent scaling factor is set to 1 / std of the latents, as SD's 0.18215 was chos
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,7 +115,13 @@ def _crop_origins(centres: torch.Tensor, idx: torch.Tensor, size: int, crop: int
 
 def train_vae(vae, data, out: str | Path, config: VaeTrainConfig, size: int = 128, progress: bool = True):
     """Train ``vae`` in place; checkpoints in ``out/checkpoints`` (resumable); returns the vae."""
-    from layerdiff.train import latest_checkpoint, load_training_state, save_training_state, step_generator
+    from layerdiff.train import (
+        cosine_scale,
+        latest_checkpoint,
+        load_training_state,
+        save_training_state,
+        step_generator,
+    )
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -147,9 +152,8 @@ def train_vae(vae, data, out: str | Path, config: VaeTrainConfig, size: int = 12
     losses, t0 = [], time.time()
     while step < config.steps:
         if config.lr_schedule == "cosine":
-            scale = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(1, config.steps)))
             for group in opt.param_groups:
-                group["lr"] = config.lr * scale
+                group["lr"] = config.lr * cosine_scale(step / max(1, config.steps))
         g = step_generator(config.seed, step, 0, stream=3)
         idx = torch.randint(0, len(pool), (config.batch_size,), generator=g)
         c = config.crop
