@@ -27,7 +27,7 @@ TOY_RECIPE = {
     "decoder": {"steps": 1000, "batch_size": 8, "crop": 64, "lr": 3e-4, "lr_schedule": "cosine", "focus": 0.75,
                 "object_weight": 4.0, "sample_posterior": False, "decoder_only": True, "latent_noise": 0.3},
     "train": {
-        "steps": 5000,
+        "steps": 7000,
         "batch_size": 8,
         "lr_base": 3e-4,
         "lr_new": 3e-4,
@@ -128,6 +128,8 @@ def run_toy_recipe(args, settings: dict) -> int:
     recipe = json.loads(json.dumps(TOY_RECIPE))
     recipe["train"].update(settings.get("train", {}))
     recipe["vae"].update(settings.get("vae", {}))
+    if settings.get("unet"):
+        recipe["unet"] = dict(settings["unet"])
     if "decoder" in settings:
         recipe["decoder"] = {**recipe.get("decoder", {}), **settings["decoder"]} if settings["decoder"] else {}
     if args.steps is not None:
@@ -149,6 +151,8 @@ def run_toy_recipe(args, settings: dict) -> int:
     timings["data_s"] = round(time.time() - t, 1)
 
     config = get_preset("toy")
+    if recipe.get("unet"):  # e.g. {"block_out_channels": [32, 64, 64]}: measured alternatives to the preset's UNet
+        config = config.replace(unet={**config.unet, **recipe["unet"]})
     model = build_random_model(config, seed=args.seed)
     vae_file = out / "vae.safetensors"
     t = time.time()

@@ -651,3 +651,42 @@ def test_latent_cache_equals_encoding_each_sample_on_its_own(data, tmp_path):
         assert cache.global_prompts[i] == sample.global_prompt and cache.layer_prompts[i][:n] == list(sample.layer_prompts)
     again = LatentCache.load(tmp_path / "cache.safetensors")
     assert torch.equal(again.latents, cache.latents) and again.layer_prompts == cache.layer_prompts
+
+
+def test_ema_update_is_the_decayed_average_for_every_dtype():
+    from layerdiff.train import ema_update
+
+    gen = torch.Generator().manual_seed(0)
+    params = {"a": torch.randn(5, generator=gen), "b": torch.randn(3, 4, generator=gen).half()}
+    ema = {"a": torch.randn(5, generator=gen), "b": torch.randn(3, 4, generator=gen)}
+    want = {k: 0.9 * ema[k] + 0.1 * params[k].float() for k in ema}
+    ema_update(ema, params, 0.9)  # "b": fp16 weight, fp32 average (the per-weight path)
+    for k in ema:
+        assert ema[k].dtype == torch.float32
+        torch.testing.assert_close(ema[k], want[k], rtol=0, atol=1e-6)
+    same = {"a": params["a"]}
+    ema_update(same, {"a": params["a"].clone()}, 0.5)  # equal values stay put (the fused path)
+    assert torch.equal(same["a"], params["a"])
+
+
+def test_toy_recipe_runs_every_stage_and_ships_its_unet_override(tmp_path, capsys):
+    """The one-command recipe end to end at a few steps: toy data -> VAE -> decoder -> latent cache
+    -> LayerDiff -> the fp16 shipped file, whose config carries the recipe's UNet override."""
+    from layerdiff.cli import main
+
+    small = {"block_out_channels": [16, 32, 32], "norm_num_groups": 8}
+    cfg = tmp_path / "recipe.json"
+    cfg.write_text(json.dumps({"unet": small, "samples": 6, "vae": {"steps": 2, "batch_size": 2, "crop": 32},
+                               "decoder": {"steps": 1, "batch_size": 2, "crop": 32},
+                               "train": {"steps": 2, "batch_size": 2, "sample_every": 0, "checkpoint_every": 1}}))
+    out, data = tmp_path / "run", tmp_path / "data"
+    assert main(["train", "--preset", "toy", "--config", str(cfg), "--data", str(data), "--out", str(out)]) == 0
+    for name in ("vae.safetensors", "vae-decoder.safetensors", "layerdiff/latents-128.safetensors",
+                 "layerdiff-toy.safetensors", "timings.json"):
+        assert (out / name).is_file(), name
+    model = load_layerdiff(out / "layerdiff-toy.safetensors")
+    assert model.config.name == "toy" and model.config.unet["block_out_channels"] == small["block_out_channels"]
+    assert model.config.unet["sample_size"] == 16 and model.config.image_size == 128
+    recipe = json.loads(read_safetensors(out / "layerdiff-toy.safetensors")[1]["recipe"])
+    assert recipe["unet"] == small and recipe["train"]["steps"] == 2
+    assert "wrote" in capsys.readouterr().err
