@@ -113,6 +113,25 @@ def _overrides(args) -> dict:
     return out
 
 
+def _unet_override(value) -> dict:
+    """The recipe's ``"unet"`` setting: keys of diffusers' UNet2DConditionModel config."""
+    import inspect
+
+    from diffusers import UNet2DConditionModel
+
+    from layerdiff.errors import LayerDiffError
+
+    if not isinstance(value, dict):
+        raise LayerDiffError(f"the recipe's \"unet\" setting is {value!r}: give an object of UNet config keys, "
+                             'e.g. {"block_out_channels": [48, 96, 96]}')
+    known = set(inspect.signature(UNet2DConditionModel.__init__).parameters) - {"self"}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise LayerDiffError(f"the recipe's \"unet\" setting has unknown key(s) {unknown}: use keys of diffusers' "
+                             "UNet2DConditionModel config, e.g. block_out_channels, down_block_types")
+    return dict(value)
+
+
 def run_toy_recipe(args, settings: dict) -> int:
     """data -> VAE -> LayerDiff for the built-in toy model; every stage resumable."""
     import torch
@@ -129,7 +148,7 @@ def run_toy_recipe(args, settings: dict) -> int:
     recipe["train"].update(settings.get("train", {}))
     recipe["vae"].update(settings.get("vae", {}))
     if settings.get("unet"):
-        recipe["unet"] = dict(settings["unet"])
+        recipe["unet"] = _unet_override(settings["unet"])
     if "decoder" in settings:
         recipe["decoder"] = {**recipe.get("decoder", {}), **settings["decoder"]} if settings["decoder"] else {}
     if args.steps is not None:

@@ -690,3 +690,17 @@ def test_toy_recipe_runs_every_stage_and_ships_its_unet_override(tmp_path, capsy
     recipe = json.loads(read_safetensors(out / "layerdiff-toy.safetensors")[1]["recipe"])
     assert recipe["unet"] == small and recipe["train"]["steps"] == 2
     assert "wrote" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("unet", "needle"), [({"block_out_chanels": [8]}, "block_out_chanels"), ([1, 2], "[1, 2]")],
+                         ids=["typo", "not-an-object"])
+def test_toy_recipe_names_a_bad_unet_override_before_any_work(tmp_path, capsys, unet, needle):
+    from layerdiff.cli import main
+
+    cfg = tmp_path / "recipe.json"
+    cfg.write_text(json.dumps({"unet": unet}))
+    out, data = tmp_path / "run", tmp_path / "data"
+    assert main(["train", "--preset", "toy", "--config", str(cfg), "--data", str(data), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "\"unet\" setting" in err and needle in err, err
+    assert not data.exists() and not out.exists(), "a bad setting must fail before any data or output is made"
