@@ -1,8 +1,8 @@
 """``python -m layerdiff train``: the trainer, and the one-command recipe of the built-in toy model.
 
-``--preset toy`` chains: toy data (if --data has none) -> the toy VAE -> its decoder fine-tuned on noisy
-latents -> LayerDiff (UNet, prompt
-enhancer and the small text encoder trained together) -> ``OUT/layerdiff-toy.safetensors``.
+``--preset toy`` chains: toy data (if --data has none) -> the toy VAE -> its decoder fine-tuned on
+noisy latents -> LayerDiff (UNet, prompt enhancer and the small text encoder trained together) ->
+``OUT/layerdiff-toy.safetensors``.
 Every stage is resumable: rerunning the same command continues where a killed run stopped.
 """
 
@@ -132,22 +132,38 @@ def _unet_override(value) -> dict:
     return dict(value)
 
 
+def _vae_stage(vae, data, file: Path, run_dir: Path, settings: dict, seed: int) -> None:
+    """One VAE stage of the recipe: load its finished file, or train (resumably) and save it."""
+    import torch
+
+    from layerdiff.io.files import read_safetensors, save_safetensors_atomic
+    from layerdiff.train_vae import VaeTrainConfig, train_vae
+
+    if file.is_file():
+        tensors, meta = read_safetensors(file)
+        vae.load_state_dict(tensors)
+        vae.register_to_config(scaling_factor=float(meta["scaling_factor"]))
+        return
+    torch.manual_seed(seed)
+    train_vae(vae, data, run_dir, VaeTrainConfig(seed=seed, **settings))
+    save_safetensors_atomic(vae.state_dict(), file, metadata={"scaling_factor": str(vae.config.scaling_factor)},
+                            overwrite=True)
+
+
 def run_toy_recipe(args, settings: dict) -> int:
-    """data -> VAE -> LayerDiff for the built-in toy model; every stage resumable."""
+    """data -> VAE -> decoder fine-tuning -> LayerDiff for the built-in toy model; every stage resumable."""
     import torch
 
     from layerdiff.config import get_preset
     from layerdiff.data.format import list_shards
     from layerdiff.io.checkpoint import build_random_model
-    from layerdiff.io.files import read_safetensors, save_safetensors_atomic
     from layerdiff.pipeline import LayerPrompts
     from layerdiff.train import TrainConfig, train
-    from layerdiff.train_vae import VaeTrainConfig, train_vae
 
     recipe = json.loads(json.dumps(TOY_RECIPE))
     recipe["train"].update(settings.get("train", {}))
     recipe["vae"].update(settings.get("vae", {}))
-    if settings.get("unet"):
+    if "unet" in settings:
         recipe["unet"] = _unet_override(settings["unet"])
     if "decoder" in settings:
         recipe["decoder"] = {**recipe.get("decoder", {}), **settings["decoder"]} if settings["decoder"] else {}
@@ -170,36 +186,15 @@ def run_toy_recipe(args, settings: dict) -> int:
     timings["data_s"] = round(time.time() - t, 1)
 
     config = get_preset("toy")
-    if recipe.get("unet"):  # e.g. {"block_out_channels": [32, 64, 64]}: measured alternatives to the preset's UNet
+    if recipe.get("unet"):
         config = config.replace(unet={**config.unet, **recipe["unet"]})
     model = build_random_model(config, seed=args.seed)
-    vae_file = out / "vae.safetensors"
     t = time.time()
-    if vae_file.is_file():
-        tensors, meta = read_safetensors(vae_file)
-        model.vae.load_state_dict(tensors)
-        model.vae.register_to_config(scaling_factor=float(meta["scaling_factor"]))
-    else:
-        torch.manual_seed(args.seed)
-        train_vae(model.vae, data, out / "vae_run", VaeTrainConfig(seed=args.seed, **recipe["vae"]))
-        save_safetensors_atomic(
-            model.vae.state_dict(), vae_file, metadata={"scaling_factor": str(model.vae.config.scaling_factor)},
-            overwrite=True,
-        )
+    _vae_stage(model.vae, data, out / "vae.safetensors", out / "vae_run", recipe["vae"], args.seed)
     timings["vae_s"] = round(time.time() - t, 1)
-    decoder_file = out / "vae-decoder.safetensors"
     t = time.time()
     if recipe.get("decoder"):
-        if decoder_file.is_file():
-            tensors, _ = read_safetensors(decoder_file)
-            model.vae.load_state_dict(tensors)
-        else:
-            torch.manual_seed(args.seed)
-            train_vae(model.vae, data, out / "decoder_run", VaeTrainConfig(seed=args.seed, **recipe["decoder"]))
-            save_safetensors_atomic(
-                model.vae.state_dict(), decoder_file,
-                metadata={"scaling_factor": str(model.vae.config.scaling_factor)}, overwrite=True,
-            )
+        _vae_stage(model.vae, data, out / "vae-decoder.safetensors", out / "decoder_run", recipe["decoder"], args.seed)
     timings["decoder_s"] = round(time.time() - t, 1)
     model.vae.eval().requires_grad_(False)
     # the LayerDiff config records the trained VAE's scaling factor
