@@ -58,6 +58,8 @@ class SamplingDefaults:
     mask_guidance: float = 0.75  # self-mask guidance scale s; 0 disables it
     mask_guidance_start: float = 0.25  # fraction of steps before SMG switches on
     mask_guidance_blur_sigma: float = 1.0  # Gaussian blur of x0 inside the predicted masks (latent px)
+    layout_cleanup: float = 0.0  # one object per foreground, no overlapping foregrounds (0..1; 0 off)
+    layout_cleanup_start: float = 0.25  # fraction of steps before layout cleanup switches on
     scheduler: str = "ddim"
     eta: float = 0.0
 

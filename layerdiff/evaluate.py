@@ -419,7 +419,7 @@ def _batches(items: Sequence[EvalItem], batch: int) -> list[list[EvalItem]]:
 
 def evaluate(model, items: Sequence[EvalItem], batch: int = DEFAULT_BATCH, steps: int | None = None,
              cfg: float | None = None, mask_guidance: float | None = None, scheduler: str | None = None,
-             keep: int = 0, progress: Callable[[int], object] | None = None) -> dict:
+             layout_cleanup: float | None = None, layout_cleanup_start: float | None = None, keep: int = 0, progress: Callable[[int], object] | None = None) -> dict:
     """Generate every item with plain CFG and with SMG (same prompts and seeds) and judge them.
 
     Returns {"settings", "records": {"cfg": [...], "smg": [...]} (in item order), "kept": {"cfg":
@@ -449,6 +449,8 @@ def evaluate(model, items: Sequence[EvalItem], batch: int = DEFAULT_BATCH, steps
         "mask_guidance": smg_scale,
         "mask_guidance_start": d.mask_guidance_start,
         "mask_guidance_blur": d.mask_guidance_blur_sigma,
+        "layout_cleanup": float(d.layout_cleanup if layout_cleanup is None else layout_cleanup),
+        "layout_cleanup_start": float(d.layout_cleanup_start if layout_cleanup_start is None else layout_cleanup_start),
         "image_size": model.config.image_size,
         "batch": batch,
     }
@@ -456,6 +458,7 @@ def evaluate(model, items: Sequence[EvalItem], batch: int = DEFAULT_BATCH, steps
     f = model.vae_scale_factor
     check_size(size, size, f)
     axis = model.mask_axis()
+    empty = model.empty_layer_latent() if settings["layout_cleanup"] else None
     records: dict[str, dict[int, dict]] = {v: {} for v in VARIANTS}
     kept: dict[str, dict] = {v: {} for v in VARIANTS}
     timing = {"cfg_s": 0.0, "smg_s": 0.0, "judge_s": 0.0}
@@ -470,7 +473,8 @@ def evaluate(model, items: Sequence[EvalItem], batch: int = DEFAULT_BATCH, steps
                 model.unet, cond, size // f, size // f, seeds, steps=settings["steps"], cfg=settings["cfg"],
                 scheduler=settings["scheduler"], scheduler_config=model.config.scheduler, mask_guidance=scale,
                 mask_guidance_start=d.mask_guidance_start, mask_guidance_blur=d.mask_guidance_blur_sigma,
-                mask_axis=axis if scale else None, eta=d.eta,
+                mask_axis=axis, layout_cleanup=settings["layout_cleanup"],
+                layout_cleanup_start=settings["layout_cleanup_start"], empty_latent=empty, eta=d.eta,
             )
             stack = decode_stack(model, latents, binarize=False)  # soft masks: overlaps are measured on them
             t1 = time.perf_counter()
@@ -550,6 +554,10 @@ def register(sub) -> None:
     p.add_argument("--mask-guidance", type=float, default=None,
                    help="self-mask guidance scale of the SMG run, above 0 (default: the model's)")
     p.add_argument("--scheduler", default=None, choices=sorted(SCHEDULERS), help="sampler (default: the model's)")
+    p.add_argument("--layout-cleanup", type=float, default=None,
+                   help="layout cleanup strength 0..1 in both runs, 0 off (default: the model's)")
+    p.add_argument("--layout-cleanup-start", type=float, default=None,
+                   help="fraction of steps before layout cleanup switches on (default: the model's)")
     p.add_argument("--exclude-train-seed", type=int, default=TRAIN_SEED,
                    help=f"seed of the toy training data whose scenes are excluded (default {TRAIN_SEED})")
     p.add_argument("--exclude-train-samples", type=int, default=TRAIN_SAMPLES,
@@ -643,7 +651,8 @@ def run(args) -> int:
     with tqdm(total=2 * len(items), desc="eval", unit="sample", file=sys.stderr, disable=None,
               mininterval=1.0) as bar:
         result = evaluate(model, items, batch=args.batch, steps=args.steps, cfg=args.cfg,
-                          mask_guidance=args.mask_guidance, scheduler=args.scheduler, keep=keep, progress=bar.update)
+                          mask_guidance=args.mask_guidance, scheduler=args.scheduler,
+                          layout_cleanup=args.layout_cleanup, layout_cleanup_start=args.layout_cleanup_start, keep=keep, progress=bar.update)
     records = result["records"]
     results = {v: summarise(records[v]) for v in VARIANTS}
     diff, stderr = compare_variants(records["cfg"], records["smg"])

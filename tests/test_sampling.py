@@ -7,7 +7,7 @@ import torch
 
 from layerdiff.errors import Interrupted, LayerDiffError
 from layerdiff.pipeline import LayerPrompts, encode_prompts, generate
-from layerdiff.sampling import SCHEDULERS, Lock, gaussian_blur, read_masks, sample
+from layerdiff.sampling import SCHEDULERS, Lock, _components, clean_layout, gaussian_blur, read_masks, sample
 
 PROMPTS = LayerPrompts("a red star in front of a brick wall", ("a brick wall", "a red star", "a blue circle"))
 
@@ -165,3 +165,85 @@ def test_generate_end_to_end_decodes_binary_non_overlapping_masks(tiny_model):
     assert stack.names[0].startswith("background") and stack.prompts == PROMPTS.layers
     again = generate(tiny_model, PROMPTS, width=64, height=48, seed=0, batch=2, steps=2)
     assert torch.equal(stack.images, again.images) and torch.equal(stack.masks, again.masks)
+
+
+WHITE, BLACK = torch.tensor([1.0, 2.0, 0.0, -1.0]), torch.tensor([-1.0, 0.0, 0.5, 1.0])
+EMPTY = torch.cat([torch.tensor([0.1, -0.2, 0.3, 0.0]), BLACK])
+
+
+def _scene(*layers):
+    """x0 (1, 1 + K, 8, 12, 12): background random, foreground k's mask channels black except its
+    boxes (y0, y1, x0, x1, value 0..1), image channels random."""
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(1, 1 + len(layers), 8, 12, 12, generator=g)
+    for k, boxes in enumerate(layers, start=1):
+        x0[0, k, 4:] = BLACK[:, None, None]
+        for y0, y1, x0_, x1, v in boxes:
+            x0[0, k, 4:, y0:y1, x0_:x1] = (BLACK + v * (WHITE - BLACK))[:, None, None]
+    return x0
+
+
+def test_components_are_eight_connected():
+    hard = torch.zeros(1, 6, 6, dtype=torch.bool)
+    hard[0, 0:2, 0:2] = True
+    hard[0, 2, 2] = True  # touches the first block diagonally: same component
+    hard[0, 4:6, 4:6] = True  # separate
+    lab = _components(hard)
+    assert lab[0, 0, 0] == lab[0, 2, 2] != lab[0, 5, 5]
+    assert (lab[~hard] == 36).all() and len(torch.unique(lab[hard])) == 2
+
+
+def test_clean_layout_keeps_one_object_per_layer():
+    x0 = _scene([(1, 5, 1, 5, 1.0), (9, 11, 9, 11, 1.0)], [(1, 3, 8, 11, 0.9)])
+    out = clean_layout(x0, WHITE, BLACK, EMPTY)
+    m = read_masks(out, WHITE, BLACK)[0] > 0.5
+    assert m[0, 1:5, 1:5].all() and not m[0, 8:, 8:].any()  # the smaller copy is gone
+    assert torch.equal(out[0, 1, :, 1:5, 1:5], x0[0, 1, :, 1:5, 1:5])  # the kept object is untouched
+    torch.testing.assert_close(out[0, 1, :, 9, 9], EMPTY)  # emptied: neutral fill, black mask
+    assert torch.equal(out[:, 0], x0[:, 0]) and torch.equal(out[:, 2], x0[:, 2])  # background, clean layer
+    assert torch.equal(clean_layout(x0, WHITE, BLACK, EMPTY, strength=0.0), x0)
+    half = clean_layout(x0, WHITE, BLACK, EMPTY, strength=0.5)
+    torch.testing.assert_close(half[0, 1, :, 9, 9], (x0[0, 1, :, 9, 9] + EMPTY) / 2)
+
+
+def test_clean_layout_one_pixel_gap_does_not_split_an_object():
+    x0 = _scene([(2, 6, 2, 4, 1.0), (2, 6, 5, 7, 1.0)])  # two bars one latent pixel apart
+    assert torch.equal(clean_layout(x0, WHITE, BLACK, EMPTY), x0)
+
+
+def _touch(a, b):
+    """True where mask a has a pixel on or 8-adjacent to a pixel of mask b."""
+    grown = torch.nn.functional.max_pool2d(b[None, None].float(), 3, stride=1, padding=1)[0, 0] > 0
+    return bool((a & grown).any())
+
+
+def test_clean_layout_overlap_goes_to_the_stronger_mask_or_a_priority_layer():
+    x0 = _scene([(2, 8, 2, 8, 0.8)], [(5, 10, 5, 10, 1.0)])
+    m = read_masks(clean_layout(x0, WHITE, BLACK, EMPTY), WHITE, BLACK)[0] > 0.5
+    assert m[1, 5:10, 5:10].all()  # the stronger layer 2 keeps the shared pixels
+    assert m[0, 2:4, 2:8].all() and m[0, 2:8, 2:4].all()  # layer 1 keeps what is away from layer 2
+    assert not _touch(m[0], m[1])  # and leaves a latent pixel of gap: decoded masks would overlap
+    no_gap = read_masks(clean_layout(x0, WHITE, BLACK, EMPTY, gap=False), WHITE, BLACK)[0] > 0.5
+    assert not (no_gap[0] & no_gap[1]).any() and _touch(no_gap[0], no_gap[1]) and no_gap[0, 4, 2:5].all()
+    first = torch.tensor([[True, False]])
+    out = clean_layout(x0, WHITE, BLACK, EMPTY, priority=first)
+    m = read_masks(out, WHITE, BLACK)[0] > 0.5
+    assert m[0, 2:8, 2:8].all() and not _touch(m[1], m[0]) and m[1, 9, 5:10].all()
+    assert torch.equal(out[0, 1], x0[0, 1])  # a priority layer is never changed
+
+
+def test_sampler_layout_cleanup(trained_like_tiny_model):
+    model = trained_like_tiny_model
+    cond = encode_prompts(model, PROMPTS)
+    empty = model.empty_layer_latent()
+    assert empty.shape == (8,)
+    plain = _sample(model, cond)
+    late = _sample(model, cond, layout_cleanup=1.0, layout_cleanup_start=1.0, empty_latent=empty)
+    assert torch.equal(plain, late)  # start fraction 1.0: never switched on
+    a = _sample(model, cond, layout_cleanup=1.0, layout_cleanup_start=0.0, empty_latent=empty)
+    b = _sample(model, cond, layout_cleanup=1.0, layout_cleanup_start=0.0, empty_latent=empty)
+    assert torch.equal(a, b) and torch.isfinite(a).all()
+    with pytest.raises(LayerDiffError, match="layout_cleanup 1.5 must be within 0..1"):
+        _sample(model, cond, layout_cleanup=1.5, empty_latent=empty)
+    with pytest.raises(LayerDiffError, match="layout cleanup needs mask_axis and empty_latent"):
+        _sample(model, cond, layout_cleanup=1.0)

@@ -119,3 +119,12 @@ class LayerDiffModel:
         img = torch.stack([torch.ones(3, size, size), -torch.ones(3, size, size)])
         lat = self.encode_images(img).float().mean(dim=(2, 3))  # (2, 4)
         return lat[0], lat[1]
+
+    @torch.no_grad()
+    def empty_layer_latent(self) -> torch.Tensor:
+        """Latent (8,) of an empty foreground layer, averaged over space: the neutral grey fill of
+        the training data (METHOD.md section 1) as image, an all-black mask (layout cleanup)."""
+        size = self.vae_scale_factor * 4
+        img = torch.stack([torch.zeros(3, size, size), -torch.ones(3, size, size)])
+        lat = self.encode_images(img).float().mean(dim=(2, 3))  # (2, 4)
+        return torch.cat([lat[0], lat[1]])
