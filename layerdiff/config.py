@@ -55,11 +55,12 @@ class SamplingDefaults:
 
     steps: int = 25
     cfg: float = 7.5
+    background_cfg: float | None = None  # the background layer's guidance scale; None: the same as cfg
     mask_guidance: float = 0.75  # self-mask guidance scale s; 0 disables it
     mask_guidance_start: float = 0.25  # fraction of steps before SMG switches on
     mask_guidance_blur_sigma: float = 1.0  # Gaussian blur of x0 inside the predicted masks (latent px)
-    layout_cleanup: float = 0.0  # one object per foreground, no overlapping foregrounds (0..1; 0 off)
-    layout_cleanup_start: float = 0.25  # fraction of steps before layout cleanup switches on
+    layout_cleanup: float = 1.0  # one object per foreground, no overlapping foregrounds (0..1; 0 off)
+    layout_cleanup_start: float = 0.1  # fraction of steps before layout cleanup switches on
     scheduler: str = "ddim"
     eta: float = 0.0
 
@@ -257,7 +258,7 @@ def _toy() -> LayerDiffConfig:
         layer_prompt_tokens=16,  # the longest toy layer prompt is 7 words (9 tokens)
         enhancer_head_dim=32,
         image_size=128,
-        sampling=SamplingDefaults(steps=20),
+        sampling=SamplingDefaults(steps=20, background_cfg=15.0),
         description="toy-world model: 128x128 images, 16x16 latents, word-level tokenizer",
     )
 

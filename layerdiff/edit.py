@@ -59,9 +59,11 @@ class SamplerSettings:
 
     steps: int | None = None
     cfg: float | None = None
+    background_cfg: float | None = None
     scheduler: str | None = None
     mask_guidance: float | None = None
     mask_guidance_start: float | None = None
+    layout_cleanup: float | None = None
     negative_prompt: str = ""
 
 
@@ -203,6 +205,7 @@ def _resample(
     B = stack.batch_size
     cond = encode_prompts(model, prompts).repeat(B)
     smg = d.mask_guidance if s.mask_guidance is None else s.mask_guidance
+    cleanup = d.layout_cleanup if s.layout_cleanup is None else s.layout_cleanup
     out = sample(
         model.unet,
         cond,
@@ -211,12 +214,16 @@ def _resample(
         [int(seed) + b for b in range(B)],
         steps=s.steps or d.steps,
         cfg=d.cfg if s.cfg is None else s.cfg,
+        background_cfg=d.background_cfg if s.background_cfg is None else s.background_cfg,
         scheduler=s.scheduler or d.scheduler,
         scheduler_config=model.config.scheduler,
         mask_guidance=smg,
         mask_guidance_start=d.mask_guidance_start if s.mask_guidance_start is None else s.mask_guidance_start,
         mask_guidance_blur=d.mask_guidance_blur_sigma,
-        mask_axis=model.mask_axis() if smg else None,
+        mask_axis=model.mask_axis() if smg or cleanup else None,
+        layout_cleanup=cleanup,
+        layout_cleanup_start=d.layout_cleanup_start,
+        empty_latent=model.empty_layer_latent() if cleanup else None,
         lock=Lock(lat, keep.to(lat.device)),
         init_latents=lat if strength < 1.0 else None,
         strength=strength,

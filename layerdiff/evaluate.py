@@ -418,7 +418,7 @@ def _batches(items: Sequence[EvalItem], batch: int) -> list[list[EvalItem]]:
 
 
 def evaluate(model, items: Sequence[EvalItem], batch: int = DEFAULT_BATCH, steps: int | None = None,
-             cfg: float | None = None, mask_guidance: float | None = None, scheduler: str | None = None,
+             cfg: float | None = None, background_cfg: float | None = None, mask_guidance: float | None = None, scheduler: str | None = None,
              layout_cleanup: float | None = None, layout_cleanup_start: float | None = None, keep: int = 0, progress: Callable[[int], object] | None = None) -> dict:
     """Generate every item with plain CFG and with SMG (same prompts and seeds) and judge them.
 
@@ -444,6 +444,7 @@ def evaluate(model, items: Sequence[EvalItem], batch: int = DEFAULT_BATCH, steps
     settings = {
         "steps": int(steps or d.steps),
         "cfg": float(d.cfg if cfg is None else cfg),
+        "background_cfg": float(next(v for v in (background_cfg, d.background_cfg, cfg, d.cfg) if v is not None)),
         "scheduler": scheduler or d.scheduler,
         "eta": d.eta,
         "mask_guidance": smg_scale,
@@ -471,6 +472,7 @@ def evaluate(model, items: Sequence[EvalItem], batch: int = DEFAULT_BATCH, steps
             t0 = time.perf_counter()
             latents = sample(
                 model.unet, cond, size // f, size // f, seeds, steps=settings["steps"], cfg=settings["cfg"],
+                background_cfg=settings["background_cfg"],
                 scheduler=settings["scheduler"], scheduler_config=model.config.scheduler, mask_guidance=scale,
                 mask_guidance_start=d.mask_guidance_start, mask_guidance_blur=d.mask_guidance_blur_sigma,
                 mask_axis=axis, layout_cleanup=settings["layout_cleanup"],
@@ -551,6 +553,8 @@ def register(sub) -> None:
     p.add_argument("--batch", type=int, default=DEFAULT_BATCH, help=f"scenes per sampler call (default {DEFAULT_BATCH})")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
+    p.add_argument("--background-cfg", type=float, default=None,
+                   help="guidance scale of the background layer (default: the model's, else --cfg)")
     p.add_argument("--mask-guidance", type=float, default=None,
                    help="self-mask guidance scale of the SMG run, above 0 (default: the model's)")
     p.add_argument("--scheduler", default=None, choices=sorted(SCHEDULERS), help="sampler (default: the model's)")
@@ -650,7 +654,7 @@ def run(args) -> int:
     keep = args.grid_samples if args.grid is not None else 0
     with tqdm(total=2 * len(items), desc="eval", unit="sample", file=sys.stderr, disable=None,
               mininterval=1.0) as bar:
-        result = evaluate(model, items, batch=args.batch, steps=args.steps, cfg=args.cfg,
+        result = evaluate(model, items, batch=args.batch, steps=args.steps, cfg=args.cfg, background_cfg=args.background_cfg,
                           mask_guidance=args.mask_guidance, scheduler=args.scheduler,
                           layout_cleanup=args.layout_cleanup, layout_cleanup_start=args.layout_cleanup_start, keep=keep, progress=bar.update)
     records = result["records"]

@@ -30,6 +30,11 @@ def register(sub) -> None:
                    help="self-mask guidance scale; 0 disables it (default: the model's)")
     p.add_argument("--mask-guidance-start", type=float, default=None,
                    help="fraction of steps before self-mask guidance starts (default 0.25)")
+    p.add_argument("--background-cfg", type=float, default=None,
+                   help="guidance scale of the background layer (default: the model's; the built-in model: 15)")
+    p.add_argument("--layout-cleanup", type=float, default=None,
+                   help="0..1: keep one object per foreground layer and keep foregrounds apart; 0 disables it "
+                        "(default: the model's)")
     p.add_argument("--scheduler", default=None, choices=sorted(SCHEDULERS), help="sampler (default ddim)")
     p.add_argument("--width", type=int, default=None, help="image width, a multiple of 8 (default: the model's)")
     p.add_argument("--height", type=int, default=None, help="image height, a multiple of 8 (default: the model's)")
@@ -58,6 +63,8 @@ def run(args) -> int:
             check_size(v if name == "width" else 8, v if name == "height" else 8)
     if args.batch < 1:
         raise LayerDiffError(f"--batch {args.batch} must be at least 1")
+    if args.layout_cleanup is not None and not 0.0 <= args.layout_cleanup <= 1.0:
+        raise LayerDiffError(f"--layout-cleanup {args.layout_cleanup} must be within 0..1 (0 disables it)")
     out = Path(args.out)
     _check_writable(out)
     if not args.overwrite:  # refuse before the (slow) generation, not after
@@ -76,7 +83,9 @@ def run(args) -> int:
     stack = generate(
         model, prompts, width=args.width, height=args.height, seed=args.seed, batch=args.batch,
         steps=args.steps, cfg=args.cfg, mask_guidance=args.mask_guidance,
-        mask_guidance_start=args.mask_guidance_start, scheduler=args.scheduler, callback=_progress_bar(),
+        mask_guidance_start=args.mask_guidance_start, scheduler=args.scheduler, background_cfg=args.background_cfg,
+        layout_cleanup=args.layout_cleanup,
+        callback=_progress_bar(),
     )
     d = model.config.sampling
     meta = {  # sizes and the global prompt are added by the writer from the stack itself
@@ -86,8 +95,10 @@ def run(args) -> int:
         "steps": args.steps or d.steps,
         "scheduler": args.scheduler or d.scheduler,
         "cfg": d.cfg if args.cfg is None else args.cfg,
+        "background_cfg": next(v for v in (args.background_cfg, d.background_cfg, args.cfg, d.cfg) if v is not None),
         "mask_guidance": d.mask_guidance if args.mask_guidance is None else args.mask_guidance,
         "mask_guidance_start": d.mask_guidance_start if args.mask_guidance_start is None else args.mask_guidance_start,
+        "layout_cleanup": d.layout_cleanup if args.layout_cleanup is None else args.layout_cleanup,
         "model": model.source,
         "batch": args.batch,
         "torch": torch.__version__,

@@ -145,13 +145,16 @@ def generate(
     mask_guidance: float | None = None,
     mask_guidance_start: float | None = None,
     scheduler: str | None = None,
+    background_cfg: float | None = None,
+    layout_cleanup: float | None = None,
     callback: Callback | None = None,
     conditioning: LayerConditioning | None = None,
     lock: Lock | None = None,
     init_latents: torch.Tensor | None = None,
     strength: float = 1.0,
 ) -> LayerStack:
-    """Generate ``batch`` composable images; sample b uses seed ``seed + b``. Defaults: model config."""
+    """Generate ``batch`` composable images; sample b uses seed ``seed + b``. Defaults (None): the
+    model config's sampling settings."""
     d = model.config.sampling
     width = width or model.config.image_size
     height = height or model.config.image_size
@@ -166,6 +169,7 @@ def generate(
     f = model.vae_scale_factor
     seeds = [int(seed) + b for b in range(batch)]
     smg = d.mask_guidance if mask_guidance is None else mask_guidance
+    cleanup = d.layout_cleanup if layout_cleanup is None else layout_cleanup
     latents = sample(
         model.unet,
         cond,
@@ -174,12 +178,16 @@ def generate(
         seeds,
         steps=steps or d.steps,
         cfg=d.cfg if cfg is None else cfg,
+        background_cfg=d.background_cfg if background_cfg is None else background_cfg,
         scheduler=scheduler or d.scheduler,
         scheduler_config=model.config.scheduler,
         mask_guidance=smg,
         mask_guidance_start=d.mask_guidance_start if mask_guidance_start is None else mask_guidance_start,
         mask_guidance_blur=d.mask_guidance_blur_sigma,
-        mask_axis=model.mask_axis() if smg else None,
+        mask_axis=model.mask_axis() if smg or cleanup else None,
+        layout_cleanup=cleanup,
+        layout_cleanup_start=d.layout_cleanup_start,
+        empty_latent=model.empty_layer_latent() if cleanup else None,
         lock=lock,
         init_latents=init_latents,
         strength=strength,

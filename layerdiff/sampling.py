@@ -272,6 +272,7 @@ def sample(
     seeds: list[int],
     steps: int = 25,
     cfg: float = 7.5,
+    background_cfg: float | None = None,
     scheduler: str = "ddim",
     scheduler_config: dict | None = None,
     mask_guidance: float = 0.0,
@@ -291,7 +292,8 @@ def sample(
     """Denoise a batch of layer stacks; returns clean latents (B, L, 8, h, w).
 
     height/width are latent sizes. ``seeds`` gives one seed per sample (same seed -> same result).
-    ``mask_guidance`` is the self-mask guidance scale s (0 disables it), switched on after the
+    ``background_cfg`` is the background layer's guidance scale (None: ``cfg``), the foregrounds use
+    ``cfg``. ``mask_guidance`` is the self-mask guidance scale s (0 disables it), switched on after the
     first ``mask_guidance_start`` fraction of steps. ``init_latents`` with ``strength`` < 1 starts
     from those latents noised part-way (restyling); strength 0 returns them unchanged.
     ``callback(step, total, x0)`` runs after every step with the predicted clean latents; returning
@@ -346,7 +348,11 @@ def sample(
         lock_clean = lock.latents.to(device=device, dtype=torch.float32)
         x = torch.where(locked, levels.noise_to(lock_clean, noise, start), x)
 
-    use_cfg = cfg != 1.0
+    use_cfg = cfg != 1.0 or (background_cfg is not None and background_cfg != 1.0)
+    scale: float | torch.Tensor = cfg
+    if background_cfg is not None and background_cfg != cfg:  # per layer: (1, L, 1, 1, 1)
+        scale = torch.full((1, L, 1, 1, 1), float(cfg), device=device)
+        scale[:, 0] = float(background_cfg)
     smg_from = start + int(math.ceil(mask_guidance_start * (n - start)))
     clean_from = start + int(math.ceil(layout_cleanup_start * (n - start)))
     priority = None
@@ -383,7 +389,7 @@ def sample(
             val.append(cond.valid)
         eps = _run(unet, torch.cat(inputs).to(dtype), t, torch.cat(glob), torch.cat(lay), torch.cat(val), max_batch)
         eps = eps.float().chunk(len(inputs))
-        guided = eps[1] + cfg * (eps[0] - eps[1]) if use_cfg else eps[0]
+        guided = eps[1] + scale * (eps[0] - eps[1]) if use_cfg else eps[0]
         if smg:
             guided = guided + mask_guidance * (eps[1] - eps[2])
         x0 = (x_in - math.sqrt(1 - a) * guided) / math.sqrt(a)  # (B, L, 8, h, w)

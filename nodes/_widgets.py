@@ -46,6 +46,20 @@ def mask_guidance_start() -> tuple:
                                  "are noise)."})
 
 
+def background_cfg() -> tuple:
+    return ("FLOAT", {"default": 0.0, "min": 0.0, "max": 30.0, "step": 0.1, "round": 0.01,
+                      "tooltip": "Guidance scale of the background layer alone. 0 = the model's own setting (the "
+                                 "built-in model: 15, which draws the prompted background far more reliably; a "
+                                 "model without one: the cfg above)."})
+
+
+def layout_cleanup() -> tuple:
+    return ("FLOAT", {"default": SAMPLING.layout_cleanup, "min": 0.0, "max": 1.0, "step": 0.05, "round": 0.01,
+                      "tooltip": "Layout cleanup while sampling: each foreground layer keeps one object and "
+                                 "foregrounds stay apart (no overlaps). 1 = full, 0 turns it off (e.g. for a layer "
+                                 "that should hold several things)."})
+
+
 def scheduler() -> tuple:
     return (list(SCHEDULERS), {"default": SAMPLING.scheduler,
                                "tooltip": "Sampler/scheduler. ddim is the paper's sampler."})

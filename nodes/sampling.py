@@ -45,7 +45,11 @@ class LayerDiffKSampler:
                 "height": _widgets.size("height"),
                 "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": (
                     "Layered images generated at once (seeds seed, seed + 1, ...).")}),
-            }
+            },
+            "optional": {
+                "background_cfg": _widgets.background_cfg(),
+                "layout_cleanup": _widgets.layout_cleanup(),
+            },
         }
 
     @classmethod
@@ -53,13 +57,13 @@ class LayerDiffKSampler:
         return _widgets.validate_size(width, height)
 
     def sample(self, model, conditioning, seed, steps, cfg, mask_guidance, mask_guidance_start, scheduler,
-               width, height, batch_size=1):
+               width, height, batch_size=1, background_cfg=0.0, layout_cleanup=None):
         cond = convert.conditioning_to(conditioning, model.device)
         prompts = LayerPrompts(cond.global_prompts[0], cond.layer_prompts[0], cond.negative_prompt)
         prepare(model, batch_size, cond.num_layers, height, width)
         stack = generate(
             model, prompts, width=width, height=height, seed=seed, batch=batch_size, steps=steps, cfg=cfg,
             mask_guidance=mask_guidance, mask_guidance_start=mask_guidance_start, scheduler=scheduler,
-            callback=progress(model, steps), conditioning=cond,
+            background_cfg=background_cfg or None, layout_cleanup=layout_cleanup, callback=progress(model, steps), conditioning=cond,
         )
         return (stack.to(_host.intermediate_device()),)

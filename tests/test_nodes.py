@@ -114,6 +114,18 @@ def test_widget_defaults_come_from_config():
     assert req["scheduler"][0] == list(SCHEDULERS) and req["scheduler"][1]["default"] == d.scheduler
     assert req["seed"][1]["control_after_generate"] is True
     assert req["width"][1]["step"] == 8 and req["width"][1]["max"] == 4096
+    opt = NODES["LayerDiffKSampler"].INPUT_TYPES()["optional"]  # optional: older workflows keep loading
+    assert opt["layout_cleanup"][1]["default"] == d.layout_cleanup and opt["layout_cleanup"][1]["max"] == 1.0
+    assert opt["background_cfg"][1]["default"] == 0.0  # 0 = the model's own setting
+
+
+def test_ksampler_background_cfg_and_layout_cleanup_widgets(model, chain, layers):
+    (cond,) = node("LayerDiffPromptEnhancer").encode(model, chain[0], "", "")
+    ks = node("LayerDiffKSampler")
+    (same,) = ks.sample(model, cond, 7, 2, 7.5, 0.75, 0.25, "ddim", 64, 64, 2, background_cfg=0.0, layout_cleanup=1.0)
+    assert torch.equal(same.latents, layers.latents)  # the model's defaults, spelled out
+    (strong,) = ks.sample(model, cond, 7, 2, 7.5, 0.75, 0.25, "ddim", 64, 64, 2, background_cfg=15.0)
+    assert not torch.equal(strong.latents, layers.latents)
 
 
 def test_only_host_module_touches_comfyui():

@@ -66,6 +66,7 @@ def test_generate_writes_a_complete_layer_set(tmp_path, capsys):
     meta = json.loads((out / "meta.json").read_text())
     assert meta["seed"] == 7 and meta["steps"] == 2 and meta["scheduler"] == "ddim" and meta["model"] == "tiny"
     assert meta["layer_prompts"] == ["a brick wall", "a red star", "a blue circle"]
+    assert meta["background_cfg"] == meta["cfg"] == 7.5 and meta["layout_cleanup"] == 1.0  # the tiny model's defaults
     from layerdiff.io.psd import load_psd
 
     psd = load_psd(out / "layers.psd")
@@ -93,6 +94,7 @@ def test_generate_batch_writes_subfolders(tmp_path):
         (["--layer", ""], "layer 3 (foreground 3) is empty"),
         (["--batch", "0"], "--batch 0"),
         (["--layer", "x", "--layer", "y"], "at most 4 layers"),
+        (["--layout-cleanup", "1.5"], "--layout-cleanup 1.5 must be within 0..1"),
     ],
 )
 def test_bad_input_gives_one_clear_line(tmp_path, capsys, extra, message):

@@ -247,3 +247,22 @@ def test_sampler_layout_cleanup(trained_like_tiny_model):
         _sample(model, cond, layout_cleanup=1.5, empty_latent=empty)
     with pytest.raises(LayerDiffError, match="layout cleanup needs mask_axis and empty_latent"):
         _sample(model, cond, layout_cleanup=1.0)
+
+
+def test_background_cfg_guides_the_background_alone(trained_like_tiny_model):
+    model = trained_like_tiny_model
+    cond = encode_prompts(model, PROMPTS)
+    first = {}
+
+    def keep_first(name):
+        return lambda step, total, x0: first.setdefault(name, x0.clone()) is None or None
+
+    same = _sample(model, cond, cfg=5.0, background_cfg=5.0)
+    assert torch.equal(same, _sample(model, cond, cfg=5.0))  # background_cfg == cfg: plain CFG
+    for name, bg in (("plain", None), ("strong", 12.0)):
+        _sample(model, cond, cfg=5.0, background_cfg=bg, callback=keep_first(name))
+    # first step: the background's prediction changes, every foreground's is that of plain CFG
+    assert not torch.equal(first["plain"][:, 0], first["strong"][:, 0])
+    torch.testing.assert_close(first["plain"][:, 1:], first["strong"][:, 1:])
+    # cfg 1 (no guidance) with a guided background still runs the unconditional pass
+    assert not torch.equal(_sample(model, cond, cfg=1.0), _sample(model, cond, cfg=1.0, background_cfg=4.0))
