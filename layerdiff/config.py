@@ -258,7 +258,7 @@ def _toy() -> LayerDiffConfig:
         layer_prompt_tokens=16,  # the longest toy layer prompt is 7 words (9 tokens)
         enhancer_head_dim=32,
         image_size=128,
-        sampling=SamplingDefaults(steps=20, background_cfg=15.0),
+        sampling=SamplingDefaults(steps=20, background_cfg=20.0),
         description="toy-world model: 128x128 images, 16x16 latents, word-level tokenizer",
     )
 

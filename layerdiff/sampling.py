@@ -111,6 +111,11 @@ class Lock:
     def expanded(self) -> torch.Tensor:
         return self.mask.to(torch.bool).expand_as(self.latents)
 
+    def mask_locked(self) -> torch.Tensor:
+        """(B, L-1) bool: foregrounds whose mask channels are locked everywhere (their place is fixed:
+        layout cleanup gives them priority and never changes them)."""
+        return self.expanded()[:, 1:, 4:].flatten(2).all(dim=2)
+
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Depthwise Gaussian blur of (N, C, h, w), reflect padding."""
@@ -169,23 +174,28 @@ def clean_layout(
     strength: float = 1.0,
     priority: torch.Tensor | None = None,
     gap: bool = True,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Predicted clean latents with each foreground reduced to one object and no two foregrounds
     claiming the same place (METHOD.md section 4, layout cleanup).
 
     x0 (B, L, 8, h, w); ``empty`` (8,) the latent of an empty foreground layer (neutral fill image,
-    black mask). On the masks read from x0 (:func:`read_masks`, > 0.5): per foreground, every
-    connected group of mask pixels (pixels one latent pixel apart count as one group) except the
-    one with the most mask mass is emptied, with a one-pixel margin; where several foregrounds
-    still claim a pixel, the one with the strongest mask keeps it (``priority`` (B, K) bool: these
-    layers, e.g. locked ones, always win and are never changed). ``strength`` in 0..1 blends the
-    emptied places towards ``empty``. The background is never changed.
+    black mask). On the masks read from x0 (:func:`read_masks`): per foreground, every connected
+    group of mask pixels (> 0.5; pixels one latent pixel apart count as one group) except the one
+    with the most mask mass is emptied, with a one-pixel margin. Where several foregrounds claim a
+    pixel (> :data:`PRESENCE`), the one with the strongest mask keeps it; with ``gap``, a pixel next
+    to another foreground's stronger mask pixel is emptied too, as decoded masks spread a little
+    past their latent pixels. ``priority`` (B, K) bool: these layers (e.g. locked ones) always win
+    and are never changed; ``valid`` (B, L) bool: padding layers of a mixed batch take no part.
+    ``strength`` in 0..1 blends the emptied places towards ``empty``. The background never changes.
     """
     B, L = x0.shape[:2]
     K = L - 1
     if K < 1 or strength <= 0:
         return x0
     soft = read_masks(x0, white, black)  # (B, K, h, w)
+    if valid is not None:
+        soft = soft * valid[:, 1:, None, None].to(soft)
     h, w = soft.shape[-2:]
     hard = soft > 0.5
     flat_hard = rearrange(hard, "b k h w -> (b k) h w")
@@ -355,9 +365,7 @@ def sample(
         scale[:, 0] = float(background_cfg)
     smg_from = start + int(math.ceil(mask_guidance_start * (n - start)))
     clean_from = start + int(math.ceil(layout_cleanup_start * (n - start)))
-    priority = None
-    if lock is not None and layout_cleanup:  # layers whose mask is locked keep their place
-        priority = lock.expanded()[:, 1:, 4:].flatten(2).all(dim=2).to(device)
+    priority = lock.mask_locked().to(device) if lock is not None and layout_cleanup else None
     K = L - 1
     x0_prev = mask_prev = None
     accepted = inspect.signature(sched.step).parameters
@@ -394,7 +402,7 @@ def sample(
             guided = guided + mask_guidance * (eps[1] - eps[2])
         x0 = (x_in - math.sqrt(1 - a) * guided) / math.sqrt(a)  # (B, L, 8, h, w)
         if layout_cleanup and K > 0 and i >= clean_from:
-            x0_clean = clean_layout(x0, *mask_axis, empty_latent, layout_cleanup, priority)
+            x0_clean = clean_layout(x0, *mask_axis, empty_latent, layout_cleanup, priority, valid=cond.valid)
             if x0_clean is not x0:  # the step continues from the cleaned prediction
                 x0 = x0_clean
                 guided = (x_in - math.sqrt(a) * x0) / math.sqrt(1 - a)

@@ -27,7 +27,7 @@ TOY_RECIPE = {
     "decoder": {"steps": 1000, "batch_size": 8, "crop": 64, "lr": 3e-4, "lr_schedule": "cosine", "focus": 0.75,
                 "object_weight": 4.0, "sample_posterior": False, "decoder_only": True, "latent_noise": 0.3},
     "train": {
-        "steps": 7000,
+        "steps": 9500,
         "batch_size": 8,
         "lr_base": 3e-4,
         "lr_new": 3e-4,

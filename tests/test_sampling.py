@@ -202,6 +202,8 @@ def test_clean_layout_keeps_one_object_per_layer():
     torch.testing.assert_close(out[0, 1, :, 9, 9], EMPTY)  # emptied: neutral fill, black mask
     assert torch.equal(out[:, 0], x0[:, 0]) and torch.equal(out[:, 2], x0[:, 2])  # background, clean layer
     assert torch.equal(clean_layout(x0, WHITE, BLACK, EMPTY, strength=0.0), x0)
+    padding = torch.tensor([[True, False, True]])  # layer 1 is padding in a mixed batch: left alone
+    assert torch.equal(clean_layout(x0, WHITE, BLACK, EMPTY, valid=padding), x0)
     half = clean_layout(x0, WHITE, BLACK, EMPTY, strength=0.5)
     torch.testing.assert_close(half[0, 1, :, 9, 9], (x0[0, 1, :, 9, 9] + EMPTY) / 2)
 
@@ -223,6 +225,7 @@ def test_clean_layout_overlap_goes_to_the_stronger_mask_or_a_priority_layer():
     assert m[1, 5:10, 5:10].all()  # the stronger layer 2 keeps the shared pixels
     assert m[0, 2:4, 2:8].all() and m[0, 2:8, 2:4].all()  # layer 1 keeps what is away from layer 2
     assert not _touch(m[0], m[1])  # and leaves a latent pixel of gap: decoded masks would overlap
+    assert torch.equal(clean_layout(x0, WHITE, BLACK, EMPTY, valid=torch.tensor([[True, True, False]]))[:, 1], x0[:, 1])
     no_gap = read_masks(clean_layout(x0, WHITE, BLACK, EMPTY, gap=False), WHITE, BLACK)[0] > 0.5
     assert not (no_gap[0] & no_gap[1]).any() and _touch(no_gap[0], no_gap[1]) and no_gap[0, 4, 2:5].all()
     first = torch.tensor([[True, False]])
@@ -266,3 +269,14 @@ def test_background_cfg_guides_the_background_alone(trained_like_tiny_model):
     torch.testing.assert_close(first["plain"][:, 1:], first["strong"][:, 1:])
     # cfg 1 (no guidance) with a guided background still runs the unconditional pass
     assert not torch.equal(_sample(model, cond, cfg=1.0), _sample(model, cond, cfg=1.0, background_cfg=4.0))
+
+
+def test_lock_mask_locked_names_the_foregrounds_whose_place_is_fixed():
+    lat = torch.zeros(2, 4, 8, 3, 3)
+    assert Lock.layers(lat, [0, 2]).mask_locked().tolist() == [[False, True, False]] * 2
+    channels = torch.zeros(2, 4, 8, 1, 1, dtype=torch.bool)
+    channels[:, 1:, 4:] = True  # Layer Style: every mask channel locked, images free
+    assert Lock(lat, channels).mask_locked().all()
+    region = torch.zeros(2, 4, 1, 3, 3, dtype=torch.bool)
+    region[:, 3, :, 0, 0] = True  # a region lock does not fix the layer's place
+    assert not Lock(lat, region).mask_locked().any()
