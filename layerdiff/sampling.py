@@ -146,8 +146,9 @@ def read_masks(x0: torch.Tensor, white: torch.Tensor, black: torch.Tensor) -> to
 
 
 # read_masks is calibrated as the covered fraction of a latent pixel: above this, some of its image
-# pixels are mask (measured on the toy model: 86% of latent pixels at 0.2-0.3 decode to some mask)
-PRESENCE = 0.2
+# pixels may be mask (toy model: 29% of latent pixels at 0.1-0.2 and 86% at 0.2-0.3 decode to some
+# mask pixels; with a sharper decoder, claims from 0.2 still left 5% of 3-4-layer scenes overlapping)
+PRESENCE = 0.1
 
 
 def _components(hard: torch.Tensor) -> torch.Tensor:

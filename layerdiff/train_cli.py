@@ -25,7 +25,7 @@ TOY_RECIPE = {
             "object_weight": 4.0, "sample_posterior": False},
     # then the decoder alone learns to decode noisy latents (the encoder, so the latents, stay fixed)
     "decoder": {"steps": 1000, "batch_size": 8, "crop": 64, "lr": 3e-4, "lr_schedule": "cosine", "focus": 0.75,
-                "object_weight": 4.0, "sample_posterior": False, "decoder_only": True, "latent_noise": 0.3},
+                "object_weight": 4.0, "sample_posterior": False, "decoder_only": True, "latent_noise": 0.2},
     "train": {
         "steps": 9500,
         "batch_size": 8,
