@@ -614,6 +614,9 @@ def run(args) -> int:
     if args.mask_guidance is not None and args.mask_guidance <= 0:
         raise LayerDiffError(f"--mask-guidance {args.mask_guidance} must be above 0: the SMG run compares it with "
                              "plain CFG (mask guidance 0)")
+    for flag, value in (("--layout-cleanup", args.layout_cleanup), ("--layout-cleanup-start", args.layout_cleanup_start)):
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise LayerDiffError(f"{flag} {value} must be within 0..1")
     layers = parse_layers(args.layers)
     if args.samples < len(layers):
         raise LayerDiffError(f"--samples {args.samples} is fewer than the {len(layers)} layer counts in --layers "

@@ -324,6 +324,8 @@ def sample(
         raise LayerDiffError("self-mask guidance needs mask_axis (the model bundle's mask_axis())")
     if not 0.0 <= layout_cleanup <= 1.0:
         raise LayerDiffError(f"layout_cleanup {layout_cleanup} must be within 0..1 (0 disables it)")
+    if not 0.0 <= layout_cleanup_start <= 1.0:
+        raise LayerDiffError(f"layout_cleanup_start {layout_cleanup_start} must be within 0..1 (a fraction of the steps)")
     if layout_cleanup and (mask_axis is None or empty_latent is None):
         raise LayerDiffError("layout cleanup needs mask_axis and empty_latent (the model bundle's mask_axis() and "
                              "empty_layer_latent())")

@@ -247,6 +247,7 @@ def test_eval_command_end_to_end(tmp_path, capsys):
     s = report["settings"]
     assert s["steps"] == 2 and s["cfg"] == 7.5 and s["scheduler"] == "ddim" and s["mask_guidance"] > 0
     assert s["image_size"] == 64 and s["layers"] == [2, 3, 4] and s["exclusion"]["train_samples"] == 100
+    assert s["background_cfg"] == 7.5 and s["layout_cleanup"] == 1.0  # the tiny model's defaults, recorded
     for variant in ("cfg", "smg", "smg_minus_cfg"):
         assert set(report[variant]) == {"2", "3", "4", "all"}
         for group in report[variant].values():
@@ -268,6 +269,8 @@ def test_eval_command_end_to_end(tmp_path, capsys):
     (["--model", "tiny", "--layers", "2,5"], "--layers '2,5' is not valid"),
     (["--model", "tiny", "--mask-guidance", "0"], "--mask-guidance 0.0 must be above 0"),
     (["--model", "tiny", "--samples", "0"], "--samples 0 must be at least 1"),
+    (["--model", "tiny", "--layout-cleanup", "2"], "--layout-cleanup 2.0 must be within 0..1"),
+    (["--model", "tiny", "--layout-cleanup-start", "-1"], "--layout-cleanup-start -1.0 must be within 0..1"),
     (["--model", "/no/such/file.safetensors"], "file.safetensors"),
 ])
 def test_bad_input_gives_one_error_line(argv, message, capsys):
