@@ -25,7 +25,14 @@ import torch.nn.functional as F
 
 from layerdiff.errors import LayerDiffError
 from layerdiff.model.bundle import LayerDiffModel
-from layerdiff.pipeline import LayerPrompts, check_size, default_name, describe_scene, encode_prompts
+from layerdiff.pipeline import (
+    LayerPrompts,
+    check_size,
+    default_name,
+    describe_scene,
+    encode_prompts,
+    sampler_kwargs,
+)
 from layerdiff.sampling import Callback, Lock, sample
 from layerdiff.stack import LayerStack
 
@@ -200,34 +207,15 @@ def _resample(
     """Sample with everything where ``keep`` (bool, broadcastable to (B, L, 8, h, w)) is True locked
     to the stack's latents; returns latents (B, L, 8, h, w) on the stack's device, float32."""
     s = settings or SamplerSettings()
-    d = model.config.sampling
     lat = stack.latents  # (B, L, 8, h, w)
     B = stack.batch_size
     cond = encode_prompts(model, prompts).repeat(B)
-    smg = d.mask_guidance if s.mask_guidance is None else s.mask_guidance
-    cleanup = d.layout_cleanup if s.layout_cleanup is None else s.layout_cleanup
     out = sample(
-        model.unet,
-        cond,
-        lat.shape[-2],
-        lat.shape[-1],
-        [int(seed) + b for b in range(B)],
-        steps=s.steps or d.steps,
-        cfg=d.cfg if s.cfg is None else s.cfg,
-        background_cfg=d.background_cfg if s.background_cfg is None else s.background_cfg,
-        scheduler=s.scheduler or d.scheduler,
-        scheduler_config=model.config.scheduler,
-        mask_guidance=smg,
-        mask_guidance_start=d.mask_guidance_start if s.mask_guidance_start is None else s.mask_guidance_start,
-        mask_guidance_blur=d.mask_guidance_blur_sigma,
-        mask_axis=model.mask_axis() if smg or cleanup else None,
-        layout_cleanup=cleanup,
-        layout_cleanup_start=d.layout_cleanup_start,
-        empty_latent=model.empty_layer_latent() if cleanup else None,
-        lock=Lock(lat, keep.to(lat.device)),
-        init_latents=lat if strength < 1.0 else None,
-        strength=strength,
-        eta=d.eta,
+        model.unet, cond, lat.shape[-2], lat.shape[-1], [int(seed) + b for b in range(B)],
+        **sampler_kwargs(model, steps=s.steps, cfg=s.cfg, background_cfg=s.background_cfg, scheduler=s.scheduler,
+                         mask_guidance=s.mask_guidance, mask_guidance_start=s.mask_guidance_start,
+                         layout_cleanup=s.layout_cleanup),
+        lock=Lock(lat, keep.to(lat.device)), init_latents=lat if strength < 1.0 else None, strength=strength,
         callback=callback,
     )
     return out.to(lat.device, torch.float32)

@@ -418,8 +418,10 @@ def _batches(items: Sequence[EvalItem], batch: int) -> list[list[EvalItem]]:
 
 
 def evaluate(model, items: Sequence[EvalItem], batch: int = DEFAULT_BATCH, steps: int | None = None,
-             cfg: float | None = None, background_cfg: float | None = None, mask_guidance: float | None = None, scheduler: str | None = None,
-             layout_cleanup: float | None = None, layout_cleanup_start: float | None = None, keep: int = 0, progress: Callable[[int], object] | None = None) -> dict:
+             cfg: float | None = None, background_cfg: float | None = None, mask_guidance: float | None = None,
+             scheduler: str | None = None, layout_cleanup: float | None = None,
+             layout_cleanup_start: float | None = None, keep: int = 0,
+             progress: Callable[[int], object] | None = None) -> dict:
     """Generate every item with plain CFG and with SMG (same prompts and seeds) and judge them.
 
     Returns {"settings", "records": {"cfg": [...], "smg": [...]} (in item order), "kept": {"cfg":
@@ -429,7 +431,7 @@ def evaluate(model, items: Sequence[EvalItem], batch: int = DEFAULT_BATCH, steps
     import torch
 
     from layerdiff.config import SamplingDefaults
-    from layerdiff.pipeline import LayerPrompts, check_size, decode_stack, encode_prompts
+    from layerdiff.pipeline import LayerPrompts, check_size, decode_stack, encode_prompts, sampler_kwargs
     from layerdiff.sampling import sample
 
     if batch < 1:
@@ -441,25 +443,30 @@ def evaluate(model, items: Sequence[EvalItem], batch: int = DEFAULT_BATCH, steps
         logger.warning("the model's default mask guidance is 0: the SMG run uses %.2f", smg_scale)
     if smg_scale <= 0:
         raise LayerDiffError(f"--mask-guidance {mask_guidance} must be above 0: the SMG run compares it with plain CFG (0)")
+    kwargs = {  # each variant's sampler arguments, resolved once
+        v: sampler_kwargs(model, steps=steps, cfg=cfg, background_cfg=background_cfg, scheduler=scheduler,
+                          mask_guidance=0.0 if v == "cfg" else smg_scale, layout_cleanup=layout_cleanup,
+                          layout_cleanup_start=layout_cleanup_start)
+        for v in VARIANTS
+    }
+    k = kwargs["smg"]
     settings = {
-        "steps": int(steps or d.steps),
-        "cfg": float(d.cfg if cfg is None else cfg),
-        "background_cfg": float(next(v for v in (background_cfg, d.background_cfg, cfg, d.cfg) if v is not None)),
-        "scheduler": scheduler or d.scheduler,
-        "eta": d.eta,
+        "steps": int(k["steps"]),
+        "cfg": float(k["cfg"]),
+        "background_cfg": float(k["cfg"] if k["background_cfg"] is None else k["background_cfg"]),
+        "scheduler": k["scheduler"],
+        "eta": k["eta"],
         "mask_guidance": smg_scale,
-        "mask_guidance_start": d.mask_guidance_start,
-        "mask_guidance_blur": d.mask_guidance_blur_sigma,
-        "layout_cleanup": float(d.layout_cleanup if layout_cleanup is None else layout_cleanup),
-        "layout_cleanup_start": float(d.layout_cleanup_start if layout_cleanup_start is None else layout_cleanup_start),
+        "mask_guidance_start": k["mask_guidance_start"],
+        "mask_guidance_blur": k["mask_guidance_blur"],
+        "layout_cleanup": float(k["layout_cleanup"]),
+        "layout_cleanup_start": float(k["layout_cleanup_start"]),
         "image_size": model.config.image_size,
         "batch": batch,
     }
     size = model.config.image_size
     f = model.vae_scale_factor
     check_size(size, size, f)
-    axis = model.mask_axis()
-    empty = model.empty_layer_latent() if settings["layout_cleanup"] else None
     records: dict[str, dict[int, dict]] = {v: {} for v in VARIANTS}
     kept: dict[str, dict] = {v: {} for v in VARIANTS}
     timing = {"cfg_s": 0.0, "smg_s": 0.0, "judge_s": 0.0}
@@ -468,16 +475,8 @@ def evaluate(model, items: Sequence[EvalItem], batch: int = DEFAULT_BATCH, steps
         cond = encode_prompts(model, prompts)
         seeds = [it.seed for it in group]
         for variant in VARIANTS:
-            scale = 0.0 if variant == "cfg" else smg_scale
             t0 = time.perf_counter()
-            latents = sample(
-                model.unet, cond, size // f, size // f, seeds, steps=settings["steps"], cfg=settings["cfg"],
-                background_cfg=settings["background_cfg"],
-                scheduler=settings["scheduler"], scheduler_config=model.config.scheduler, mask_guidance=scale,
-                mask_guidance_start=d.mask_guidance_start, mask_guidance_blur=d.mask_guidance_blur_sigma,
-                mask_axis=axis, layout_cleanup=settings["layout_cleanup"],
-                layout_cleanup_start=settings["layout_cleanup_start"], empty_latent=empty, eta=d.eta,
-            )
+            latents = sample(model.unet, cond, size // f, size // f, seeds, **kwargs[variant])
             stack = decode_stack(model, latents, binarize=False)  # soft masks: overlaps are measured on them
             t1 = time.perf_counter()
             timing[f"{variant}_s"] += t1 - t0

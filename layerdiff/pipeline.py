@@ -133,6 +133,40 @@ def decode_stack(
     return stack.binarized() if binarize else stack
 
 
+def sampler_kwargs(
+    model: LayerDiffModel,
+    steps: int | None = None,
+    cfg: float | None = None,
+    background_cfg: float | None = None,
+    scheduler: str | None = None,
+    mask_guidance: float | None = None,
+    mask_guidance_start: float | None = None,
+    layout_cleanup: float | None = None,
+    layout_cleanup_start: float | None = None,
+) -> dict:
+    """Keyword arguments of :func:`layerdiff.sampling.sample` for this model: every None takes the
+    model's default (``config.sampling``), and the latents that self-mask guidance and layout
+    cleanup read come along when they are on."""
+    d = model.config.sampling
+    smg = d.mask_guidance if mask_guidance is None else mask_guidance
+    cleanup = d.layout_cleanup if layout_cleanup is None else layout_cleanup
+    return {
+        "steps": steps or d.steps,
+        "cfg": d.cfg if cfg is None else cfg,
+        "background_cfg": d.background_cfg if background_cfg is None else background_cfg,
+        "scheduler": scheduler or d.scheduler,
+        "scheduler_config": model.config.scheduler,
+        "mask_guidance": smg,
+        "mask_guidance_start": d.mask_guidance_start if mask_guidance_start is None else mask_guidance_start,
+        "mask_guidance_blur": d.mask_guidance_blur_sigma,
+        "mask_axis": model.mask_axis() if smg or cleanup else None,
+        "layout_cleanup": cleanup,
+        "layout_cleanup_start": d.layout_cleanup_start if layout_cleanup_start is None else layout_cleanup_start,
+        "empty_latent": model.empty_layer_latent() if cleanup else None,
+        "eta": d.eta,
+    }
+
+
 def generate(
     model: LayerDiffModel,
     prompts: LayerPrompts,
@@ -155,7 +189,6 @@ def generate(
 ) -> LayerStack:
     """Generate ``batch`` composable images; sample b uses seed ``seed + b``. Defaults (None): the
     model config's sampling settings."""
-    d = model.config.sampling
     width = width or model.config.image_size
     height = height or model.config.image_size
     check_size(width, height, model.vae_scale_factor)
@@ -168,31 +201,12 @@ def generate(
         raise LayerDiffError(f"conditioning holds {cond.batch_size} prompt sets but batch is {batch}")
     f = model.vae_scale_factor
     seeds = [int(seed) + b for b in range(batch)]
-    smg = d.mask_guidance if mask_guidance is None else mask_guidance
-    cleanup = d.layout_cleanup if layout_cleanup is None else layout_cleanup
     latents = sample(
-        model.unet,
-        cond,
-        height // f,
-        width // f,
-        seeds,
-        steps=steps or d.steps,
-        cfg=d.cfg if cfg is None else cfg,
-        background_cfg=d.background_cfg if background_cfg is None else background_cfg,
-        scheduler=scheduler or d.scheduler,
-        scheduler_config=model.config.scheduler,
-        mask_guidance=smg,
-        mask_guidance_start=d.mask_guidance_start if mask_guidance_start is None else mask_guidance_start,
-        mask_guidance_blur=d.mask_guidance_blur_sigma,
-        mask_axis=model.mask_axis() if smg or cleanup else None,
-        layout_cleanup=cleanup,
-        layout_cleanup_start=d.layout_cleanup_start,
-        empty_latent=model.empty_layer_latent() if cleanup else None,
-        lock=lock,
-        init_latents=init_latents,
-        strength=strength,
-        eta=d.eta,
-        callback=callback,
+        model.unet, cond, height // f, width // f, seeds,
+        **sampler_kwargs(model, steps=steps, cfg=cfg, background_cfg=background_cfg, scheduler=scheduler,
+                         mask_guidance=mask_guidance, mask_guidance_start=mask_guidance_start,
+                         layout_cleanup=layout_cleanup),
+        lock=lock, init_latents=init_latents, strength=strength, callback=callback,
     )
     return decode_stack(
         model, latents, prompts=tuple(prompts.layers), names=prompts.layer_names(),
