@@ -603,12 +603,30 @@ def test_vae_crops_find_objects_in_foreground_and_mask_images():
     assert all(y <= 44 < y + 32 and x <= 14 < x + 32 for y, x in zip(ys, xs))
 
 
+def test_vae_outline_weights_both_sides_of_object_edges_in_layers_and_masks_only():
+    from layerdiff.train_vae import _is_foreground_image, _is_mask_image, _outline
+
+    size = 32
+    bg = torch.rand(3, size, size) * 2 - 1
+    fg = torch.zeros(3, size, size)
+    fg[0, 10:20, 8:18], fg[1:, 10:20, 8:18] = 0.8, -0.8  # red square on the grey fill
+    mask = -torch.ones(3, size, size)
+    mask[:, 10:20, 8:18] = 1.0
+    x = torch.stack([bg, fg, mask])
+    edge = _outline(x, _is_foreground_image(x), _is_mask_image(x))
+    assert edge.shape == (3, 1, size, size) and edge[0].sum() == 0  # backgrounds have no outline
+    ring = torch.zeros(size, size)
+    ring[9:21, 7:19] = 1
+    ring[11:19, 9:17] = 0  # one pixel inside and one outside the square's edge
+    assert torch.equal(edge[1, 0], ring) and torch.equal(edge[2, 0], ring)
+
+
 def test_vae_recipe_options_train_and_bad_schedule_is_named(data, tmp_path):
     from layerdiff.train_vae import VaeTrainConfig, train_vae
 
     vae = build_random_model(get_preset("tiny"), seed=0).vae
     cfg = VaeTrainConfig(steps=3, batch_size=2, crop=32, images=12, object_weight=4.0, sample_posterior=False,
-                         lr_schedule="cosine", checkpoint_every=3)
+                         edge_weight=8.0, lr_schedule="cosine", checkpoint_every=3)
     train_vae(vae, data, tmp_path / "vae", cfg, size=SIZE, progress=False)
     assert all(torch.isfinite(p).all() for p in vae.parameters()) and vae.config.scaling_factor > 0
     with pytest.raises(LayerDiffError, match="VAE lr_schedule 'step'"):
