@@ -178,15 +178,16 @@ def clean_layout(
     valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Predicted clean latents with each foreground reduced to one object and no two foregrounds
-    claiming the same place (METHOD.md section 4, layout cleanup).
+    claiming the same place (layout cleanup: our addition to the sampler of METHOD.md section 4).
 
     x0 (B, L, 8, h, w); ``empty`` (8,) the latent of an empty foreground layer (neutral fill image,
     black mask). On the masks read from x0 (:func:`read_masks`): per foreground, every connected
     group of mask pixels (> 0.5; pixels one latent pixel apart count as one group) except the one
     with the most mask mass is emptied, with a one-pixel margin. Where several foregrounds claim a
-    pixel (> :data:`PRESENCE`), the one with the strongest mask keeps it; with ``gap``, a pixel next
-    to another foreground's stronger mask pixel is emptied too, as decoded masks spread a little
-    past their latent pixels. ``priority`` (B, K) bool: these layers (e.g. locked ones) always win
+    pixel (> :data:`PRESENCE`), the one with the least mask mass (the smaller object, in front)
+    keeps it, and between equal masses the stronger mask; with ``gap``, a pixel next to another
+    foreground's winning mask pixel is emptied too, as decoded masks spread a little past their
+    latent pixels. ``priority`` (B, K) bool: these layers (e.g. locked ones) always win
     and are never changed; ``valid`` (B, L) bool: padding layers of a mixed batch take no part.
     ``strength`` in 0..1 blends the emptied places towards ``empty``. The background never changes.
     """
@@ -210,8 +211,13 @@ def clean_layout(
     stray = F.max_pool2d(stray[:, None].float(), 3, stride=1, padding=1)[:, 0] > 0
     drop = rearrange(stray & ~(keep & flat_hard), "(b k) h w -> b k h w", b=B)
     kept = (soft > PRESENCE) & ~drop  # a latent pixel partly covered decodes to mask pixels too
-    if K > 1:  # overlaps between foregrounds: the strongest mask (or a priority layer) keeps the pixel
-        score = torch.where(kept, soft, torch.full_like(soft, -1.0))
+    if K > 1:  # overlaps between foregrounds: one layer (a priority layer first) keeps each pixel
+        # the smaller object sits in front: it keeps a shared pixel whatever the mask strengths (a
+        # small object inside a large one's claim would otherwise lose its whole place); equal
+        # sizes fall back to the stronger mask
+        amount = (soft * kept).flatten(2).sum(-1)  # (B, K) mask mass of each foreground
+        front = 10.0 * (1.0 - amount / amount.amax(dim=1, keepdim=True).clamp(min=1e-6))
+        score = torch.where(kept, soft + front[:, :, None, None], torch.full_like(soft, -1.0))
         if priority is not None:
             score = score + 1e3 * priority.to(score.device)[:, :, None, None].to(score.dtype) * kept
         winner = score.argmax(dim=1, keepdim=True)  # (B, 1, h, w)

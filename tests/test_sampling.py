@@ -235,6 +235,17 @@ def test_clean_layout_overlap_goes_to_the_stronger_mask_or_a_priority_layer():
     assert torch.equal(out[0, 1], x0[0, 1])  # a priority layer is never changed
 
 
+def test_clean_layout_keeps_a_small_object_inside_a_larger_ones_claim():
+    # a weak small object (2x2) on a strong large one (8x8): by mask strength alone it would vanish
+    x0 = _scene([(1, 9, 1, 9, 1.0)], [(4, 6, 4, 6, 0.6)])
+    m = read_masks(clean_layout(x0, WHITE, BLACK, EMPTY), WHITE, BLACK)[0] > 0.5
+    assert m[1, 4:6, 4:6].all()  # the smaller object sits in front and keeps its place
+    assert not _touch(m[0], m[1]) and m[0, 1, 1:9].all() and m[0, 1:9, 1].all()  # the large one yields around it
+    first = torch.tensor([[True, False]])  # unless the larger one has priority (locked in an edit)
+    m = read_masks(clean_layout(x0, WHITE, BLACK, EMPTY, priority=first), WHITE, BLACK)[0] > 0.5
+    assert m[0, 1:9, 1:9].all() and not m[1].any()
+
+
 def test_sampler_layout_cleanup(trained_like_tiny_model):
     model = trained_like_tiny_model
     cond = encode_prompts(model, PROMPTS)
