@@ -143,6 +143,9 @@ def train_vae(vae, data, out: str | Path, config: VaeTrainConfig, size: int = 12
     out.mkdir(parents=True, exist_ok=True)
     if config.lr_schedule not in ("constant", "cosine"):
         raise LayerDiffError(f"VAE lr_schedule {config.lr_schedule!r} is not known: use constant or cosine")
+    for name in ("object_weight", "edge_weight"):
+        if getattr(config, name) < 0:
+            raise LayerDiffError(f"VAE {name} {getattr(config, name)} must be 0 or more (1 = no extra weight)")
     pool = _image_pool(data, config.images, size, config.seed)
     centres = _object_centres(pool)
     foreground = _is_foreground_image(pool)

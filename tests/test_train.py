@@ -631,6 +631,8 @@ def test_vae_recipe_options_train_and_bad_schedule_is_named(data, tmp_path):
     assert all(torch.isfinite(p).all() for p in vae.parameters()) and vae.config.scaling_factor > 0
     with pytest.raises(LayerDiffError, match="VAE lr_schedule 'step'"):
         train_vae(vae, data, tmp_path / "vae2", VaeTrainConfig(steps=1, lr_schedule="step"), size=SIZE, progress=False)
+    with pytest.raises(LayerDiffError, match="VAE edge_weight -2.0 must be 0 or more"):
+        train_vae(vae, data, tmp_path / "vae3", VaeTrainConfig(steps=1, edge_weight=-2.0), size=SIZE, progress=False)
 
 
 def test_decoder_fine_tuning_keeps_the_encoder_and_its_latent_scale(data, tmp_path):
