@@ -84,14 +84,19 @@ def _is_foreground_image(pool: torch.Tensor) -> torch.Tensor:
     return (pool.abs() < 1e-3).all(1).flatten(1).float().mean(1) > 0.3
 
 
+def _object_pixels(x: torch.Tensor, foreground: torch.Tensor, is_mask: torch.Tensor) -> torch.Tensor:
+    """(N, H, W) bool: the object of each foreground layer (pixels away from the exact grey fill, 0)
+    and of each mask image (white on black); nothing in backgrounds."""
+    away_grey = (x.abs() > 0.04).any(1)
+    white = (x > 0.0).all(1)
+    obj = torch.where(is_mask[:, None, None], white, away_grey)
+    return obj & (foreground | is_mask)[:, None, None]
+
+
 def _object_centres(pool: torch.Tensor) -> torch.Tensor:
     """(N, 2) integer centre (y, x) of the object in each foreground / mask image; -1 for images
     without one (backgrounds)."""
-    away_grey = (pool.abs() > 0.04).any(1)  # foreground object pixels (the fill is exact grey = 0)
-    white = (pool > 0.0).all(1)  # mask images: white object on black
-    is_mask = _is_mask_image(pool)
-    obj = torch.where(is_mask[:, None, None], white, away_grey)
-    obj &= (is_mask | _is_foreground_image(pool))[:, None, None]
+    obj = _object_pixels(pool, _is_foreground_image(pool), _is_mask_image(pool))
     frac = obj.flatten(1).float().mean(1)
     centres = torch.full((len(pool), 2), -1, dtype=torch.long)
     ys = torch.arange(pool.shape[-2]).float()
@@ -107,13 +112,10 @@ def _object_centres(pool: torch.Tensor) -> torch.Tensor:
 def _outline(x: torch.Tensor, foreground: torch.Tensor, is_mask: torch.Tensor) -> torch.Tensor:
     """(N, 1, H, W) float: pixels within one pixel of an object's edge, for foreground layers (object
     = away from the grey fill) and mask images (object = white); 0 for backgrounds."""
-    away_grey = (x.abs() > 0.04).any(1, keepdim=True)
-    white = (x > 0.0).all(1, keepdim=True)
-    obj = torch.where(is_mask.view(-1, 1, 1, 1), white, away_grey).float()
+    obj = _object_pixels(x, foreground, is_mask)[:, None].float()
     grown = torch.nn.functional.max_pool2d(obj, 3, 1, 1)
     shrunk = -torch.nn.functional.max_pool2d(-obj, 3, 1, 1)
-    edge = grown - shrunk  # 1 on both sides of the edge
-    return edge * (foreground | is_mask).view(-1, 1, 1, 1).float()
+    return grown - shrunk  # 1 on both sides of the edge
 
 
 def _crop_origins(centres: torch.Tensor, idx: torch.Tensor, size: int, crop: int, focus: float,
