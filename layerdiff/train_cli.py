@@ -144,12 +144,17 @@ def _vae_stage(vae, data, file: Path, run_dir: Path, settings: dict, seed: int) 
     if file.is_file():
         tensors, meta = read_safetensors(file)
         vae.load_state_dict(tensors)
-        vae.register_to_config(scaling_factor=float(meta["scaling_factor"]))
+        stats = {k: json.loads(meta[k]) if k in meta else None for k in _LATENT_STATS}
+        vae.register_to_config(scaling_factor=float(meta["scaling_factor"]), **stats)
         return
     torch.manual_seed(seed)
     train_vae(vae, data, run_dir, VaeTrainConfig(seed=seed, **settings))
-    save_safetensors_atomic(vae.state_dict(), file, metadata={"scaling_factor": str(vae.config.scaling_factor)},
-                            overwrite=True)
+    meta = {"scaling_factor": str(vae.config.scaling_factor)}
+    meta.update({k: json.dumps(getattr(vae.config, k)) for k in _LATENT_STATS if getattr(vae.config, k, None)})
+    save_safetensors_atomic(vae.state_dict(), file, metadata=meta, overwrite=True)
+
+
+_LATENT_STATS = ("latents_mean", "latents_std")  # per-channel latent scaling (VaeTrainConfig.latent_stats)
 
 
 def run_toy_recipe(args, settings: dict) -> int:
@@ -199,8 +204,9 @@ def run_toy_recipe(args, settings: dict) -> int:
         _vae_stage(model.vae, data, out / "vae-decoder.safetensors", out / "decoder_run", recipe["decoder"], args.seed)
     timings["decoder_s"] = round(time.time() - t, 1)
     model.vae.eval().requires_grad_(False)
-    # the LayerDiff config records the trained VAE's scaling factor
-    model.config = model.unet.config = config.replace(vae={**config.vae, "scaling_factor": model.vae.config.scaling_factor})
+    # the LayerDiff config records the trained VAE's latent scaling
+    scaling = {k: getattr(model.vae.config, k, None) for k in ("scaling_factor", *_LATENT_STATS)}
+    model.config = model.unet.config = config.replace(vae={**config.vae, **scaling})
     prompts = [
         LayerPrompts("a red star in front of a brick wall", ("a brick wall", "a red star")),
         LayerPrompts("a large yellow circle and a small blue square in front of a blue sky",

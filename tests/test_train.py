@@ -474,6 +474,49 @@ def test_vae_training_lowers_the_loss_and_sets_the_latent_scale(data, tmp_path):
     assert checkpoint_steps(tmp_path) == [80]  # keep=1
 
 
+def test_per_channel_latent_scaling_gives_every_channel_unit_spread_and_survives_save_and_load(data, tmp_path):
+    """latent_stats "channel": each channel of the UNet's latents has mean 0 and std 1 on the
+    pool, decoding inverts encoding exactly, and a saved LayerDiff file keeps the statistics."""
+    from layerdiff.io.checkpoint import save_layerdiff
+    from layerdiff.model.bundle import from_model_latents, to_model_latents
+    from layerdiff.train_vae import _image_pool, set_scaling_factor
+
+    model = build_random_model(get_preset("tiny"), seed=0).eval()
+    pool = _image_pool(data, 24, SIZE, 0)
+    with torch.no_grad():
+        raw = model.vae.encode(pool).latent_dist.mean
+    assert set_scaling_factor(model.vae, pool, per_channel=True) == 1.0
+    assert len(model.vae.config.latents_mean) == raw.shape[1] == len(model.vae.config.latents_std)
+    scaled = model.encode_images(pool).float()
+    torch.testing.assert_close(scaled.mean(dim=(0, 2, 3)), torch.zeros(raw.shape[1]), rtol=0, atol=1e-4)
+    torch.testing.assert_close(scaled.std(dim=(0, 2, 3)), torch.ones(raw.shape[1]), rtol=0, atol=1e-4)
+    torch.testing.assert_close(from_model_latents(model.vae, to_model_latents(model.vae, raw)), raw)
+    with torch.no_grad():
+        want = model.vae.decode(raw).sample
+    torch.testing.assert_close(model.decode_images(scaled), want, rtol=0, atol=1e-4)
+    model.config = model.unet.config = model.config.replace(
+        vae={**model.config.vae, **{k: getattr(model.vae.config, k) for k in
+                                    ("scaling_factor", "latents_mean", "latents_std")}})
+    save_layerdiff(model, tmp_path / "m.safetensors")
+    back = load_layerdiff(tmp_path / "m.safetensors").eval()
+    assert back.vae.config.latents_std == model.vae.config.latents_std
+    torch.testing.assert_close(back.encode_images(pool[:4]).float(), scaled[:4], rtol=0, atol=1e-5)
+    # back to one global scale: the per-channel statistics are dropped, not left to mix in
+    factor = set_scaling_factor(model.vae, pool)
+    assert model.vae.config.latents_mean is None and model.vae.config.latents_std is None
+    torch.testing.assert_close(model.encode_images(pool[:4]).float(), raw[:4] * factor, rtol=0, atol=1e-5)
+
+
+def test_vae_names_an_unknown_latent_stats(data, tmp_path):
+    from layerdiff.train_vae import VaeTrainConfig, train_vae
+
+    vae = build_random_model(get_preset("tiny"), seed=0).vae
+    with pytest.raises(LayerDiffError, match="VAE latent_stats 'per-channel' is not known: use global or channel"):
+        train_vae(vae, data, tmp_path / "v", VaeTrainConfig(steps=1, latent_stats="per-channel"), size=SIZE,
+                  progress=False)
+    assert not (tmp_path / "v" / "checkpoints").exists()
+
+
 def test_vae_resume_is_bit_identical(data, tmp_path):
     from layerdiff.train_vae import VaeTrainConfig, train_vae
 
@@ -696,7 +739,8 @@ def test_toy_recipe_runs_every_stage_and_ships_its_unet_override(tmp_path, capsy
 
     small = {"block_out_channels": [16, 32, 32], "norm_num_groups": 8}
     cfg = tmp_path / "recipe.json"
-    cfg.write_text(json.dumps({"unet": small, "samples": 6, "vae": {"steps": 2, "batch_size": 2, "crop": 32},
+    cfg.write_text(json.dumps({"unet": small, "samples": 6,
+                               "vae": {"steps": 2, "batch_size": 2, "crop": 32, "latent_stats": "channel"},
                                "decoder": {"steps": 1, "batch_size": 2, "crop": 32},
                                "train": {"steps": 2, "batch_size": 2, "sample_every": 0, "checkpoint_every": 1}}))
     out, data = tmp_path / "run", tmp_path / "data"
@@ -709,6 +753,17 @@ def test_toy_recipe_runs_every_stage_and_ships_its_unet_override(tmp_path, capsy
     assert model.config.unet["sample_size"] == 16 and model.config.image_size == 128
     recipe = json.loads(read_safetensors(out / "layerdiff-toy.safetensors")[1]["recipe"])
     assert recipe["unet"] == small and recipe["train"]["steps"] == 2
+    # latents scaled per channel: the VAE stage's file and the shipped model carry the statistics
+    assert recipe["vae"]["latent_stats"] == "channel"
+    vae_meta = read_safetensors(out / "vae.safetensors")[1]
+    assert json.loads(vae_meta["latents_std"]) == model.vae.config.latents_std == model.config.vae["latents_std"]
+    assert len(model.vae.config.latents_mean) == 4 and model.vae.config.scaling_factor == 1.0
+    # a rerun loads the finished stage's file with its statistics instead of training again
+    from layerdiff.train_cli import _vae_stage
+
+    fresh = build_random_model(get_preset("toy"), seed=1).vae
+    _vae_stage(fresh, data, out / "vae.safetensors", tmp_path / "unused", {}, 0)
+    assert fresh.config.latents_mean == json.loads(vae_meta["latents_mean"]) and not (tmp_path / "unused").exists()
     assert "wrote" in capsys.readouterr().err
 
 

@@ -16,6 +16,36 @@ from layerdiff.model.text import tokenize
 from layerdiff.model.unet import LayerDiffUNet
 
 
+def latent_affine(vae) -> tuple[torch.Tensor, torch.Tensor]:
+    """(shift, scale), each (1, C, 1, 1): the model's latents are ``(vae latent - shift) * scale``.
+
+    The VAE's config gives them as diffusers does: ``scaling_factor`` alone (SD 1.5: shift 0, one
+    scale for all channels), or per channel with ``latents_mean`` / ``latents_std`` as well
+    (scale = scaling_factor / std), which gives every channel unit spread even when a VAE puts most
+    of its variance in one channel (``VaeTrainConfig.latent_stats``).
+    """
+    cfg = vae.config
+    factor = float(getattr(cfg, "scaling_factor", 1.0) or 1.0)
+    mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+    if mean is None or std is None:
+        return torch.zeros(1, 1, 1, 1), torch.full((1, 1, 1, 1), factor)
+    mean = torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    return mean, factor / std
+
+
+def to_model_latents(vae, z: torch.Tensor) -> torch.Tensor:
+    """VAE latents (N, C, h, w) -> the scaled latents the UNet works in."""
+    shift, scale = latent_affine(vae)
+    return (z - shift.to(z)) * scale.to(z)
+
+
+def from_model_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """The UNet's scaled latents (N, C, h, w) -> VAE latents (inverse of :func:`to_model_latents`)."""
+    shift, scale = latent_affine(vae)
+    return latents / scale.to(latents) + shift.to(latents)
+
+
 @dataclass
 class LayerDiffModel:
     config: LayerDiffConfig
@@ -66,21 +96,18 @@ class LayerDiffModel:
         return hidden.to(self.dtype)
 
     # ---------------------------------------------------------------- latents
-    def _scaling(self) -> float:
-        return float(getattr(self.vae.config, "scaling_factor", 1.0))
-
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """images (N, 3, H, W) in [-1, 1] -> scaled latents (N, 4, h, w) (posterior mean)."""
         vae_dtype = next(self.vae.parameters()).dtype
         dist = self.vae.encode(images.to(self.vae.device, vae_dtype)).latent_dist
-        return (dist.mean * self._scaling()).to(self.dtype)
+        return to_model_latents(self.vae, dist.mean).to(self.dtype)
 
     @torch.no_grad()
     def decode_images(self, latents: torch.Tensor) -> torch.Tensor:
         """scaled latents (N, 4, h, w) -> images (N, 3, H, W) in [-1, 1]."""
         vae_dtype = next(self.vae.parameters()).dtype
-        return self.vae.decode(latents.to(self.vae.device, vae_dtype) / self._scaling()).sample.float()
+        return self.vae.decode(from_model_latents(self.vae, latents.to(self.vae.device, vae_dtype))).sample.float()
 
     @torch.no_grad()
     def encode_layers(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
