@@ -63,9 +63,14 @@ def build_random_model(config: LayerDiffConfig, seed: int = 0, tokenizer_dirs=No
     """A LayerDiff with random weights (deterministic for ``seed``): tests and timing."""
     state = torch.random.get_rng_state()
     try:
+        # each part from its own stream: changing one part's config must not move another's weights
+        # (the toy recipe's VAE once changed when the UNet lost a block, and trained worse)
         torch.manual_seed(seed)
         unet = LayerDiffUNet.from_config(config)
-        vae, text = build_vae(config), build_text_encoder(config)
+        torch.manual_seed(seed)
+        vae = build_vae(config)
+        torch.manual_seed(seed)
+        text = build_text_encoder(config)
     finally:
         torch.random.set_rng_state(state)
     tok = build_tokenizer(config.tokenizer, tokenizer_dirs)
