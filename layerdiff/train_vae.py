@@ -219,7 +219,7 @@ def train_vae(vae, data, out: str | Path, config: VaeTrainConfig, size: int = 12
             w = w + (config.edge_weight - 1.0) * _outline(x, foreground[idx], is_mask[idx])
         err = rec - x
         loss = ((err.abs() + err**2) * w).mean() + config.kl_weight * kl
-        if config.scale_equivariance > 0 and not config.decoder_only:
+        if config.scale_equivariance > 0:  # decoder-only stages learn it too (encoder frozen)
             err2 = vae.decode(F.avg_pool2d(z, 2)).sample - F.avg_pool2d(x, 2)
             loss = loss + config.scale_equivariance * (err2.abs() + err2**2).mean()
         opt.zero_grad(set_to_none=True)

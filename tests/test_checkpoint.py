@@ -48,9 +48,9 @@ def _all_tensors(model):
 
 
 def test_random_model_parts_do_not_move_when_another_part_changes():
-    """Each part of a random model has its own seeded stream: a UNet without one attention block (fewer
-    random numbers drawn; the change that once moved the toy recipe's VAE) leaves the VAE's and text encoder's initial weights exactly as they were, and the
-    seed still changes them."""
+    """Each part of a random model has its own seeded stream: a UNet without one attention block
+    (fewer random numbers drawn; the change that once moved the toy recipe's VAE) leaves the VAE's
+    and text encoder's initial weights exactly as they were, and the seed still changes them."""
     config = get_preset("tiny")
     a = build_random_model(config, seed=5)
     smaller = config.replace(unet={**config.unet, "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
