@@ -75,6 +75,12 @@ class TrainConfig:
     # A fresh run of a model trained from scratch (no SD weights to protect) may open the zero
     # gates of the intra-layer attention at the start, e.g. 1.0; None keeps them shut (SD fine-tuning).
     intra_gate_init: float | None = None
+    # Offset noise (Guttenberg 2023): each layer's noise gets a constant per channel, drawn with
+    # this spread, on top of the pixel-wise noise (0 = off, e.g. 0.1). Plain noise barely touches a
+    # latent's per-channel mean even at the last timestep (16x16 positions average it down 16x), so
+    # the model learns to read a layer's overall colour off x_t instead of the prompt; sampling from
+    # pure noise then keeps the noise's near-zero mean: flat backgrounds come out grey.
+    offset_noise: float = 0.0
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
@@ -89,6 +95,8 @@ class TrainConfig:
             raise LayerDiffError(f"lr_schedule {data['lr_schedule']!r} is not known: use one of {list(LR_SCHEDULES)}")
         if float(data.get("snr_gamma", 0.0)) < 0:
             raise LayerDiffError(f"snr_gamma {data['snr_gamma']} must be 0 (off) or positive, e.g. 5")
+        if float(data.get("offset_noise", 0.0)) < 0:
+            raise LayerDiffError(f"offset_noise {data['offset_noise']} must be 0 (off) or positive, e.g. 0.1")
         return cls(**data)
 
     def lr_scale(self, step: int) -> float:
@@ -187,6 +195,8 @@ def make_batch(
     t = torch.randint(0, schedule.num_train_timesteps, (B,), generator=gen)  # one t per composable sample
     noise = torch.randn(latents.shape, generator=gen)  # independent per layer
     u = torch.rand(B, generator=gen)
+    if config.offset_noise > 0:  # drawn after the rest: offset 0 keeps the stream of earlier runs
+        noise = noise + config.offset_noise * torch.randn(*latents.shape[:3], 1, 1, generator=gen)
     globs, lays = [], []
     for b in range(B):
         drop_all = u[b] < config.drop_all

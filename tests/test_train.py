@@ -638,6 +638,26 @@ def test_min_snr_weights_only_the_low_noise_steps(interacting):
         assert module(**weighted) < module(**plain) + 1e-6  # weights scale the error, never renormalise it
 
 
+def test_offset_noise_adds_one_constant_per_layer_and_channel(interacting):
+    model, _, schedule = interacting
+    plain, default = _batch(model, schedule), _batch(model, schedule, offset_noise=0.0)
+    assert torch.equal(plain["noisy"], default["noisy"])  # off: the stream of earlier runs
+    offset = _batch(model, schedule, offset_noise=0.5)
+    assert torch.equal(plain["t"], offset["t"]) and torch.equal(plain["ids_layers"], offset["ids_layers"])
+    extra = offset["target"] - plain["target"]  # the pixel-wise noise is the same draw
+    per_map = extra.flatten(3)
+    assert torch.allclose(per_map, per_map[..., :1].expand_as(per_map), atol=1e-6)  # constant over h, w
+    consts = per_map[..., 0]
+    assert consts.shape == (2, 3, 8) and 0.25 < float(consts.std()) < 1.0  # one draw per layer and channel
+    assert float((consts[:, :, :1] - consts).abs().max()) > 0.1  # channels differ
+    # the model is trained to predict the noise actually added, offset included
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, 3, 8, 8, 8, generator=g)
+    torch.testing.assert_close(offset["noisy"], schedule.add_noise(x0, offset["target"], offset["t"]))
+    with pytest.raises(LayerDiffError, match="offset_noise -0.1"):
+        TrainConfig.from_dict({"offset_noise": -0.1})
+
+
 def test_intra_gate_init_opens_the_gates_of_a_fresh_run(data, tmp_path):
     final = run(data, tmp_path / "open", steps=1, intra_gate_init=1.0, lr_new=1e-6, ema_decay=0.0)
     tensors, _ = read_safetensors(final)
