@@ -249,10 +249,12 @@ class LatentCache:
             nonlocal white
             if not buf:
                 return
+            nhwc = torch.channels_last
             imgs = torch.cat([item["images"] for item in buf])  # (sum L, 3, S, S) in [-1, 1]
             msks = torch.cat([item["masks"][1:] for item in buf])  # (sum (L-1), 1, S, S) in 0..1
-            lat_img = model.encode_images(imgs).float()
-            lat_msk = model.encode_images(msks.expand(-1, 3, -1, -1) * 2 - 1).float() if len(msks) else None
+            lat_img = model.encode_images(imgs.contiguous(memory_format=nhwc)).float()
+            lat_msk = (model.encode_images((msks.expand(-1, 3, -1, -1) * 2 - 1).contiguous(memory_format=nhwc)).float()
+                       if len(msks) else None)
             if white is None:
                 white = model.encode_images(torch.ones_like(imgs[:1])).float()[0]
             lat = torch.zeros(len(buf), max_layers, 8, *lat_img.shape[-2:])
@@ -272,14 +274,19 @@ class LatentCache:
             valid_all.append(valid)
             buf.clear()
 
-        for shard in resolve_shards(data):
-            for sample in read_shard(shard):
-                if sample.num_layers > max_layers:
-                    continue
-                buf.append(sample_to_tensors(sample, size))
-                if len(buf) == batch_size:
-                    flush()
-        flush()
+        # the encoder's convolutions run about 1.5x faster in channels-last layout on CPU
+        model.vae.to(memory_format=torch.channels_last)
+        try:
+            for shard in resolve_shards(data):
+                for sample in read_shard(shard):
+                    if sample.num_layers > max_layers:
+                        continue
+                    buf.append(sample_to_tensors(sample, size))
+                    if len(buf) == batch_size:
+                        flush()
+            flush()
+        finally:
+            model.vae.to(memory_format=torch.contiguous_format)
         cache = cls(torch.cat(lat_all), torch.cat(valid_all), gp, lp)
         save_safetensors_atomic(
             {"latents": cache.latents, "valid": cache.valid.to(torch.uint8)},

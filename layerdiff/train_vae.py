@@ -52,6 +52,9 @@ class VaeTrainConfig:
     # it stay valid, and the decoder learns to decode latents perturbed by Gaussian noise of up to
     # ``latent_noise`` (in units of the scaled latents, per sample uniform in [0, latent_noise]) to
     # the clean image: a diffusion model's samples are never exactly on the encoder's manifold.
+    # In a full VAE stage the unit is the batch's latent spread over all channels: the encoder
+    # then cannot outgrow the noise by scaling up, and a channel kept far below the others' spread
+    # (as colour channels drift to) is drowned, as the diffusion noise would drown it.
     decoder_only: bool = False
     latent_noise: float = 0.0
     # How the trained VAE's latents are scaled for the UNet (set at the end of a full VAE run):
@@ -70,6 +73,9 @@ class VaeTrainConfig:
     # apart in the latents for both initial weights tried, where without it they often shared a
     # mean latent and the UNet drew them wrong (README, "Where the shipped weights come from").
     scale_equivariance: float = 0.0
+    # The pooling factors it is taught at (the loss is their mean); a factor as large as the
+    # crop's latent size pools to one latent pixel, whose decoding must be the crop's mean colour.
+    scale_equivariance_factors: tuple[int, ...] = (2,)
 
 
 def _image_pool(data, count: int, size: int, seed: int) -> torch.Tensor:
@@ -170,6 +176,12 @@ def train_vae(vae, data, out: str | Path, config: VaeTrainConfig, size: int = 12
             raise LayerDiffError(f"VAE {name} {getattr(config, name)} must be 0 or more (1 = no extra weight)")
     if config.scale_equivariance < 0:
         raise LayerDiffError(f"VAE scale_equivariance {config.scale_equivariance} must be 0 or more (0 = off)")
+    latent_crop = config.crop // (2 ** (len(vae.config.block_out_channels) - 1))
+    factors = tuple(int(f) for f in config.scale_equivariance_factors)
+    if not factors or any(f < 2 or latent_crop % f for f in factors):
+        raise LayerDiffError(
+            f"VAE scale_equivariance_factors {list(config.scale_equivariance_factors)}: each must be 2 or more and "
+            f"divide the crop's latent size {latent_crop} (crop {config.crop}), e.g. [2, 4]")
     pool = _image_pool(data, config.images, size, config.seed)
     centres = _object_centres(pool)
     foreground = _is_foreground_image(pool)
@@ -207,8 +219,7 @@ def train_vae(vae, data, out: str | Path, config: VaeTrainConfig, size: int = 12
             post = vae.encode(x).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=g) if config.sample_posterior else post.mean
         if config.latent_noise > 0:
-            sigma = torch.rand(len(z), 1, 1, 1, generator=g) * config.latent_noise / scale
-            z = z + sigma * torch.randn(z.shape, generator=g)
+            z = noisy_latents(z, config, scale, g)
         rec = vae.decode(z).sample
         kl = post.kl().mean() / (z[0].numel()) if not config.decoder_only else torch.zeros(())
         w = torch.ones_like(x[:, :1])
@@ -220,8 +231,11 @@ def train_vae(vae, data, out: str | Path, config: VaeTrainConfig, size: int = 12
         err = rec - x
         loss = ((err.abs() + err**2) * w).mean() + config.kl_weight * kl
         if config.scale_equivariance > 0:  # decoder-only stages learn it too (encoder frozen)
-            err2 = vae.decode(F.avg_pool2d(z, 2)).sample - F.avg_pool2d(x, 2)
-            loss = loss + config.scale_equivariance * (err2.abs() + err2**2).mean()
+            se = 0.0
+            for f in factors:
+                err2 = vae.decode(F.avg_pool2d(z, f)).sample - F.avg_pool2d(x, f)
+                se = se + (err2.abs() + err2**2).mean()
+            loss = loss + config.scale_equivariance * se / len(factors)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -242,6 +256,17 @@ def train_vae(vae, data, out: str | Path, config: VaeTrainConfig, size: int = 12
     if not config.decoder_only:  # a frozen encoder keeps its latents, and so its scale
         set_scaling_factor(vae, pool[:256], per_channel=config.latent_stats == "channel")
     return vae
+
+
+def noisy_latents(z: torch.Tensor, config: VaeTrainConfig, scale: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """``z`` plus Gaussian noise, per sample of std uniform in [0, ``latent_noise``] UNet units.
+
+    The unit is the frozen encoder's fixed scale in decoder-only stages; while the encoder learns,
+    the batch's own latent spread (detached), so it cannot outgrow the noise by scaling up.
+    """
+    unit = 1 / scale if config.decoder_only else z.detach().std()
+    sigma = torch.rand(len(z), 1, 1, 1, generator=g) * config.latent_noise * unit
+    return z + sigma * torch.randn(z.shape, generator=g)
 
 
 @torch.no_grad()
@@ -268,17 +293,18 @@ def set_scaling_factor(vae, images: torch.Tensor, per_channel: bool = False) -> 
 
 
 @torch.no_grad()
-def reconstruction_error(vae, images: torch.Tensor, pooled: bool = False) -> float:
+def reconstruction_error(vae, images: torch.Tensor, pooled: bool | int = False) -> float:
     """Mean absolute error (0..1 scale) of encode/decode on images (N, 3, S, S) in [-1, 1].
 
-    ``pooled``: the scale-equivariance error instead, latents pooled 2x2 decoded against the
-    images pooled 2x2 (what ``VaeTrainConfig.scale_equivariance`` trains down).
+    ``pooled``: the scale-equivariance error instead, latents pooled 2x2 (True) or by this factor
+    decoded against the images pooled alike (what ``VaeTrainConfig.scale_equivariance`` trains down).
     """
+    factor = 2 if pooled is True else int(pooled)
     errs = []
     for i in range(0, len(images), 16):
         x = images[i : i + 16]
         z = vae.encode(x).latent_dist.mean
-        if pooled:
-            z, x = F.avg_pool2d(z, 2), F.avg_pool2d(x, 2)
+        if factor > 1:
+            z, x = F.avg_pool2d(z, factor), F.avg_pool2d(x, factor)
         errs.append(((vae.decode(z).sample - x).abs().mean() / 2).item())
     return float(np.mean(errs))

@@ -491,6 +491,11 @@ def test_scale_equivariance_teaches_pooled_latents_to_decode_to_pooled_images(da
     with pytest.raises(LayerDiffError, match="VAE scale_equivariance -1.0 must be 0 or more"):
         train_vae(_vae(), data, tmp_path / "bad", VaeTrainConfig(steps=1, scale_equivariance=-1.0), size=SIZE,
                   progress=False)
+    for bad in ((3,), (1,), (8,), ()):  # crop 32 = 4 latent pixels: 3 and 8 do not divide it
+        with pytest.raises(LayerDiffError, match="scale_equivariance_factors"):
+            train_vae(_vae(), data, tmp_path / "bad", VaeTrainConfig(steps=1, crop=32, scale_equivariance=1.0,
+                                                                     scale_equivariance_factors=bad), size=SIZE,
+                      progress=False)
 
 
 def test_per_channel_latent_scaling_gives_every_channel_unit_spread_and_survives_save_and_load(data, tmp_path):
@@ -665,6 +670,23 @@ def test_intra_gate_init_opens_the_gates_of_a_fresh_run(data, tmp_path):
     assert gates and all(abs(float(g) - 1.0) < 1e-3 for g in gates)
 
 
+def test_vae_latent_noise_follows_the_latents_spread_while_the_encoder_learns():
+    from layerdiff.train_vae import VaeTrainConfig, noisy_latents
+
+    z = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    scale = torch.full((1, 4, 1, 1), 0.5)
+    full, frozen = VaeTrainConfig(latent_noise=0.4), VaeTrainConfig(latent_noise=0.4, decoder_only=True)
+    gen = lambda: torch.Generator().manual_seed(7)  # noqa: E731
+    noise = noisy_latents(z, full, scale, gen()) - z
+    # an encoder that scales its latents up x100 gets x100 the noise: nothing gained
+    torch.testing.assert_close(noisy_latents(100 * z, full, scale, gen()) - 100 * z, 100 * noise, rtol=1e-4, atol=1e-3)
+    # a frozen encoder's noise is in its fixed scale's units, whatever the batch
+    fixed = noisy_latents(z, frozen, scale, gen()) - z
+    torch.testing.assert_close(noisy_latents(100 * z, frozen, scale, gen()) - 100 * z, fixed, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(fixed, noise * (1 / 0.5) / float(z.std()))
+    assert 0.05 < float(noise.std()) / float(z.std()) < 0.4  # per-sample std uniform in [0, 0.4] units
+
+
 def test_vae_crops_find_objects_in_foreground_and_mask_images():
     from layerdiff.train_vae import _crop_origins, _is_foreground_image, _object_centres
 
@@ -742,6 +764,8 @@ def test_latent_cache_equals_encoding_each_sample_on_its_own(data, tmp_path):
 
     model = tiny()
     cache = LatentCache.build(model, data, SIZE, tmp_path / "cache.safetensors", max_layers=4, batch_size=5)
+    # it encodes in channels-last layout and gives the VAE back in the usual one
+    assert all(p.is_contiguous() for p in model.vae.parameters())
     samples = [s for shard in resolve_shards(data) for s in read_shard(shard)]
     assert len(cache) == len(samples)
     for i, sample in enumerate(samples):
