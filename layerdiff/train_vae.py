@@ -69,9 +69,9 @@ class VaeTrainConfig:
     # Scale-equivariance regularisation (Skorokhodov et al. 2025, "Improving the Diffusability of
     # Autoencoders"): the latents average-pooled 2x2 must decode to the image average-pooled 2x2,
     # with this loss weight (0 = off). It takes out of the latents the high-frequency detail that the
-    # image itself does not have. In the toy recipe (0.5) it kept backgrounds of different colours
-    # apart in the latents for both initial weights tried, where without it they often shared a
-    # mean latent and the UNet drew them wrong (README, "Where the shipped weights come from").
+    # image itself does not have. Without it the toy VAE's backgrounds of different colours often
+    # shared a mean latent and the UNet drew them wrong; the toy recipe uses weight 1 at 2x2 and
+    # 4x4 (README, "Where the shipped weights come from").
     scale_equivariance: float = 0.0
     # The pooling factors it is taught at (the loss is their mean); a factor as large as the
     # crop's latent size pools to one latent pixel, whose decoding must be the crop's mean colour.
@@ -231,11 +231,7 @@ def train_vae(vae, data, out: str | Path, config: VaeTrainConfig, size: int = 12
         err = rec - x
         loss = ((err.abs() + err**2) * w).mean() + config.kl_weight * kl
         if config.scale_equivariance > 0:  # decoder-only stages learn it too (encoder frozen)
-            se = 0.0
-            for f in factors:
-                err2 = vae.decode(F.avg_pool2d(z, f)).sample - F.avg_pool2d(x, f)
-                se = se + (err2.abs() + err2**2).mean()
-            loss = loss + config.scale_equivariance * se / len(factors)
+            loss = loss + config.scale_equivariance * scale_equivariance_loss(vae, z, x, factors)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -256,6 +252,16 @@ def train_vae(vae, data, out: str | Path, config: VaeTrainConfig, size: int = 12
     if not config.decoder_only:  # a frozen encoder keeps its latents, and so its scale
         set_scaling_factor(vae, pool[:256], per_channel=config.latent_stats == "channel")
     return vae
+
+
+def scale_equivariance_loss(vae, z: torch.Tensor, x: torch.Tensor, factors: tuple[int, ...]) -> torch.Tensor:
+    """Mean over ``factors`` of the error (L1 + L2) of decoding the latents ``z`` average-pooled by
+    the factor against the images ``x`` pooled alike."""
+    total = 0.0
+    for f in factors:
+        err = vae.decode(F.avg_pool2d(z, f)).sample - F.avg_pool2d(x, f)
+        total = total + (err.abs() + err**2).mean()
+    return total / len(factors)
 
 
 def noisy_latents(z: torch.Tensor, config: VaeTrainConfig, scale: torch.Tensor, g: torch.Generator) -> torch.Tensor:

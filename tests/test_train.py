@@ -491,6 +491,17 @@ def test_scale_equivariance_teaches_pooled_latents_to_decode_to_pooled_images(da
     with pytest.raises(LayerDiffError, match="VAE scale_equivariance -1.0 must be 0 or more"):
         train_vae(_vae(), data, tmp_path / "bad", VaeTrainConfig(steps=1, scale_equivariance=-1.0), size=SIZE,
                   progress=False)
+    # each factor is its own term of the loss: (2, 4) is the mean of 2 alone and 4 alone
+    from layerdiff.train_vae import scale_equivariance_loss
+
+    x = pool[:4, :, :32, :32]
+    with torch.no_grad():
+        z = regular.encode(x).latent_dist.mean
+        two, four = (float(scale_equivariance_loss(regular, z, x, (f,))) for f in (2, 4))
+        both = float(scale_equivariance_loss(regular, z, x, (2, 4)))
+        err = regular.decode(torch.nn.functional.avg_pool2d(z, 4)).sample - torch.nn.functional.avg_pool2d(x, 4)
+    assert abs(four - float((err.abs() + err**2).mean())) < 1e-6
+    assert abs(both - (two + four) / 2) < 1e-6 and abs(two - four) > 1e-4
     for bad in ((3,), (1,), (8,), ()):  # crop 32 = 4 latent pixels: 3 and 8 do not divide it
         with pytest.raises(LayerDiffError, match="scale_equivariance_factors"):
             train_vae(_vae(), data, tmp_path / "bad", VaeTrainConfig(steps=1, crop=32, scale_equivariance=1.0,
