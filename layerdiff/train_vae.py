@@ -178,7 +178,7 @@ def train_vae(vae, data, out: str | Path, config: VaeTrainConfig, size: int = 12
         raise LayerDiffError(f"VAE scale_equivariance {config.scale_equivariance} must be 0 or more (0 = off)")
     latent_crop = config.crop // (2 ** (len(vae.config.block_out_channels) - 1))
     factors = tuple(int(f) for f in config.scale_equivariance_factors)
-    if not factors or any(f < 2 or latent_crop % f for f in factors):
+    if config.scale_equivariance > 0 and (not factors or any(f < 2 or latent_crop % f for f in factors)):
         raise LayerDiffError(
             f"VAE scale_equivariance_factors {list(config.scale_equivariance_factors)}: each must be 2 or more and "
             f"divide the crop's latent size {latent_crop} (crop {config.crop}), e.g. [2, 4]")
@@ -299,13 +299,13 @@ def set_scaling_factor(vae, images: torch.Tensor, per_channel: bool = False) -> 
 
 
 @torch.no_grad()
-def reconstruction_error(vae, images: torch.Tensor, pooled: bool | int = False) -> float:
+def reconstruction_error(vae, images: torch.Tensor, pool: int = 1) -> float:
     """Mean absolute error (0..1 scale) of encode/decode on images (N, 3, S, S) in [-1, 1].
 
-    ``pooled``: the scale-equivariance error instead, latents pooled 2x2 (True) or by this factor
+    ``pool`` > 1: the scale-equivariance error instead, latents average-pooled by that factor
     decoded against the images pooled alike (what ``VaeTrainConfig.scale_equivariance`` trains down).
     """
-    factor = 2 if pooled is True else int(pooled)
+    factor = int(pool)
     errs = []
     for i in range(0, len(images), 16):
         x = images[i : i + 16]
