@@ -59,6 +59,9 @@ class SamplingDefaults:
     mask_guidance: float = 0.75  # self-mask guidance scale s; 0 disables it
     mask_guidance_start: float = 0.25  # fraction of steps before SMG switches on
     mask_guidance_blur_sigma: float = 1.0  # Gaussian blur of x0 inside the predicted masks (latent px)
+    # SMG degrades each mask's interior, the mask eroded by this many latent pixels: guiding the
+    # outline too grew the object in the layer image past its mask (README, Sampling)
+    mask_guidance_erode: int = 1
     layout_cleanup: float = 1.0  # one object per foreground, no overlapping foregrounds (0..1; 0 off)
     layout_cleanup_start: float = 0.1  # fraction of steps before layout cleanup switches on
     scheduler: str = "ddim"

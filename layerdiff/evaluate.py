@@ -459,6 +459,7 @@ def evaluate(model, items: Sequence[EvalItem], batch: int = DEFAULT_BATCH, steps
         "mask_guidance": smg_scale,
         "mask_guidance_start": k["mask_guidance_start"],
         "mask_guidance_blur": k["mask_guidance_blur"],
+        "mask_guidance_erode": k["mask_guidance_erode"],
         "layout_cleanup": float(k["layout_cleanup"]),
         "layout_cleanup_start": float(k["layout_cleanup_start"]),
         "image_size": model.config.image_size,

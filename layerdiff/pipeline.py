@@ -159,6 +159,7 @@ def sampler_kwargs(
         "mask_guidance": smg,
         "mask_guidance_start": d.mask_guidance_start if mask_guidance_start is None else mask_guidance_start,
         "mask_guidance_blur": d.mask_guidance_blur_sigma,
+        "mask_guidance_erode": d.mask_guidance_erode,
         "mask_axis": model.mask_axis() if smg or cleanup else None,
         "layout_cleanup": cleanup,
         "layout_cleanup_start": d.layout_cleanup_start if layout_cleanup_start is None else layout_cleanup_start,

@@ -295,6 +295,7 @@ def sample(
     mask_guidance: float = 0.0,
     mask_guidance_start: float = 0.25,
     mask_guidance_blur: float = 1.0,
+    mask_guidance_erode: int = 0,
     mask_axis: tuple[torch.Tensor, torch.Tensor] | None = None,
     layout_cleanup: float = 0.0,
     layout_cleanup_start: float = 0.25,
@@ -311,7 +312,8 @@ def sample(
     height/width are latent sizes. ``seeds`` gives one seed per sample (same seed -> same result).
     ``background_cfg`` is the background layer's guidance scale (None: ``cfg``), the foregrounds use
     ``cfg``. ``mask_guidance`` is the self-mask guidance scale s (0 disables it), switched on after the
-    first ``mask_guidance_start`` fraction of steps. ``init_latents`` with ``strength`` < 1 starts
+    first ``mask_guidance_start`` fraction of steps; it degrades each foreground inside its predicted
+    mask eroded by ``mask_guidance_erode`` latent pixels (0: the whole mask). ``init_latents`` with ``strength`` < 1 starts
     from those latents noised part-way (restyling); strength 0 returns them unchanged.
     ``callback(step, total, x0)`` runs after every step with the predicted clean latents; returning
     False (or raising) stops sampling with :class:`Interrupted`. ``max_batch`` splits the UNet batch.
@@ -328,6 +330,9 @@ def sample(
         raise LayerDiffError(f"strength {strength} must be within 0..1")
     if mask_guidance and mask_axis is None:
         raise LayerDiffError("self-mask guidance needs mask_axis (the model bundle's mask_axis())")
+    if isinstance(mask_guidance_erode, bool) or int(mask_guidance_erode) != mask_guidance_erode or mask_guidance_erode < 0:
+        raise LayerDiffError(f"mask_guidance_erode {mask_guidance_erode!r} must be a whole number of latent pixels, 0 or "
+                             "more (0: self-mask guidance uses the whole predicted mask)")
     if not 0.0 <= layout_cleanup <= 1.0:
         raise LayerDiffError(f"layout_cleanup {layout_cleanup} must be within 0..1 (0 disables it)")
     if not 0.0 <= layout_cleanup_start <= 1.0:
@@ -419,6 +424,9 @@ def sample(
             x0_u = (x_in - math.sqrt(1 - a) * eps[1]) / math.sqrt(a) if len(eps) > 1 else x0
             x0_prev = x0_u
             mask_prev = (read_masks(x0, *mask_axis) > 0.5).to(x0.dtype)  # (B, K, h, w)
+            if mask_guidance_erode:  # the masks' interiors: SMG sharpens content, not outlines
+                r = int(mask_guidance_erode)
+                mask_prev = -F.max_pool2d(-mask_prev, 2 * r + 1, stride=1, padding=r)
         x = sched.step(guided, t, x, **step_kwargs).prev_sample
         if locked is not None:
             x = torch.where(locked, levels.noise_to(lock_clean, _noise(shape, gens, device, torch.float32), i + 1), x)

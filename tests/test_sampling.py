@@ -52,6 +52,24 @@ def test_guidance_scales_change_the_result(trained_like_tiny_model):
     assert torch.equal(cfg, _sample(model, cond, cfg=5.0, mask_guidance=0.0))
 
 
+def test_smg_erosion_keeps_guidance_to_the_masks_interiors(trained_like_tiny_model):
+    """Eroded past every mask's size, SMG degrades nothing: its degraded pass is the unconditional
+    one and the result is plain CFG's; the whole mask (erode 0) changes the result."""
+    from layerdiff.pipeline import sampler_kwargs
+
+    model = trained_like_tiny_model
+    cond = encode_prompts(model, PROMPTS)
+    cfg = _sample(model, cond, cfg=5.0)
+    whole = _sample(model, cond, cfg=5.0, mask_guidance=1.0, mask_guidance_start=0.0, mask_guidance_erode=0)
+    gone = _sample(model, cond, cfg=5.0, mask_guidance=1.0, mask_guidance_start=0.0, mask_guidance_erode=8)
+    assert (whole - cfg).abs().max() > 1e-3
+    torch.testing.assert_close(gone, cfg, atol=1e-5, rtol=1e-5)
+    assert sampler_kwargs(model)["mask_guidance_erode"] == model.config.sampling.mask_guidance_erode == 1
+    for bad in (-1, 0.5, True):
+        with pytest.raises(LayerDiffError, match="mask_guidance_erode"):
+            _sample(model, cond, mask_guidance=1.0, mask_guidance_erode=bad)
+
+
 def test_smg_unet_calls_are_batched(trained_like_tiny_model):
     """CFG: one UNet call of 2B per step; SMG: one call of 3B once active (no extra call)."""
     model = trained_like_tiny_model

@@ -819,11 +819,12 @@ def test_toy_recipe_runs_every_stage_and_ships_its_unet_override(tmp_path, capsy
     cfg.write_text(json.dumps({"unet": small, "samples": 6,
                                "vae": {"steps": 2, "batch_size": 2, "crop": 32, "latent_stats": "channel"},
                                "decoder": {"steps": 1, "batch_size": 2, "crop": 32},
-                               "train": {"steps": 2, "batch_size": 2, "sample_every": 0, "checkpoint_every": 1}}))
+                               "train": {"steps": 2, "batch_size": 2, "sample_every": 0, "checkpoint_every": 1},
+                               "calibration": {"samples": 3, "candidates": [5, 20]}}))
     out, data = tmp_path / "run", tmp_path / "data"
     assert main(["train", "--preset", "toy", "--config", str(cfg), "--data", str(data), "--out", str(out)]) == 0
     for name in ("vae.safetensors", "vae-decoder.safetensors", "layerdiff/latents-128.safetensors",
-                 "layerdiff-toy.safetensors", "timings.json"):
+                 "layerdiff-toy.safetensors", "timings.json", "calibration.json"):
         assert (out / name).is_file(), name
     model = load_layerdiff(out / "layerdiff-toy.safetensors")
     assert model.config.name == "toy" and model.config.unet["block_out_channels"] == small["block_out_channels"]
@@ -842,6 +843,34 @@ def test_toy_recipe_runs_every_stage_and_ships_its_unet_override(tmp_path, capsy
     _vae_stage(fresh, data, out / "vae.safetensors", tmp_path / "unused", {}, 0)
     assert fresh.config.latents_mean == json.loads(vae_meta["latents_mean"]) and not (tmp_path / "unused").exists()
     assert "wrote" in capsys.readouterr().err
+    # the calibration stage's pick is the shipped file's background guidance, and a rerun reuses it
+    from layerdiff.train_cli import _calibrate
+
+    calibration = json.loads((out / "calibration.json").read_text())
+    assert calibration["background_cfg"] in (5.0, 20.0) and calibration["samples"] == 3
+    assert model.config.sampling.background_cfg == calibration["background_cfg"]
+    assert json.loads(read_safetensors(out / "layerdiff-toy.safetensors")[1]["calibration"]) == calibration
+    before = (out / "calibration.json").stat().st_mtime_ns
+    again = _calibrate(model, out / "layerdiff" / "model.safetensors", out / "calibration.json", 0, 6,
+                       calibration["settings"])
+    assert again == calibration and (out / "calibration.json").stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize(("calibration", "needle"), [
+    ({"sampels": 48}, "unknown key(s) ['sampels']"),
+    ({"samples": 2}, "calibration samples 2 must be 0"),
+    ({"candidates": [10, -1]}, "calibration candidates [10, -1]"),
+])
+def test_toy_recipe_names_a_bad_calibration_setting_before_any_work(tmp_path, capsys, calibration, needle):
+    from layerdiff.cli import main
+
+    cfg = tmp_path / "recipe.json"
+    cfg.write_text(json.dumps({"calibration": calibration}))
+    out, data = tmp_path / "run", tmp_path / "data"
+    assert main(["train", "--preset", "toy", "--config", str(cfg), "--data", str(data), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "calibration" in err and needle in err, err
+    assert not data.exists() and not out.exists()
 
 
 @pytest.mark.parametrize(("unet", "needle"), [({"block_out_chanels": [8]}, "block_out_chanels"), ([1, 2], "[1, 2]")],
