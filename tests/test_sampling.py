@@ -64,7 +64,14 @@ def test_smg_erosion_keeps_guidance_to_the_masks_interiors(trained_like_tiny_mod
     gone = _sample(model, cond, cfg=5.0, mask_guidance=1.0, mask_guidance_start=0.0, mask_guidance_erode=8)
     assert (whole - cfg).abs().max() > 1e-3
     torch.testing.assert_close(gone, cfg, atol=1e-5, rtol=1e-5)
-    assert sampler_kwargs(model)["mask_guidance_erode"] == model.config.sampling.mask_guidance_erode == 1
+    assert sampler_kwargs(model)["mask_guidance_erode"] == model.config.sampling.mask_guidance_erode
+    # the whole mask unless a model says otherwise; the toy recipe's models erode by one pixel
+    from layerdiff.config import SamplingDefaults, get_preset
+
+    assert SamplingDefaults().mask_guidance_erode == 0 and get_preset("toy").sampling.mask_guidance_erode == 1
+    import dataclasses
+
+    assert sampler_kwargs(dataclasses.replace(model, config=get_preset("toy")))["mask_guidance_erode"] == 1
     for bad in (-1, 0.5, True):
         with pytest.raises(LayerDiffError, match="mask_guidance_erode"):
             _sample(model, cond, mask_guidance=1.0, mask_guidance_erode=bad)
