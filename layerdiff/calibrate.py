@@ -59,7 +59,7 @@ def calibrate_background_guidance(
     cands = [float(c) for c in candidates]
     if not cands or any(not c > 0 for c in cands):
         raise LayerDiffError(f"background guidance candidates {list(candidates)} must be one or more scales above 0, "
-                             "e.g. 5, 7.5, 10, 14, 20")
+                             "e.g. 7.5, 10, 14, 20")
     if batch < 1:
         raise LayerDiffError(f"calibration batch {batch} must be at least 1")
     side = model.config.image_size // model.vae_scale_factor

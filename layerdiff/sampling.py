@@ -313,8 +313,9 @@ def sample(
     ``background_cfg`` is the background layer's guidance scale (None: ``cfg``), the foregrounds use
     ``cfg``. ``mask_guidance`` is the self-mask guidance scale s (0 disables it), switched on after the
     first ``mask_guidance_start`` fraction of steps; it degrades each foreground inside its predicted
-    mask eroded by ``mask_guidance_erode`` latent pixels (0: the whole mask). ``init_latents`` with ``strength`` < 1 starts
-    from those latents noised part-way (restyling); strength 0 returns them unchanged.
+    mask eroded by ``mask_guidance_erode`` latent pixels (0: the whole mask). ``init_latents`` with
+    ``strength`` < 1 starts from those latents noised part-way (restyling); strength 0 returns them
+    unchanged.
     ``callback(step, total, x0)`` runs after every step with the predicted clean latents; returning
     False (or raising) stops sampling with :class:`Interrupted`. ``max_batch`` splits the UNet batch.
     ``layout_cleanup`` (0..1, 0 disables it) applies :func:`clean_layout` to the predicted clean
@@ -330,7 +331,8 @@ def sample(
         raise LayerDiffError(f"strength {strength} must be within 0..1")
     if mask_guidance and mask_axis is None:
         raise LayerDiffError("self-mask guidance needs mask_axis (the model bundle's mask_axis())")
-    if isinstance(mask_guidance_erode, bool) or int(mask_guidance_erode) != mask_guidance_erode or mask_guidance_erode < 0:
+    if (isinstance(mask_guidance_erode, bool) or not isinstance(mask_guidance_erode, (int, float))
+            or mask_guidance_erode != int(mask_guidance_erode) or mask_guidance_erode < 0):
         raise LayerDiffError(f"mask_guidance_erode {mask_guidance_erode!r} must be a whole number of latent pixels, 0 or "
                              "more (0: self-mask guidance uses the whole predicted mask)")
     if not 0.0 <= layout_cleanup <= 1.0:

@@ -262,7 +262,7 @@ def _calibration_settings(value: dict) -> dict:
     if (not isinstance(cands, list) or not cands
             or not all(isinstance(c, (int, float)) and not isinstance(c, bool) and c > 0 for c in cands)):
         raise LayerDiffError(f"the recipe's calibration candidates {cands!r} must be a list of guidance scales above 0, "
-                             "e.g. [5, 7.5, 10, 14, 20]")
+                             "e.g. [7.5, 10, 14, 20]")
     return {"samples": samples, "candidates": [float(c) for c in cands]}
 
 

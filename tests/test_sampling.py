@@ -72,7 +72,7 @@ def test_smg_erosion_keeps_guidance_to_the_masks_interiors(trained_like_tiny_mod
     import dataclasses
 
     assert sampler_kwargs(dataclasses.replace(model, config=get_preset("toy")))["mask_guidance_erode"] == 1
-    for bad in (-1, 0.5, True):
+    for bad in (-1, 0.5, True, "1"):
         with pytest.raises(LayerDiffError, match="mask_guidance_erode"):
             _sample(model, cond, mask_guidance=1.0, mask_guidance_erode=bad)
 
