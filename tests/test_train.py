@@ -856,32 +856,20 @@ def test_toy_recipe_runs_every_stage_and_ships_its_unet_override(tmp_path, capsy
     assert again == calibration and (out / "calibration.json").stat().st_mtime_ns == before
 
 
-@pytest.mark.parametrize(("calibration", "needle"), [
-    ({"sampels": 48}, "unknown key(s) ['sampels']"),
-    ({"samples": 2}, "calibration samples 2 must be 0"),
-    ({"candidates": [10, -1]}, "calibration candidates [10, -1]"),
-])
-def test_toy_recipe_names_a_bad_calibration_setting_before_any_work(tmp_path, capsys, calibration, needle):
+@pytest.mark.parametrize(("settings", "needles"), [
+    ({"unet": {"block_out_chanels": [8]}}, ('"unet" setting', "block_out_chanels")),
+    ({"unet": [1, 2]}, ('"unet" setting', "[1, 2]")),
+    ({"calibration": {"sampels": 48}}, ("calibration", "unknown key(s) ['sampels']")),
+    ({"calibration": {"samples": 2}}, ("calibration", "calibration samples 2 must be 0")),
+    ({"calibration": {"candidates": [10, -1]}}, ("calibration", "calibration candidates [10, -1]")),
+], ids=["unet-typo", "unet-not-an-object", "calibration-typo", "calibration-samples", "calibration-candidates"])
+def test_toy_recipe_names_a_bad_setting_before_any_work(tmp_path, capsys, settings, needles):
     from layerdiff.cli import main
 
     cfg = tmp_path / "recipe.json"
-    cfg.write_text(json.dumps({"calibration": calibration}))
+    cfg.write_text(json.dumps(settings))
     out, data = tmp_path / "run", tmp_path / "data"
     assert main(["train", "--preset", "toy", "--config", str(cfg), "--data", str(data), "--out", str(out)]) == 1
     err = capsys.readouterr().err
-    assert "calibration" in err and needle in err, err
-    assert not data.exists() and not out.exists()
-
-
-@pytest.mark.parametrize(("unet", "needle"), [({"block_out_chanels": [8]}, "block_out_chanels"), ([1, 2], "[1, 2]")],
-                         ids=["typo", "not-an-object"])
-def test_toy_recipe_names_a_bad_unet_override_before_any_work(tmp_path, capsys, unet, needle):
-    from layerdiff.cli import main
-
-    cfg = tmp_path / "recipe.json"
-    cfg.write_text(json.dumps({"unet": unet}))
-    out, data = tmp_path / "run", tmp_path / "data"
-    assert main(["train", "--preset", "toy", "--config", str(cfg), "--data", str(data), "--out", str(out)]) == 1
-    err = capsys.readouterr().err
-    assert "\"unet\" setting" in err and needle in err, err
+    assert all(needle in err for needle in needles), err
     assert not data.exists() and not out.exists(), "a bad setting must fail before any data or output is made"
