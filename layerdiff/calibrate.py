@@ -10,6 +10,14 @@ own (:data:`CALIBRATION_SEED`, never the evaluation's :data:`layerdiff.evaluate.
 once per candidate scale with the same prompts and noise, with plain CFG, judges each background
 with :func:`layerdiff.data.judge.classify_background`, and writes the scale with the highest accuracy
 (ties: the smaller scale) into the model file's sampling defaults.
+
+The foreground layers' guidance (``SamplingDefaults.cfg``) is picked the same way, after the
+background's and with it: plain CFG at each candidate scale on the same scenes and noise, every
+foreground judged from its layer image and mask as ``eval`` judges it, and the scale with the best
+:func:`foreground_score` (the mean of colour accuracy, shape accuracy and mask IoU) wins. Strong
+guidance overshoots the object's outline in the layer image and in its mask differently, so the
+two stop agreeing: on the shipped toy model, plain CFG at foreground guidance 7.5 / 4 / 3 / 2 gave
+mask IoU 0.873 / 0.899 / 0.905 / 0.911 on 96 validation scenes (README, Training).
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ logger = logging.getLogger("layerdiff.calibrate")
 
 CALIBRATION_SEED = 31337  # scene and noise stream; evaluation uses DEFAULT_SEED (12345)
 BACKGROUND_CFG_CANDIDATES = (7.5, 10.0, 14.0, 20.0)
+FOREGROUND_CFG_CANDIDATES = (2.0, 3.0, 4.5, 7.5)
 DEFAULT_SAMPLES = 48
 
 
@@ -32,6 +41,16 @@ def pick_scale(accuracy: dict[float, float]) -> float:
     if not accuracy:
         raise LayerDiffError("no background guidance scales were measured: give at least one candidate")
     return max(accuracy, key=lambda c: (accuracy[c], -c))
+
+
+def _check(cands: Sequence[float], batch: int, what: str, example: str) -> list[float]:
+    out = [float(c) for c in cands]
+    if not out or any(not c > 0 for c in out):
+        raise LayerDiffError(f"{what} guidance candidates {list(cands)} must be one or more scales above 0, "
+                             f"e.g. {example}")
+    if batch < 1:
+        raise LayerDiffError(f"calibration batch {batch} must be at least 1")
+    return out
 
 
 def calibrate_background_guidance(
@@ -56,12 +75,7 @@ def calibrate_background_guidance(
     from layerdiff.pipeline import LayerPrompts, encode_prompts, sampler_kwargs
     from layerdiff.sampling import sample
 
-    cands = [float(c) for c in candidates]
-    if not cands or any(not c > 0 for c in cands):
-        raise LayerDiffError(f"background guidance candidates {list(candidates)} must be one or more scales above 0, "
-                             "e.g. 7.5, 10, 14, 20")
-    if batch < 1:
-        raise LayerDiffError(f"calibration batch {batch} must be at least 1")
+    cands = _check(candidates, batch, "background", "7.5, 10, 14, 20")
     side = model.config.image_size // model.vae_scale_factor
     items = fresh_items(samples, seed=seed, exclude=exclude)  # checks samples >= 3 (one per layer count)
     t0 = time.perf_counter()
@@ -81,4 +95,54 @@ def calibrate_background_guidance(
         accuracy[scale] = right / len(items)
         logger.info("background guidance %g: background accuracy %.3f (%d scenes)", scale, accuracy[scale], len(items))
     return {"background_cfg": pick_scale(accuracy), "accuracy": {str(c): round(a, 4) for c, a in accuracy.items()},
+            "samples": len(items), "seed": seed, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def foreground_score(metrics: dict) -> float:
+    """One number per candidate: the mean of foreground colour accuracy, shape accuracy and mask IoU."""
+    return (metrics["colour_accuracy"] + metrics["shape_accuracy"] + metrics["mask_iou"]) / 3
+
+
+def calibrate_foreground_guidance(
+    model,
+    candidates: Sequence[float] = FOREGROUND_CFG_CANDIDATES,
+    samples: int = DEFAULT_SAMPLES,
+    seed: int = CALIBRATION_SEED,
+    batch: int = 8,
+    exclude=frozenset(),
+    background_cfg: float | None = None,
+    progress: Callable[[int], object] | None = None,
+) -> dict:
+    """Foreground quality of each candidate foreground guidance scale (``cfg``) on fresh toy scenes.
+
+    Plain CFG; the background layer keeps ``background_cfg`` (None: the model's default). Returns
+    {"cfg": the chosen scale, "score": {scale: foreground_score}, "metrics": {scale: {colour_accuracy,
+    shape_accuracy, mask_iou}}, "samples", "seed", "seconds"}.
+    """
+    from layerdiff.evaluate import _batches, fresh_items, judge_stack, summarise
+    from layerdiff.pipeline import LayerPrompts, decode_stack, encode_prompts, sampler_kwargs
+    from layerdiff.sampling import sample
+
+    cands = _check(candidates, batch, "foreground", "2, 3, 4.5, 7.5")
+    side = model.config.image_size // model.vae_scale_factor
+    items = fresh_items(samples, seed=seed, exclude=exclude)
+    t0 = time.perf_counter()
+    metrics, score = {}, {}
+    for scale in cands:
+        kwargs = sampler_kwargs(model, cfg=scale, background_cfg=background_cfg, mask_guidance=0.0)
+        records = []
+        for part in _batches(items, batch):
+            cond = encode_prompts(model, [LayerPrompts(it.spec.global_prompt, tuple(it.spec.layer_prompts)) for it in part])
+            latents = sample(model.unet, cond, side, side, [it.seed for it in part], **kwargs)
+            stack = decode_stack(model, latents, binarize=False)  # as eval decodes them
+            records += judge_stack(stack, [it.spec for it in part])
+            if progress is not None:
+                progress(len(part))
+        every = summarise(records)["all"]
+        metrics[scale] = {m: every[m] for m in ("colour_accuracy", "shape_accuracy", "mask_iou")}
+        score[scale] = foreground_score(metrics[scale])
+        logger.info("foreground guidance %g: colour %.3f, shape %.3f, mask IoU %.3f (%d scenes)", scale,
+                    *metrics[scale].values(), len(items))
+    return {"cfg": pick_scale(score), "score": {str(c): round(v, 4) for c, v in score.items()},
+            "metrics": {str(c): m for c, m in metrics.items()},
             "samples": len(items), "seed": seed, "seconds": round(time.perf_counter() - t0, 1)}

@@ -820,7 +820,7 @@ def test_toy_recipe_runs_every_stage_and_ships_its_unet_override(tmp_path, capsy
                                "vae": {"steps": 2, "batch_size": 2, "crop": 32, "latent_stats": "channel"},
                                "decoder": {"steps": 1, "batch_size": 2, "crop": 32},
                                "train": {"steps": 2, "batch_size": 2, "sample_every": 0, "checkpoint_every": 1},
-                               "calibration": {"samples": 3, "candidates": [5, 20]}}))
+                               "calibration": {"samples": 3, "candidates": [5, 20], "foreground_candidates": [3, 9]}}))
     out, data = tmp_path / "run", tmp_path / "data"
     assert main(["train", "--preset", "toy", "--config", str(cfg), "--data", str(data), "--out", str(out)]) == 0
     for name in ("vae.safetensors", "vae-decoder.safetensors", "layerdiff/latents-128.safetensors",
@@ -843,12 +843,17 @@ def test_toy_recipe_runs_every_stage_and_ships_its_unet_override(tmp_path, capsy
     _vae_stage(fresh, data, out / "vae.safetensors", tmp_path / "unused", {}, 0)
     assert fresh.config.latents_mean == json.loads(vae_meta["latents_mean"]) and not (tmp_path / "unused").exists()
     assert "wrote" in capsys.readouterr().err
-    # the calibration stage's pick is the shipped file's background guidance, and a rerun reuses it
+    # the calibration stage's picks are the shipped file's background and foreground guidance, and a
+    # rerun reuses them
+    from layerdiff.calibrate import pick_scale
     from layerdiff.train_cli import _calibrate
 
     calibration = json.loads((out / "calibration.json").read_text())
     assert calibration["background_cfg"] in (5.0, 20.0) and calibration["samples"] == 3
     assert model.config.sampling.background_cfg == calibration["background_cfg"]
+    assert set(calibration["foreground"]["score"]) == {"3.0", "9.0"} and calibration["foreground"]["samples"] == 3
+    assert calibration["cfg"] == pick_scale({float(k): v for k, v in calibration["foreground"]["score"].items()})
+    assert model.config.sampling.cfg == calibration["cfg"]
     assert json.loads(read_safetensors(out / "layerdiff-toy.safetensors")[1]["calibration"]) == calibration
     before = (out / "calibration.json").stat().st_mtime_ns
     again = _calibrate(model, out / "layerdiff" / "model.safetensors", out / "calibration.json", 0, 6,
@@ -862,7 +867,9 @@ def test_toy_recipe_runs_every_stage_and_ships_its_unet_override(tmp_path, capsy
     ({"calibration": {"sampels": 48}}, ("calibration", "unknown key(s) ['sampels']")),
     ({"calibration": {"samples": 2}}, ("calibration", "calibration samples 2 must be 0")),
     ({"calibration": {"candidates": [10, -1]}}, ("calibration", "calibration candidates [10, -1]")),
-], ids=["unet-typo", "unet-not-an-object", "calibration-typo", "calibration-samples", "calibration-candidates"])
+    ({"calibration": {"foreground_candidates": "3"}}, ("calibration", "foreground_candidates '3'", "[] keeps")),
+], ids=["unet-typo", "unet-not-an-object", "calibration-typo", "calibration-samples", "calibration-candidates",
+        "calibration-foreground-candidates"])
 def test_toy_recipe_names_a_bad_setting_before_any_work(tmp_path, capsys, settings, needles):
     from layerdiff.cli import main
 
