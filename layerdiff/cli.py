@@ -24,6 +24,7 @@ _COMMANDS = [
     ("layerdiff.bench", "register"),  # bench
     ("layerdiff.train_cli", "register"),  # train
     ("layerdiff.evaluate", "register"),  # eval
+    ("layerdiff.calibrate", "register"),  # calibrate
 ]
 _DATA_COMMANDS = [
     ("layerdiff.data.cli", "register"),  # data toy, data inspect

@@ -60,9 +60,10 @@ class SamplingDefaults:
     mask_guidance_start: float = 0.25  # fraction of steps before SMG switches on
     mask_guidance_blur_sigma: float = 1.0  # Gaussian blur of x0 inside the predicted masks (latent px)
     # SMG degrades each mask's interior, the mask eroded by this many latent pixels (0: the whole
-    # mask, METHOD.md's form). A property of the trained model: on the recipe's models guiding the
-    # outline too grew the object in the layer image past its mask (mask IoU -0.011), while the
-    # shipped toy model's 4-layer shapes need the whole mask (README, Training)
+    # mask, METHOD.md's form). A property of the trained model and its guidance: guiding the outline
+    # too grew the object in the layer image past its mask (the recipe's models: mask IoU -0.011; the
+    # shipped toy model at foreground guidance 3: -0.005), while at guidance 7.5 the shipped model's
+    # 4-layer shapes needed the whole mask; its file now carries 1 (README, Training)
     mask_guidance_erode: int = 0
     layout_cleanup: float = 1.0  # one object per foreground, no overlapping foregrounds (0..1; 0 off)
     layout_cleanup_start: float = 0.1  # fraction of steps before layout cleanup switches on

@@ -25,7 +25,8 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="output folder (created if missing)")
     p.add_argument("--seed", type=int, default=0, help="random seed (sample b of a batch uses seed + b)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
-    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
+    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale of the foreground layers (default: the model's; the built-in "
+                   "model: 3, picked on validation scenes by `calibrate`)")
     p.add_argument("--mask-guidance", type=float, default=None,
                    help="self-mask guidance scale; 0 disables it (default: the model's)")
     p.add_argument("--mask-guidance-start", type=float, default=None,

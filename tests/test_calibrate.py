@@ -91,3 +91,50 @@ def test_foreground_calibration_judges_what_eval_judges(tiny):
     a = ev.evaluate(tiny, items[:1], batch=1, cfg=1.5, background_cfg=5.0, keep=1)["kept"]["cfg"][0]
     b = ev.evaluate(tiny, items[:1], batch=1, cfg=7.5, background_cfg=5.0, keep=1)["kept"]["cfg"][0]
     assert not np.allclose(np.asarray(a.images), np.asarray(b.images))
+
+
+def test_calibrate_command_writes_a_calibrated_copy_and_keeps_the_weights(tmp_path, capsys):
+    """`calibrate` writes a copy whose sampling defaults hold the picks (and the table in its
+    metadata), with the weights bit for bit; it never replaces a file unasked."""
+    import json
+
+    from layerdiff.cli import main
+    from layerdiff.io.checkpoint import load_layerdiff, save_layerdiff
+    from layerdiff.io.files import read_safetensors
+
+    src = tmp_path / "tiny.safetensors"
+    save_layerdiff(load_model("tiny"), src)
+    out = tmp_path / "calibrated.safetensors"
+    args = ["calibrate", "--model", str(src), "--out", str(out), "--samples", "3", "--threads", "1",
+            "--background-candidates", "2,6", "--foreground-candidates", "1.5,7.5", "--exclude-train-samples", "0"]
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["background_cfg"] in (2.0, 6.0) and result["cfg"] in (1.5, 7.5)
+    assert result["cfg"] == pick_scale({float(k): v for k, v in result["foreground"]["score"].items()})
+    model = load_layerdiff(out)
+    assert model.config.sampling.cfg == result["cfg"] and model.config.sampling.background_cfg == result["background_cfg"]
+    (a, meta), (b, _) = read_safetensors(out), read_safetensors(src)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads(meta["calibration"]) == result
+    before = out.read_bytes()
+    assert main(args) == 1  # exists: refused, untouched
+    assert "--overwrite" in capsys.readouterr().err and out.read_bytes() == before
+    # only the foregrounds: the background guidance stays the file's
+    assert main([*args[:-6], "--background-candidates", "none", "--foreground-candidates", "1.5",
+                 "--exclude-train-samples", "0", "--overwrite"]) == 0
+    again = load_layerdiff(out).config.sampling
+    assert again.cfg == 1.5 and again.background_cfg == load_layerdiff(src).config.sampling.background_cfg
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--foreground-candidates", "2,x"], "--foreground-candidates '2,x' is not a list of numbers"),
+    (["--background-candidates", "0"], "--background-candidates '0' must list guidance scales above 0"),
+    (["--background-candidates", "none", "--foreground-candidates", "none"], "nothing to calibrate"),
+    (["--samples", "2"], "--samples 2 must be at least 3"),
+])
+def test_calibrate_command_names_bad_arguments(tmp_path, capsys, extra, message):
+    from layerdiff.cli import main
+
+    out = tmp_path / "out.safetensors"
+    assert main(["calibrate", "--model", "tiny", "--out", str(out), *extra]) == 1
+    assert message in capsys.readouterr().err and not out.exists()

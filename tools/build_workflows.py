@@ -47,6 +47,7 @@ CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 MODEL = "layerdiff-toy"
 SIZE = 128
 STEPS = 20  # the toy model's own default (config preset "toy")
+CFG = 3  # the built-in model's calibrated foreground guidance (its file's sampling defaults)
 NOTE_COLOR, NOTE_BG = "#432", "#653"
 GROUP_COLORS = {"model": "#3f789e", "prompts": "#8A8", "generate": "#b06634", "edit": "#a1309b",
                 "output": "#88A", "inputs": "#b58b2a"}
@@ -116,7 +117,7 @@ def generate(r: Recipe, model: Node, prompts: list[Node], global_prompt: str, se
              title=None, **sampler) -> Node:
     enhancer = r.node("LayerDiffPromptEnhancer", col, size=(320, 190), group=group, model=model.out(),
                       prompts=prompts[-1].out(0), global_prompt=global_prompt, negative_prompt="")
-    settings = dict(seed=seed, steps=STEPS, cfg=7.5, mask_guidance=0.75, mask_guidance_start=0.25,
+    settings = dict(seed=seed, steps=STEPS, cfg=CFG, mask_guidance=0.75, mask_guidance_start=0.25,
                     scheduler="ddim", width=SIZE, height=SIZE, batch_size=1)
     settings.update(sampler)
     return r.node("LayerDiffKSampler", col, title=title, group=group, model=model.out(),
@@ -257,7 +258,7 @@ def cfg_vs_self_mask_guidance() -> Recipe:
     chain = prompt_chain(r, SCENE_3[0])
     enhancer = r.node("LayerDiffPromptEnhancer", 2, size=(320, 190), group="Generate", model=model.out(),
                       prompts=chain[-1].out(0), global_prompt=SCENE_3[1], negative_prompt="")
-    runs = [("CFG only", 7.5, 0.0), ("Self-mask guidance only", 1.0, 0.75), ("CFG + self-mask guidance", 7.5, 0.75)]
+    runs = [("CFG only", CFG, 0.0), ("Self-mask guidance only", 1.0, 0.75), ("CFG + self-mask guidance", CFG, 0.75)]
     composites, masks = [], []
     for title, cfg, smg in runs:
         ks = r.node("LayerDiffKSampler", 3, title=title, group="Generate", model=model.out(),
