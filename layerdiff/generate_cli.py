@@ -99,6 +99,7 @@ def run(args) -> int:
         "background_cfg": next(v for v in (args.background_cfg, d.background_cfg, args.cfg, d.cfg) if v is not None),
         "mask_guidance": d.mask_guidance if args.mask_guidance is None else args.mask_guidance,
         "mask_guidance_start": d.mask_guidance_start if args.mask_guidance_start is None else args.mask_guidance_start,
+        "mask_guidance_erode": d.mask_guidance_erode,  # the model's (SMG on each mask's interior; no flag)
         "layout_cleanup": d.layout_cleanup if args.layout_cleanup is None else args.layout_cleanup,
         "model": model.source,
         "batch": args.batch,

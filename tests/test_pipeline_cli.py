@@ -67,6 +67,7 @@ def test_generate_writes_a_complete_layer_set(tmp_path, capsys):
     assert meta["seed"] == 7 and meta["steps"] == 2 and meta["scheduler"] == "ddim" and meta["model"] == "tiny"
     assert meta["layer_prompts"] == ["a brick wall", "a red star", "a blue circle"]
     assert meta["background_cfg"] == meta["cfg"] == 7.5 and meta["layout_cleanup"] == 1.0  # the tiny model's defaults
+    assert meta["mask_guidance_erode"] == 0  # the model's own (SamplingDefaults), recorded
     from layerdiff.io.psd import load_psd
 
     psd = load_psd(out / "layers.psd")
