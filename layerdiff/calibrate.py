@@ -54,6 +54,16 @@ def _check(cands: Sequence[float], batch: int, what: str, example: str) -> list[
     return out
 
 
+def _sample_part(model, part, kwargs):
+    """Plain-CFG latents of one batch of validation scenes (one layer count)."""
+    from layerdiff.pipeline import LayerPrompts, encode_prompts
+    from layerdiff.sampling import sample
+
+    side = model.config.image_size // model.vae_scale_factor
+    cond = encode_prompts(model, [LayerPrompts(it.spec.global_prompt, tuple(it.spec.layer_prompts)) for it in part])
+    return sample(model.unet, cond, side, side, [it.seed for it in part], **kwargs)
+
+
 def calibrate_background_guidance(
     model,
     candidates: Sequence[float] = BACKGROUND_CFG_CANDIDATES,
@@ -73,11 +83,9 @@ def calibrate_background_guidance(
 
     from layerdiff.data.judge import classify_background
     from layerdiff.evaluate import _batches, fresh_items
-    from layerdiff.pipeline import LayerPrompts, encode_prompts, sampler_kwargs
-    from layerdiff.sampling import sample
+    from layerdiff.pipeline import sampler_kwargs
 
     cands = _check(candidates, batch, "background", "7.5, 10, 14, 20")
-    side = model.config.image_size // model.vae_scale_factor
     items = fresh_items(samples, seed=seed, exclude=exclude)  # checks samples >= 3 (one per layer count)
     t0 = time.perf_counter()
     accuracy = {}
@@ -85,8 +93,7 @@ def calibrate_background_guidance(
         kwargs = sampler_kwargs(model, background_cfg=scale, mask_guidance=0.0)
         right = 0
         for part in _batches(items, batch):  # one sampler call holds one layer count
-            cond = encode_prompts(model, [LayerPrompts(it.spec.global_prompt, tuple(it.spec.layer_prompts)) for it in part])
-            latents = sample(model.unet, cond, side, side, [it.seed for it in part], **kwargs)
+            latents = _sample_part(model, part, kwargs)
             with torch.no_grad():
                 images = (model.decode_images(latents[:, 0, :4]) + 1) / 2  # backgrounds only
             images = images.clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
@@ -121,11 +128,9 @@ def calibrate_foreground_guidance(
     shape_accuracy, mask_iou}}, "samples", "seed", "seconds"}.
     """
     from layerdiff.evaluate import _batches, fresh_items, judge_stack, summarise
-    from layerdiff.pipeline import LayerPrompts, decode_stack, encode_prompts, sampler_kwargs
-    from layerdiff.sampling import sample
+    from layerdiff.pipeline import decode_stack, sampler_kwargs
 
     cands = _check(candidates, batch, "foreground", "2, 3, 4.5, 7.5")
-    side = model.config.image_size // model.vae_scale_factor
     items = fresh_items(samples, seed=seed, exclude=exclude)
     t0 = time.perf_counter()
     metrics, score = {}, {}
@@ -133,9 +138,7 @@ def calibrate_foreground_guidance(
         kwargs = sampler_kwargs(model, cfg=scale, background_cfg=background_cfg, mask_guidance=0.0)
         records = []
         for part in _batches(items, batch):
-            cond = encode_prompts(model, [LayerPrompts(it.spec.global_prompt, tuple(it.spec.layer_prompts)) for it in part])
-            latents = sample(model.unet, cond, side, side, [it.seed for it in part], **kwargs)
-            stack = decode_stack(model, latents, binarize=False)  # as eval decodes them
+            stack = decode_stack(model, _sample_part(model, part, kwargs), binarize=False)  # as eval decodes them
             records += judge_stack(stack, [it.spec for it in part])
             if progress is not None:
                 progress(len(part))
@@ -147,6 +150,30 @@ def calibrate_foreground_guidance(
     return {"cfg": pick_scale(score), "score": {str(c): round(v, 4) for c, v in score.items()},
             "metrics": {str(c): m for c, m in metrics.items()},
             "samples": len(items), "seed": seed, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def calibrate_guidance(model, background_candidates: Sequence[float], foreground_candidates: Sequence[float],
+                       samples: int = DEFAULT_SAMPLES, exclude=frozenset()) -> dict:
+    """The background guidance, then (with it) the foregrounds' guidance; either list may be empty.
+
+    Returns {"samples", "seed"} plus {"background_cfg", "accuracy"} and/or {"cfg", "foreground":
+    calibrate_foreground_guidance's tables}: what :func:`write_calibrated` and the recipe record.
+    """
+    if not background_candidates and not foreground_candidates:
+        raise LayerDiffError("no background or foreground guidance candidates: nothing to calibrate")
+    result: dict = {"samples": samples, "seed": CALIBRATION_SEED}
+    if background_candidates:
+        res = calibrate_background_guidance(model, candidates=background_candidates, samples=samples, exclude=exclude)
+        result.update(background_cfg=res["background_cfg"], accuracy=res["accuracy"])
+        logger.warning("background guidance %g (background accuracy by scale: %s)", res["background_cfg"],
+                       res["accuracy"])
+    if foreground_candidates:
+        res = calibrate_foreground_guidance(model, candidates=foreground_candidates, samples=samples, exclude=exclude,
+                                            background_cfg=result.get("background_cfg"))
+        result["cfg"] = res.pop("cfg")
+        result["foreground"] = res
+        logger.warning("foreground guidance %g (colour + shape + mask IoU by scale: %s)", result["cfg"], res["score"])
+    return result
 
 
 # ----------------------------------------------------------------------------- file and command line
@@ -185,6 +212,8 @@ def _scales(text: str, flag: str) -> list[float]:
 
 
 def register(sub) -> None:
+    from layerdiff.evaluate import TRAIN_SAMPLES, TRAIN_SEED
+
     p = sub.add_parser(
         "calibrate",
         help="pick a toy-world model's background and foreground guidance on validation scenes; write a new file",
@@ -200,9 +229,10 @@ def register(sub) -> None:
                    help="background guidance scales to try, or none to keep the file's (default %(default)s)")
     p.add_argument("--foreground-candidates", default=",".join(f"{c:g}" for c in FOREGROUND_CFG_CANDIDATES),
                    help="foreground guidance (cfg) scales to try, or none to keep the file's (default %(default)s)")
-    p.add_argument("--exclude-train-seed", type=int, default=0, help="seed of the toy training data (default 0)")
-    p.add_argument("--exclude-train-samples", type=int, default=5000,
-                   help="toy training samples whose scenes are left out; 0 none (default 5000)")
+    p.add_argument("--exclude-train-seed", type=int, default=TRAIN_SEED,
+                   help=f"seed of the toy training data (default {TRAIN_SEED})")
+    p.add_argument("--exclude-train-samples", type=int, default=TRAIN_SAMPLES,
+                   help=f"toy training samples whose scenes are left out; 0 none (default {TRAIN_SAMPLES})")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     p.set_defaults(func=run)
 
@@ -236,17 +266,7 @@ def run(args) -> int:
     model = load_model(str(src))
     exclude = (training_signatures(seed=args.exclude_train_seed, samples=args.exclude_train_samples)
                if args.exclude_train_samples else frozenset())
-    result: dict = {"samples": args.samples, "seed": CALIBRATION_SEED}
-    background = None
-    if bg:
-        res = calibrate_background_guidance(model, candidates=bg, samples=args.samples, exclude=exclude)
-        background = result["background_cfg"] = res["background_cfg"]
-        result["accuracy"] = res["accuracy"]
-    if fg:
-        res = calibrate_foreground_guidance(model, candidates=fg, samples=args.samples, exclude=exclude,
-                                            background_cfg=background)
-        result["cfg"] = res.pop("cfg")
-        result["foreground"] = res
+    result = calibrate_guidance(model, bg, fg, samples=args.samples, exclude=exclude)
     write_calibrated(src, out, result, overwrite=args.overwrite)
     print(json.dumps(result, indent=1))
     print(f"wrote {out}", file=sys.stderr)

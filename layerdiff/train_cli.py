@@ -279,13 +279,13 @@ def _calibration_settings(value: dict) -> dict:
 
 
 def _calibrate(model, weights: Path, file: Path, seed: int, samples: int, settings: dict) -> dict:
-    """The recipe's last stage: the background guidance picked on a validation stream
+    """The recipe's last stage: the background and foreground guidance picked on a validation stream
     (:mod:`layerdiff.calibrate`); kept in ``file`` for the same weights and settings, so a rerun
     reuses it."""
     import hashlib
     import os
 
-    from layerdiff.calibrate import calibrate_background_guidance, calibrate_foreground_guidance
+    from layerdiff.calibrate import calibrate_guidance
     from layerdiff.evaluate import training_signatures
 
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()
@@ -293,18 +293,8 @@ def _calibrate(model, weights: Path, file: Path, seed: int, samples: int, settin
         done = json.loads(file.read_text())
         if done.get("weights_sha256") == digest and done.get("settings") == settings:
             return done
-    exclude = training_signatures(seed=seed, samples=samples)
-    result = calibrate_background_guidance(model, candidates=settings["candidates"], samples=settings["samples"],
-                                           exclude=exclude)
-    logger.warning("background guidance %g (background accuracy by scale: %s)", result["background_cfg"],
-                   result["accuracy"])
-    if settings.get("foreground_candidates"):
-        fg = calibrate_foreground_guidance(model, candidates=settings["foreground_candidates"],
-                                           samples=settings["samples"], exclude=exclude,
-                                           background_cfg=result["background_cfg"])
-        result["cfg"] = fg.pop("cfg")
-        result["foreground"] = fg
-        logger.warning("foreground guidance %g (colour + shape + mask IoU by scale: %s)", result["cfg"], fg["score"])
+    result = calibrate_guidance(model, settings["candidates"], settings.get("foreground_candidates", []),
+                                samples=settings["samples"], exclude=training_signatures(seed=seed, samples=samples))
     result["settings"] = settings
     result["weights_sha256"] = digest
     tmp = file.with_name(file.name + f".tmp{os.getpid()}")
