@@ -14,6 +14,9 @@ SIZE_MIN, SIZE_MAX, SIZE_STEP = 64, 4096, 8
 # Default size: the built-in default model (layerdiff-toy, a "toy" preset model) is trained at
 # this size; SD 1.5 models use LayerDiffConfig.image_size (512).
 DEFAULT_SIZE = get_preset("toy").image_size
+# ... and draws its best masks at this foreground guidance (the Layered KSampler's default; the edit
+# nodes keep SamplingDefaults' 7.5, unmeasured at 3)
+BUILTIN_CFG = get_preset("toy").sampling.cfg
 SD_SIZE = LayerDiffConfig.__dataclass_fields__["image_size"].default
 SEED_MAX = 0xFFFFFFFFFFFFFFFF
 # DDIM with SD's schedule (steps_offset 1) indexes past the 1000 training timesteps at 1000 steps
@@ -29,11 +32,11 @@ def steps(default: int = SAMPLING.steps) -> tuple:
                     "tooltip": "Denoising steps. More is slower and usually cleaner."})
 
 
-def cfg() -> tuple:
-    return ("FLOAT", {"default": SAMPLING.cfg, "min": 0.0, "max": 30.0, "step": 0.1, "round": 0.01,
+def cfg(default: float = SAMPLING.cfg) -> tuple:
+    return ("FLOAT", {"default": default, "min": 0.0, "max": 30.0, "step": 0.1, "round": 0.01,
                       "tooltip": "Classifier-free guidance scale over the global and layer prompts; 1 turns it off. The "
-                                 "built-in model draws its best masks at 3 (its calibrated setting, used by the "
-                                 "example workflows); SD 1.5 models: about 7.5."})
+                                 f"built-in model draws its best masks at {BUILTIN_CFG:g} (its calibrated setting); "
+                                 "SD 1.5 models: about 7.5."})
 
 
 def mask_guidance() -> tuple:

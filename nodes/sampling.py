@@ -37,7 +37,7 @@ class LayerDiffKSampler:
                 "conditioning": ("LAYERDIFF_CONDITIONING", {"tooltip": "Encoded prompts (Prompt Enhancer)."}),
                 "seed": _widgets.seed(),
                 "steps": _widgets.steps(),
-                "cfg": _widgets.cfg(),
+                "cfg": _widgets.cfg(_widgets.BUILTIN_CFG),
                 "mask_guidance": _widgets.mask_guidance(),
                 "mask_guidance_start": _widgets.mask_guidance_start(),
                 "scheduler": _widgets.scheduler(),

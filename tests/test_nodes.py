@@ -2,6 +2,7 @@
 model, the flat layer order, PSD save/load through the nodes, host behaviour and bad input."""
 
 import ast
+import json
 import os
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 import nodes
-from layerdiff.config import SamplingDefaults
+from layerdiff.config import SamplingDefaults, get_preset
 from layerdiff.errors import CheckpointError, LayerDiffError
 from layerdiff.io.checkpoint import save_layerdiff
 from layerdiff.pipeline import LayerPrompts
@@ -108,7 +109,14 @@ def test_node_definition(name):
 def test_widget_defaults_come_from_config():
     d = SamplingDefaults()
     req = NODES["LayerDiffKSampler"].INPUT_TYPES()["required"]
-    assert req["steps"][1]["default"] == d.steps and req["cfg"][1]["default"] == d.cfg
+    assert req["steps"][1]["default"] == d.steps
+    # the sampler's cfg is the built-in model's (its file's sampling defaults); the edit nodes keep 7.5
+    from layerdiff.io.checkpoint import BUILTIN_FILES, WEIGHTS_DIR
+    from layerdiff.io.files import read_safetensors_header
+
+    shipped = json.loads(read_safetensors_header(WEIGHTS_DIR / BUILTIN_FILES["layerdiff-toy"])[1]["config"])
+    assert req["cfg"][1]["default"] == shipped["sampling"]["cfg"] == get_preset("toy").sampling.cfg == 3.0
+    assert NODES["LayerDiffLayerEdit"].INPUT_TYPES()["required"]["cfg"][1]["default"] == d.cfg
     assert req["mask_guidance"][1]["default"] == d.mask_guidance
     assert req["mask_guidance_start"][1]["default"] == d.mask_guidance_start
     assert req["scheduler"][0] == list(SCHEDULERS) and req["scheduler"][1]["default"] == d.scheduler
