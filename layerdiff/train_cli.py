@@ -285,13 +285,13 @@ def _calibrate(model, weights: Path, file: Path, seed: int, samples: int, settin
     import hashlib
     import os
 
-    from layerdiff.calibrate import calibrate_guidance
+    from layerdiff.calibrate import RULES, calibrate_guidance
     from layerdiff.evaluate import training_signatures
 
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()
     if file.is_file():
         done = json.loads(file.read_text())
-        if done.get("weights_sha256") == digest and done.get("settings") == settings:
+        if done.get("weights_sha256") == digest and done.get("settings") == settings and done.get("rules") == RULES:
             return done
     result = calibrate_guidance(model, settings["candidates"], settings.get("foreground_candidates", []),
                                 samples=settings["samples"], exclude=training_signatures(seed=seed, samples=samples))

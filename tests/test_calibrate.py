@@ -14,6 +14,7 @@ from layerdiff.calibrate import (
     calibrate_foreground_guidance,
     foreground_score,
     pick_scale,
+    pick_within_noise,
 )
 from layerdiff.errors import LayerDiffError
 from layerdiff.io.checkpoint import load_model
@@ -66,6 +67,25 @@ def test_bad_calibration_arguments_are_named(tiny, kwargs, message):
         calibrate_foreground_guidance(tiny, **kwargs)
 
 
+def test_pick_within_noise_takes_the_smallest_scale_within_one_standard_error_of_the_best():
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.6, 1.0, 200)
+    # 4.5 beats 3 by a hair on the same items: inside the noise, so the smaller scale
+    noise = rng.normal(0, 0.05, 200)
+    pick, stderr = pick_within_noise({3.0: base, 4.5: base + 0.002 + noise - noise.mean()})
+    assert pick == 3.0 and stderr[3.0] > 0.002 and stderr[4.5] == 0.0
+    # a clear win (far beyond one standard error) is taken
+    pick, stderr = pick_within_noise({2.0: base - 0.1, 3.0: base, 4.5: base - 0.05 + rng.normal(0, 0.01, 200)})
+    assert pick == 3.0 and stderr[2.0] == pytest.approx(0.0, abs=1e-12)
+    # equal scores: the smaller scale; one item: no spread to measure, the best
+    assert pick_within_noise({7.5: [0.5, 0.7], 2.0: [0.5, 0.7]})[0] == 2.0
+    assert pick_within_noise({2.0: [0.5], 3.0: [0.6]})[0] == 3.0
+    with pytest.raises(LayerDiffError, match="at least one candidate"):
+        pick_within_noise({})
+    with pytest.raises(LayerDiffError, match="the same items"):
+        pick_within_noise({2.0: [0.5, 0.6], 3.0: [0.5]})
+
+
 def test_foreground_score_is_the_mean_of_colour_shape_and_mask_iou():
     assert foreground_score({"colour_accuracy": 1.0, "shape_accuracy": 0.5, "mask_iou": 0.9}) == pytest.approx(0.8)
     assert foreground_score({"colour_accuracy": 0.0, "shape_accuracy": 0.0, "mask_iou": 0.0}) == 0.0
@@ -74,12 +94,12 @@ def test_foreground_score_is_the_mean_of_colour_shape_and_mask_iou():
 def test_foreground_calibration_judges_what_eval_judges(tiny):
     """Each foreground guidance candidate's colour, shape and mask IoU are what `eval` (plain CFG)
     reports for that cfg on the same scenes and seeds, with the background guidance held; the pick
-    is the best foreground score."""
+    is the smallest scale within one paired standard error of the best foreground score."""
     res = calibrate_foreground_guidance(tiny, candidates=[1.5, 7.5], samples=6, batch=4, background_cfg=5.0)
     assert res["samples"] == 6 and res["seed"] == CALIBRATION_SEED
     assert set(res["score"]) == set(res["metrics"]) == {"1.5", "7.5"}
-    assert res["cfg"] == pick_scale({float(k): v for k, v in res["score"].items()})
     items = ev.fresh_items(6, seed=CALIBRATION_SEED)
+    per_item = {}
     for scale in (1.5, 7.5):
         out = ev.evaluate(tiny, items, batch=4, cfg=scale, background_cfg=5.0)
         want = ev.summarise(out["records"]["cfg"])["all"]
@@ -87,6 +107,11 @@ def test_foreground_calibration_judges_what_eval_judges(tiny):
         for metric in ("colour_accuracy", "shape_accuracy", "mask_iou"):
             assert got[metric] == pytest.approx(want[metric], abs=1e-4), (scale, metric)
         assert res["score"][str(scale)] == pytest.approx(foreground_score(got), abs=1e-4)
+        per_item[scale] = [(f["colour_ok"] + f["shape_ok"] + f["mask_iou"]) / 3
+                           for r in out["records"]["cfg"] for f in r["foregrounds"]]
+    pick, stderr = pick_within_noise(per_item)
+    assert res["cfg"] == pick and res["rule"] == "one standard error"
+    assert res["stderr"] == {str(c): pytest.approx(v, abs=1e-4) for c, v in stderr.items()}
     # the two scales sample differently (the candidates are really applied)
     a = ev.evaluate(tiny, items[:1], batch=1, cfg=1.5, background_cfg=5.0, keep=1)["kept"]["cfg"][0]
     b = ev.evaluate(tiny, items[:1], batch=1, cfg=7.5, background_cfg=5.0, keep=1)["kept"]["cfg"][0]

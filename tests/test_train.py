@@ -847,20 +847,30 @@ def test_toy_recipe_runs_every_stage_and_ships_its_unet_override(tmp_path, capsy
     assert "wrote" in capsys.readouterr().err
     # the calibration stage's picks are the shipped file's background and foreground guidance, and a
     # rerun reuses them
-    from layerdiff.calibrate import pick_scale
+    from layerdiff.calibrate import RULES
     from layerdiff.train_cli import _calibrate
 
     calibration = json.loads((out / "calibration.json").read_text())
     assert calibration["background_cfg"] in (5.0, 20.0) and calibration["samples"] == 3
     assert model.config.sampling.background_cfg == calibration["background_cfg"]
     assert set(calibration["foreground"]["score"]) == {"3.0", "9.0"} and calibration["foreground"]["samples"] == 3
-    assert calibration["cfg"] == pick_scale({float(k): v for k, v in calibration["foreground"]["score"].items()})
+    fg_score = {float(k): v for k, v in calibration["foreground"]["score"].items()}
+    fg_stderr = {float(k): v for k, v in calibration["foreground"]["stderr"].items()}
+    assert calibration["foreground"]["rule"] == "one standard error" and calibration["rules"] == RULES
+    assert calibration["cfg"] in fg_score  # within one standard error of the best, and the smallest such
+    assert fg_score[calibration["cfg"]] >= max(fg_score.values()) - fg_stderr[calibration["cfg"]] - 1e-4
+    assert all(fg_score[c] < max(fg_score.values()) - fg_stderr[c] + 1e-4 for c in fg_score if c < calibration["cfg"])
     assert model.config.sampling.cfg == calibration["cfg"]
     assert json.loads(read_safetensors(out / "layerdiff-toy.safetensors")[1]["calibration"]) == calibration
     before = (out / "calibration.json").stat().st_mtime_ns
     again = _calibrate(model, out / "layerdiff" / "model.safetensors", out / "calibration.json", 0, 6,
                        calibration["settings"])
     assert again == calibration and (out / "calibration.json").stat().st_mtime_ns == before
+    # a calibration cached under other picking rules is redone
+    (out / "calibration.json").write_text(json.dumps({**calibration, "rules": "older rules"}))
+    redone = _calibrate(model, out / "layerdiff" / "model.safetensors", out / "calibration.json", 0, 6,
+                        calibration["settings"])
+    assert redone["rules"] == RULES and json.loads((out / "calibration.json").read_text())["rules"] == RULES
 
 
 @pytest.mark.parametrize(("settings", "needles"), [
