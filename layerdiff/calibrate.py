@@ -61,6 +61,8 @@ def pick_within_noise(values: dict[float, Sequence[float]]) -> tuple[float, dict
     """
     import numpy as np
 
+    from layerdiff.evaluate import paired_stderr
+
     if not values:
         raise LayerDiffError("no guidance scales were measured: give at least one candidate")
     arrays = {c: np.asarray(v, dtype=np.float64) for c, v in values.items()}
@@ -73,7 +75,7 @@ def pick_within_noise(values: dict[float, Sequence[float]]) -> tuple[float, dict
     stderr = {}
     for c, a in arrays.items():
         d = arrays[best] - a
-        stderr[c] = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
+        stderr[c] = paired_stderr(d) or 0.0
     pick = min(c for c in arrays if means[c] >= means[best] - stderr[c] - 1e-12)
     return pick, stderr
 
@@ -141,7 +143,8 @@ def calibrate_background_guidance(
 
 
 def foreground_score(metrics: dict) -> float:
-    """One number per candidate: the mean of foreground colour accuracy, shape accuracy and mask IoU."""
+    """The mean of foreground colour accuracy, shape accuracy and mask IoU: one number per candidate, or
+    one per foreground when given per-foreground arrays (``evaluate._metric_values``)."""
     return (metrics["colour_accuracy"] + metrics["shape_accuracy"] + metrics["mask_iou"]) / 3
 
 
@@ -162,7 +165,7 @@ def calibrate_foreground_guidance(
     "stderr": {scale: paired standard error against the best scale}, "metrics": {scale:
     {colour_accuracy, shape_accuracy, mask_iou}}, "samples", "seed", "seconds"}.
     """
-    from layerdiff.evaluate import _batches, fresh_items, judge_stack, summarise
+    from layerdiff.evaluate import _batches, _metric_values, fresh_items, judge_stack, summarise
     from layerdiff.pipeline import decode_stack, sampler_kwargs
 
     cands = _check(candidates, batch, "foreground", "2, 3, 4.5, 7.5")
@@ -180,8 +183,7 @@ def calibrate_foreground_guidance(
         every = summarise(records)["all"]
         metrics[scale] = {m: every[m] for m in ("colour_accuracy", "shape_accuracy", "mask_iou")}
         score[scale] = foreground_score(metrics[scale])
-        items_score[scale] = [(f["colour_ok"] + f["shape_ok"] + f["mask_iou"]) / 3
-                              for r in records for f in r["foregrounds"]]
+        items_score[scale] = foreground_score(_metric_values(records))  # per foreground, paired across scales
         logger.info("foreground guidance %g: colour %.3f, shape %.3f, mask IoU %.3f (%d scenes)", scale,
                     *metrics[scale].values(), len(items))
     pick, stderr = pick_within_noise(items_score)

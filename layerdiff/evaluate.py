@@ -335,6 +335,11 @@ def _metric_values(records: Sequence[dict]) -> dict[str, np.ndarray]:
     }
 
 
+def paired_stderr(d: np.ndarray) -> float | None:
+    """Standard error of the mean of paired differences ``d`` (None for fewer than two pairs)."""
+    return float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else None
+
+
 def _groups(records: Sequence[dict]) -> dict[str, list[dict]]:
     counts = sorted({r["layers_count"] for r in records})
     out = {str(n): [r for r in records if r["layers_count"] == n] for n in counts}
@@ -368,7 +373,8 @@ def compare_variants(cfg_records: Sequence[dict], smg_records: Sequence[dict]) -
         for m, _, _ in METRICS:
             d = b[m] - a[m]
             diff[name][m] = _mean(d)
-            stderr[name][m] = round(float(d.std(ddof=1) / math.sqrt(len(d))), 4) if len(d) > 1 else None
+            se = paired_stderr(d)
+            stderr[name][m] = round(se, 4) if se is not None else None
     return diff, stderr
 
 
