@@ -461,6 +461,20 @@ def param_groups(module: LayerDiffTrainModule, config: TrainConfig) -> list[dict
     return groups
 
 
+def make_adamw(groups: list[dict], weight_decay: float, device) -> torch.optim.Optimizer:
+    """AdamW, fused (one kernel over all weights instead of about ten small ops per weight) where
+    torch offers it for the device: on the toy model's CPU step the per-weight loop took ~10% of
+    the step time (README, Training). Same update rule; the state dict is the same either way, so a
+    run resumes across the two."""
+    kw = {"weight_decay": weight_decay, "betas": (0.9, 0.999)}
+    if torch.device(device).type in ("cpu", "cuda"):
+        try:
+            return torch.optim.AdamW(groups, fused=True, **kw)
+        except (RuntimeError, TypeError, ValueError) as e:  # an older torch, or weights it cannot fuse
+            logger.info("fused AdamW unavailable (%s); using the per-weight loop", e)
+    return torch.optim.AdamW(groups, **kw)
+
+
 def train(
     model: LayerDiffModel,
     data,
@@ -491,7 +505,7 @@ def train(
     model.vae.requires_grad_(False).eval()
     module = LayerDiffTrainModule(model).train()
     groups = param_groups(module, config)
-    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay, betas=(0.9, 0.999))
+    optimizer = make_adamw(groups, config.weight_decay, device)
     for g in optimizer.param_groups:
         g["base_lr"] = g["lr"]
     if config.intra_gate_init is not None:  # a checkpoint, if resumed, overwrites it below

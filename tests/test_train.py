@@ -892,3 +892,27 @@ def test_toy_recipe_names_a_bad_setting_before_any_work(tmp_path, capsys, settin
     err = capsys.readouterr().err
     assert all(needle in err for needle in needles), err
     assert not data.exists() and not out.exists(), "a bad setting must fail before any data or output is made"
+
+
+def test_make_adamw_fuses_where_torch_can_and_steps_like_the_loop():
+    from layerdiff.train import make_adamw
+
+    torch.manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    fused = make_adamw([{"params": a, "lr": 1e-2}], 0.01, "cpu")
+    loop = torch.optim.AdamW([{"params": b, "lr": 1e-2}], weight_decay=0.01, betas=(0.9, 0.999))
+    assert fused.defaults["fused"] is True
+    for _ in range(5):
+        for params, opt in ((a, fused), (b, loop)):
+            opt.zero_grad()
+            sum((p ** 2).sum() for p in params).backward()
+            opt.step()
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    # a state dict written by the loop resumes in the fused optimizer, and the other way round
+    fused.load_state_dict(loop.state_dict())
+    loop.load_state_dict(fused.state_dict())
+    # a device torch cannot fuse on gets the per-weight loop
+    meta = [torch.nn.Parameter(torch.empty(3, device="meta"))]
+    assert not make_adamw([{"params": meta, "lr": 1e-3}], 0.0, "meta").defaults.get("fused")
