@@ -86,14 +86,24 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def build_unets(config, device) -> tuple:
+    """The bare diffusers UNet and the LayerDiff UNet of ``config``, random weights, every weight on
+    ``device`` (LayerDiffUNet.from_config takes the device itself: an outer ``torch.device`` context
+    does not reach inside it)."""
+    from diffusers import UNet2DConditionModel
+
+    from layerdiff.model.unet import LayerDiffUNet
+
+    with torch.device(device):
+        bare = UNet2DConditionModel(**config.unet).eval()
+    return bare, LayerDiffUNet.from_config(config, device=device).eval()
+
+
 def bench_one(
     preset: str, layers: int, batch: int, size: int | None, steps: int, rounds: int, device, dtype, only=None,
     layout: str = "preset",
 ) -> dict:
-    from diffusers import UNet2DConditionModel
-
     from layerdiff.config import get_preset
-    from layerdiff.model.unet import LayerDiffUNet
     from layerdiff.sampling import LayerConditioning, make_scheduler, sample
 
     config = get_preset(preset, max_layers=max(4, layers), **LAYOUTS[layout])
@@ -101,9 +111,7 @@ def bench_one(
     f = config.vae_scale_factor
     h = w = size // f
     torch.manual_seed(0)
-    with torch.device(device):
-        bare = UNet2DConditionModel(**config.unet).eval()
-        layered = LayerDiffUNet.from_config(config).eval()
+    bare, layered = build_unets(config, device)
     if dtype != torch.float32:
         bare, layered = bare.to(dtype), layered.to(dtype)
     T = int(config.text_encoder.get("max_position_embeddings", 77))

@@ -35,3 +35,16 @@ def test_bench_bad_arguments(capsys):
     assert "unknown preset" in capsys.readouterr().err
     assert main(["bench", "--preset", "tiny", "--layers", "2", "--layout", "wide"]) == 1
     assert "--layout 'wide'" in capsys.readouterr().err
+
+
+def test_bench_builds_both_unets_on_the_requested_device():
+    # `bench --device cuda` once built the LayerDiff UNet on the CPU (an outer torch.device context
+    # does not reach into LayerDiffUNet.from_config) and failed at its first step on a GPU; the meta
+    # device shows the same without one
+    from layerdiff.bench import build_unets
+    from layerdiff.config import get_preset
+
+    for preset in ("tiny", "toy"):
+        bare, layered = build_unets(get_preset(preset), "meta")
+        devices = {p.device.type for m in (bare, layered) for p in m.parameters()}
+        assert devices == {"meta"}, (preset, devices)
