@@ -3,7 +3,8 @@ built-in model*).
 
     python tools/measure_edit_guidance.py [SCENES] [SCALES]      # e.g. 64 3,4.5,7.5
 
-Three-layer toy scenes from a stream of their own (never eval's or calibration's), generated with the
+Three-layer toy scenes from a stream of their own (never eval's or calibration's, none in the
+built-in model's training set), generated with the
 model's defaults; then layer 1 regenerated ('image and mask') as an object of another colour and shape,
 once per scale on the same noise; the edited layer is judged as ``eval`` judges layers (colour, shape,
 mask IoU, empty mask), plus whether it overlaps the untouched layer. Prints one line per scale.
@@ -24,7 +25,7 @@ def main() -> None:
 
     from layerdiff.data.toy import COLOURS, SHAPES
     from layerdiff.edit import SamplerSettings, edit_layer
-    from layerdiff.evaluate import MASK_THRESHOLD, fresh_items, judge_stack, mask_overlap
+    from layerdiff.evaluate import MASK_THRESHOLD, fresh_items, judge_stack, mask_overlap, training_signatures
     from layerdiff.io.checkpoint import load_layerdiff
     from layerdiff.pipeline import LayerPrompts, generate
 
@@ -32,7 +33,7 @@ def main() -> None:
     model = load_layerdiff(str(ROOT / "layerdiff" / "weights" / "layerdiff-toy.safetensors"))
     N = int(sys.argv[1]) if len(sys.argv) > 1 else 64
     cfgs = [float(x) for x in (sys.argv[2] if len(sys.argv) > 2 else "3,4.5,7.5").split(",")]
-    items = fresh_items(N, seed=424242, layers=(3,))
+    items = fresh_items(N, seed=424242, layers=(3,), exclude=training_signatures())  # none from training
     rng = random.Random(0)
     res = {c: [] for c in cfgs}
     t0 = time.time()
