@@ -426,7 +426,7 @@ def _batches(items: Sequence[EvalItem], batch: int) -> list[list[EvalItem]]:
 def evaluate(model, items: Sequence[EvalItem], batch: int = DEFAULT_BATCH, steps: int | None = None,
              cfg: float | None = None, background_cfg: float | None = None, mask_guidance: float | None = None,
              scheduler: str | None = None, layout_cleanup: float | None = None,
-             layout_cleanup_start: float | None = None, keep: int = 0,
+             layout_cleanup_start: float | None = None, empty_layer_retries: int | None = None, keep: int = 0,
              progress: Callable[[int], object] | None = None) -> dict:
     """Generate every item with plain CFG and with SMG (same prompts and seeds) and judge them.
 
@@ -452,7 +452,7 @@ def evaluate(model, items: Sequence[EvalItem], batch: int = DEFAULT_BATCH, steps
     kwargs = {  # each variant's sampler arguments, resolved once
         v: sampler_kwargs(model, steps=steps, cfg=cfg, background_cfg=background_cfg, scheduler=scheduler,
                           mask_guidance=0.0 if v == "cfg" else smg_scale, layout_cleanup=layout_cleanup,
-                          layout_cleanup_start=layout_cleanup_start)
+                          layout_cleanup_start=layout_cleanup_start, empty_layer_retries=empty_layer_retries)
         for v in VARIANTS
     }
     k = kwargs["smg"]
@@ -468,6 +468,8 @@ def evaluate(model, items: Sequence[EvalItem], batch: int = DEFAULT_BATCH, steps
         "mask_guidance_erode": k["mask_guidance_erode"],
         "layout_cleanup": float(k["layout_cleanup"]),
         "layout_cleanup_start": float(k["layout_cleanup_start"]),
+        "empty_layer_retries": int(k["empty_layer_retries"]),
+        "empty_layer_check": float(k["empty_layer_check"]),
         "image_size": model.config.image_size,
         "batch": batch,
     }
@@ -568,6 +570,9 @@ def register(sub) -> None:
                    help="layout cleanup strength 0..1 in both runs, 0 off (default: the model's)")
     p.add_argument("--layout-cleanup-start", type=float, default=None,
                    help="fraction of steps before layout cleanup switches on (default: the model's)")
+    p.add_argument("--empty-layer-retries", type=int, default=None,
+                   help="times a foreground still empty early in sampling gets new noise, in both runs; 0 off "
+                        "(default: the model's)")
     p.add_argument("--exclude-train-seed", type=int, default=TRAIN_SEED,
                    help=f"seed of the toy training data whose scenes are excluded (default {TRAIN_SEED})")
     p.add_argument("--exclude-train-samples", type=int, default=TRAIN_SAMPLES,
@@ -623,6 +628,8 @@ def run(args) -> int:
     for flag, value in (("--layout-cleanup", args.layout_cleanup), ("--layout-cleanup-start", args.layout_cleanup_start)):
         if value is not None and not 0.0 <= value <= 1.0:
             raise LayerDiffError(f"{flag} {value} must be within 0..1")
+    if args.empty_layer_retries is not None and args.empty_layer_retries < 0:
+        raise LayerDiffError(f"--empty-layer-retries {args.empty_layer_retries} must be 0 or more (0 disables it)")
     layers = parse_layers(args.layers)
     if args.samples < len(layers):
         raise LayerDiffError(f"--samples {args.samples} is fewer than the {len(layers)} layer counts in --layers "
@@ -665,7 +672,8 @@ def run(args) -> int:
               mininterval=1.0) as bar:
         result = evaluate(model, items, batch=args.batch, steps=args.steps, cfg=args.cfg, background_cfg=args.background_cfg,
                           mask_guidance=args.mask_guidance, scheduler=args.scheduler,
-                          layout_cleanup=args.layout_cleanup, layout_cleanup_start=args.layout_cleanup_start, keep=keep, progress=bar.update)
+                          layout_cleanup=args.layout_cleanup, layout_cleanup_start=args.layout_cleanup_start,
+                          empty_layer_retries=args.empty_layer_retries, keep=keep, progress=bar.update)
     records = result["records"]
     results = {v: summarise(records[v]) for v in VARIANTS}
     diff, stderr = compare_variants(records["cfg"], records["smg"])

@@ -36,6 +36,9 @@ def register(sub) -> None:
     p.add_argument("--layout-cleanup", type=float, default=None,
                    help="0..1: keep one object per foreground layer and keep foregrounds apart; 0 disables it "
                         "(default: the model's)")
+    p.add_argument("--empty-layer-retries", type=int, default=None,
+                   help="times a foreground still empty early in sampling gets new noise; 0 disables it "
+                        "(default: the model's, 2)")
     p.add_argument("--scheduler", default=None, choices=sorted(SCHEDULERS), help="sampler (default ddim)")
     p.add_argument("--width", type=int, default=None, help="image width, a multiple of 8 (default: the model's)")
     p.add_argument("--height", type=int, default=None, help="image height, a multiple of 8 (default: the model's)")
@@ -66,6 +69,8 @@ def run(args) -> int:
         raise LayerDiffError(f"--batch {args.batch} must be at least 1")
     if args.layout_cleanup is not None and not 0.0 <= args.layout_cleanup <= 1.0:
         raise LayerDiffError(f"--layout-cleanup {args.layout_cleanup} must be within 0..1 (0 disables it)")
+    if args.empty_layer_retries is not None and args.empty_layer_retries < 0:
+        raise LayerDiffError(f"--empty-layer-retries {args.empty_layer_retries} must be 0 or more (0 disables it)")
     out = Path(args.out)
     _check_writable(out)
     if not args.overwrite:  # refuse before the (slow) generation, not after
@@ -85,7 +90,7 @@ def run(args) -> int:
         model, prompts, width=args.width, height=args.height, seed=args.seed, batch=args.batch,
         steps=args.steps, cfg=args.cfg, mask_guidance=args.mask_guidance,
         mask_guidance_start=args.mask_guidance_start, scheduler=args.scheduler, background_cfg=args.background_cfg,
-        layout_cleanup=args.layout_cleanup,
+        layout_cleanup=args.layout_cleanup, empty_layer_retries=args.empty_layer_retries,
         callback=_progress_bar(),
     )
     d = model.config.sampling
@@ -101,6 +106,7 @@ def run(args) -> int:
         "mask_guidance_start": d.mask_guidance_start if args.mask_guidance_start is None else args.mask_guidance_start,
         "mask_guidance_erode": d.mask_guidance_erode,  # the model's (SMG on each mask's interior; no flag)
         "layout_cleanup": d.layout_cleanup if args.layout_cleanup is None else args.layout_cleanup,
+        "empty_layer_retries": d.empty_layer_retries if args.empty_layer_retries is None else args.empty_layer_retries,
         "model": model.source,
         "batch": args.batch,
         "torch": torch.__version__,

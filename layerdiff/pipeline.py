@@ -143,6 +143,7 @@ def sampler_kwargs(
     mask_guidance_start: float | None = None,
     layout_cleanup: float | None = None,
     layout_cleanup_start: float | None = None,
+    empty_layer_retries: int | None = None,
 ) -> dict:
     """Keyword arguments of :func:`layerdiff.sampling.sample` for this model: every None takes the
     model's default (``config.sampling``), and the latents that self-mask guidance and layout
@@ -150,6 +151,7 @@ def sampler_kwargs(
     d = model.config.sampling
     smg = d.mask_guidance if mask_guidance is None else mask_guidance
     cleanup = d.layout_cleanup if layout_cleanup is None else layout_cleanup
+    retries = d.empty_layer_retries if empty_layer_retries is None else empty_layer_retries
     return {
         "steps": steps or d.steps,
         "cfg": d.cfg if cfg is None else cfg,
@@ -160,10 +162,12 @@ def sampler_kwargs(
         "mask_guidance_start": d.mask_guidance_start if mask_guidance_start is None else mask_guidance_start,
         "mask_guidance_blur": d.mask_guidance_blur_sigma,
         "mask_guidance_erode": d.mask_guidance_erode,
-        "mask_axis": model.mask_axis() if smg or cleanup else None,
+        "mask_axis": model.mask_axis() if smg or cleanup or retries else None,
         "layout_cleanup": cleanup,
         "layout_cleanup_start": d.layout_cleanup_start if layout_cleanup_start is None else layout_cleanup_start,
         "empty_latent": model.empty_layer_latent() if cleanup else None,
+        "empty_layer_retries": retries,
+        "empty_layer_check": d.empty_layer_check,
         "eta": d.eta,
     }
 
@@ -184,6 +188,7 @@ def generate(
     layout_cleanup: float | None = None,
     callback: Callback | None = None,
     conditioning: LayerConditioning | None = None,
+    empty_layer_retries: int | None = None,
     lock: Lock | None = None,
     init_latents: torch.Tensor | None = None,
     strength: float = 1.0,
@@ -206,7 +211,7 @@ def generate(
         model.unet, cond, height // f, width // f, seeds,
         **sampler_kwargs(model, steps=steps, cfg=cfg, background_cfg=background_cfg, scheduler=scheduler,
                          mask_guidance=mask_guidance, mask_guidance_start=mask_guidance_start,
-                         layout_cleanup=layout_cleanup),
+                         layout_cleanup=layout_cleanup, empty_layer_retries=empty_layer_retries),
         lock=lock, init_latents=init_latents, strength=strength, callback=callback,
     )
     return decode_stack(

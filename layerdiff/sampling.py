@@ -306,6 +306,8 @@ def sample(
     eta: float = 0.0,
     callback: Callback | None = None,
     max_batch: int | None = None,
+    empty_layer_retries: int = 0,
+    empty_layer_check: float = 0.2,
 ) -> torch.Tensor:
     """Denoise a batch of layer stacks; returns clean latents (B, L, 8, h, w).
 
@@ -321,6 +323,12 @@ def sample(
     ``layout_cleanup`` (0..1, 0 disables it) applies :func:`clean_layout` to the predicted clean
     latents of every step after the first ``layout_cleanup_start`` fraction; it needs ``mask_axis``
     and ``empty_latent`` (the model bundle's ``empty_layer_latent()``).
+    ``empty_layer_retries`` (0 disables it) redraws the starting noise of every foreground that is
+    still empty after the first ``empty_layer_check`` fraction of the steps (no latent pixel of its
+    predicted mask above 0.5; padding and locked layers excepted) and starts again from the first
+    step, at most that many times: a foreground the prompt asked for must not vanish. The new noise
+    comes from a stream of each sample's own seed, so results stay deterministic; other layers
+    keep their noise. It needs ``mask_axis``, and it is off for partial starts (``strength`` < 1).
     """
     B, L = cond.batch_size, cond.num_layers
     if len(seeds) != B:
@@ -339,6 +347,15 @@ def sample(
         raise LayerDiffError(f"layout_cleanup {layout_cleanup} must be within 0..1 (0 disables it)")
     if not 0.0 <= layout_cleanup_start <= 1.0:
         raise LayerDiffError(f"layout_cleanup_start {layout_cleanup_start} must be within 0..1 (a fraction of the steps)")
+    if (isinstance(empty_layer_retries, bool) or not isinstance(empty_layer_retries, int)
+            or empty_layer_retries < 0):
+        raise LayerDiffError(f"empty_layer_retries {empty_layer_retries!r} must be a whole number, 0 or more (0 "
+                             "disables redrawing empty foregrounds)")
+    if not 0.0 <= empty_layer_check < 1.0:
+        raise LayerDiffError(f"empty_layer_check {empty_layer_check} must be within 0..1 (a fraction of the steps, "
+                             "below 1)")
+    if empty_layer_retries and mask_axis is None:
+        raise LayerDiffError("redrawing empty foregrounds needs mask_axis (the model bundle's mask_axis())")
     if layout_cleanup and (mask_axis is None or empty_latent is None):
         raise LayerDiffError("layout cleanup needs mask_axis and empty_latent (the model bundle's mask_axis() and "
                              "empty_layer_latent())")
@@ -390,7 +407,14 @@ def sample(
         step_kwargs["generator"] = gens[0] if B == 1 else gens
     if "eta" in accepted:
         step_kwargs["eta"] = eta
-    for i in range(start, n):
+    check_at = start + int(math.ceil(empty_layer_check * (n - start)))
+    retry_ok = empty_layer_retries > 0 and K > 0 and start == 0 and check_at < n
+    replaced: dict[tuple[int, int], torch.Tensor] = {}
+    retry_gens = None
+    tries = 0
+    reported = 0
+    i = start
+    while i < n:
         t = sched.timesteps[i]
         a = levels.a[i]
         x_in = sched.scale_model_input(x, t)  # VP space, (B, L, 8, h, w)
@@ -422,6 +446,35 @@ def sample(
             if x0_clean is not x0:  # the step continues from the cleaned prediction
                 x0 = x0_clean
                 guided = (x_in - math.sqrt(a) * x0) / math.sqrt(1 - a)
+        if retry_ok and i == check_at and tries < empty_layer_retries:
+            present = read_masks(x0, *mask_axis).flatten(2).amax(-1) > 0.5  # (B, K)
+            gone = ~present & cond.valid[:, 1:].to(present.device)
+            if locked is not None:
+                gone &= ~locked[:, 1:].flatten(2).any(-1)
+            if bool(gone.any()):
+                tries += 1
+                if retry_gens is None:
+                    retry_gens = [torch.Generator("cpu").manual_seed(int(s) + 0x5EED) for s in seeds]
+                for b, k in gone.nonzero().tolist():
+                    replaced[(b, k + 1)] = torch.randn(shape[2:], generator=retry_gens[b], dtype=torch.float32)
+                logger.info("%d empty foreground(s) after step %d of %d: new noise for them, try %d of %d",
+                            int(gone.sum()), i + 1, n, tries, empty_layer_retries)
+                gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+                noise = _noise(shape, gens, device, torch.float32)
+                for (b, l), z in replaced.items():
+                    noise[b, l] = z.to(device)
+                x = noise * float(sched.init_noise_sigma)
+                if locked is not None:
+                    x = torch.where(locked, levels.noise_to(lock_clean, noise, start), x)
+                sched = make_scheduler(scheduler, scheduler_config or {})
+                sched.set_timesteps(steps, device=device)
+                if hasattr(sched, "set_begin_index"):
+                    sched.set_begin_index(start)
+                if "generator" in accepted:
+                    step_kwargs["generator"] = gens[0] if B == 1 else gens
+                x0_prev = mask_prev = None
+                i = start
+                continue
         if mask_guidance > 0 and K > 0:
             x0_u = (x_in - math.sqrt(1 - a) * eps[1]) / math.sqrt(a) if len(eps) > 1 else x0
             x0_prev = x0_u
@@ -432,8 +485,11 @@ def sample(
         x = sched.step(guided, t, x, **step_kwargs).prev_sample
         if locked is not None:
             x = torch.where(locked, levels.noise_to(lock_clean, _noise(shape, gens, device, torch.float32), i + 1), x)
-        if callback is not None and callback(i - start + 1, n - start, x0) is False:
-            raise Interrupted(f"sampling stopped at step {i - start + 1} of {n - start}")
+        if callback is not None and i - start + 1 > reported:  # a retry replays steps: reported once
+            reported = i - start + 1
+            if callback(reported, n - start, x0) is False:
+                raise Interrupted(f"sampling stopped at step {reported} of {n - start}")
+        i += 1
     if locked is not None:  # locked entries come back bit-identical
         return torch.where(locked, lock.latents.to(device), x.to(lock.latents.dtype))
     return x.to(dtype)

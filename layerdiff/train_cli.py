@@ -292,13 +292,18 @@ def _calibrate(model, weights: Path, file: Path, seed: int, samples: int, settin
     from layerdiff.evaluate import training_signatures
 
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    # the sampler it judges with, less the two scales it picks: a change to it redoes the stage
+    sampler = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(model.config.sampling))).items()
+               if k not in ("cfg", "background_cfg")}
     if file.is_file():
         done = json.loads(file.read_text())
-        if done.get("weights_sha256") == digest and done.get("settings") == settings and done.get("rules") == RULES:
+        if (done.get("weights_sha256") == digest and done.get("settings") == settings and done.get("rules") == RULES
+                and done.get("sampler") == sampler):
             return done
     result = calibrate_guidance(model, settings["candidates"], settings.get("foreground_candidates", []),
                                 samples=settings["samples"], exclude=training_signatures(seed=seed, samples=samples))
     result["settings"] = settings
+    result["sampler"] = sampler
     result["weights_sha256"] = digest
     tmp = file.with_name(file.name + f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(result, indent=1))

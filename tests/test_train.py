@@ -871,6 +871,12 @@ def test_toy_recipe_runs_every_stage_and_ships_its_unet_override(tmp_path, capsy
     redone = _calibrate(model, out / "layerdiff" / "model.safetensors", out / "calibration.json", 0, 6,
                         calibration["settings"])
     assert redone["rules"] == RULES and json.loads((out / "calibration.json").read_text())["rules"] == RULES
+    # and so is one judged with another sampler (here: without redrawing empty foregrounds)
+    assert redone["sampler"]["empty_layer_retries"] == model.config.sampling.empty_layer_retries
+    (out / "calibration.json").write_text(json.dumps({**redone, "sampler": {**redone["sampler"], "empty_layer_retries": 0}}))
+    again = _calibrate(model, out / "layerdiff" / "model.safetensors", out / "calibration.json", 0, 6,
+                       calibration["settings"])
+    assert json.loads((out / "calibration.json").read_text())["sampler"] == redone["sampler"] == again["sampler"]
 
 
 @pytest.mark.parametrize(("settings", "needles"), [
