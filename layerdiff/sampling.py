@@ -461,8 +461,8 @@ def sample(
                             int(gone.sum()), i + 1, n, tries, empty_layer_retries)
                 gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
                 noise = _noise(shape, gens, device, torch.float32)
-                for (b, l), z in replaced.items():
-                    noise[b, l] = z.to(device)
+                for (b, layer), z in replaced.items():
+                    noise[b, layer] = z.to(device)
                 x = noise * float(sched.init_noise_sigma)
                 if locked is not None:
                     x = torch.where(locked, levels.noise_to(lock_clean, noise, start), x)
