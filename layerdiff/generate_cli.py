@@ -32,7 +32,7 @@ def register(sub) -> None:
     p.add_argument("--mask-guidance-start", type=float, default=None,
                    help="fraction of steps before self-mask guidance starts (default 0.25)")
     p.add_argument("--background-cfg", type=float, default=None,
-                   help="guidance scale of the background layer (default: the model's; the built-in model: 20)")
+                   help="guidance scale of the background layer (default: the model's; the built-in model: 7.5)")
     p.add_argument("--layout-cleanup", type=float, default=None,
                    help="0..1: keep one object per foreground layer and keep foregrounds apart; 0 disables it "
                         "(default: the model's)")

@@ -54,7 +54,7 @@ def mask_guidance_start() -> tuple:
 def background_cfg() -> tuple:
     return ("FLOAT", {"default": 0.0, "min": 0.0, "max": 30.0, "step": 0.1, "round": 0.01,
                       "tooltip": "Guidance scale of the background layer alone. 0 = the model's own setting (the "
-                                 "built-in model: 20, which draws the prompted background far more reliably; a "
+                                 "built-in model: 7.5, picked on validation scenes when it was trained; a "
                                  "model without one: the cfg above)."})
 
 
