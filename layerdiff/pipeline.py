@@ -188,10 +188,10 @@ def generate(
     layout_cleanup: float | None = None,
     callback: Callback | None = None,
     conditioning: LayerConditioning | None = None,
-    empty_layer_retries: int | None = None,
     lock: Lock | None = None,
     init_latents: torch.Tensor | None = None,
     strength: float = 1.0,
+    empty_layer_retries: int | None = None,
 ) -> LayerStack:
     """Generate ``batch`` composable images; sample b uses seed ``seed + b``. Defaults (None): the
     model config's sampling settings."""

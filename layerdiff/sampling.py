@@ -379,17 +379,34 @@ def sample(
         start = min(n - 1, int(round(n * (1.0 - strength))))
     if hasattr(sched, "set_begin_index"):
         sched.set_begin_index(start)
-    gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-    noise = _noise(shape, gens, device, torch.float32)
-    if init_latents is not None and strength < 1.0:
-        x = levels.noise_to(init_latents.float(), noise, start)
-    else:
-        x = noise * float(sched.init_noise_sigma)
     locked = lock_clean = None
     if lock is not None:
         locked = lock.expanded().to(device)
         lock_clean = lock.latents.to(device=device, dtype=torch.float32)
-        x = torch.where(locked, levels.noise_to(lock_clean, noise, start), x)
+    accepted = inspect.signature(sched.step).parameters
+    step_kwargs = {}
+    if "eta" in accepted:
+        step_kwargs["eta"] = eta
+
+    def begin(replaced: dict[tuple[int, int], torch.Tensor]):
+        """Per-sample generators and starting latents, the noise of ``replaced`` (sample, layer)
+        entries swapped in: the start of sampling, and its restart after an empty-layer retry."""
+        gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        noise = _noise(shape, gens, device, torch.float32)
+        for (b, layer), z in replaced.items():
+            noise[b, layer] = z.to(device)
+        if init_latents is not None and strength < 1.0:
+            x = levels.noise_to(init_latents.float(), noise, start)
+        else:
+            x = noise * float(sched.init_noise_sigma)
+        if locked is not None:
+            x = torch.where(locked, levels.noise_to(lock_clean, noise, start), x)
+        if "generator" in accepted:  # ancestral samplers: per-sample noise from each sample's seed
+            step_kwargs["generator"] = gens[0] if B == 1 else gens
+        return gens, x
+
+    replaced: dict[tuple[int, int], torch.Tensor] = {}
+    gens, x = begin(replaced)
 
     use_cfg = cfg != 1.0 or (background_cfg is not None and background_cfg != 1.0)
     scale: float | torch.Tensor = cfg
@@ -401,15 +418,8 @@ def sample(
     priority = lock.mask_locked().to(device) if lock is not None and layout_cleanup else None
     K = L - 1
     x0_prev = mask_prev = None
-    accepted = inspect.signature(sched.step).parameters
-    step_kwargs = {}
-    if "generator" in accepted:  # ancestral samplers: per-sample noise from each sample's seed
-        step_kwargs["generator"] = gens[0] if B == 1 else gens
-    if "eta" in accepted:
-        step_kwargs["eta"] = eta
     check_at = start + int(math.ceil(empty_layer_check * (n - start)))
     retry_ok = empty_layer_retries > 0 and K > 0 and start == 0 and check_at < n
-    replaced: dict[tuple[int, int], torch.Tensor] = {}
     retry_gens = None
     tries = 0
     reported = 0
@@ -459,19 +469,11 @@ def sample(
                     replaced[(b, k + 1)] = torch.randn(shape[2:], generator=retry_gens[b], dtype=torch.float32)
                 logger.info("%d empty foreground(s) after step %d of %d: new noise for them, try %d of %d",
                             int(gone.sum()), i + 1, n, tries, empty_layer_retries)
-                gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-                noise = _noise(shape, gens, device, torch.float32)
-                for (b, layer), z in replaced.items():
-                    noise[b, layer] = z.to(device)
-                x = noise * float(sched.init_noise_sigma)
-                if locked is not None:
-                    x = torch.where(locked, levels.noise_to(lock_clean, noise, start), x)
-                sched = make_scheduler(scheduler, scheduler_config or {})
+                sched = make_scheduler(scheduler, scheduler_config or {})  # multistep solvers keep state
                 sched.set_timesteps(steps, device=device)
                 if hasattr(sched, "set_begin_index"):
                     sched.set_begin_index(start)
-                if "generator" in accepted:
-                    step_kwargs["generator"] = gens[0] if B == 1 else gens
+                gens, x = begin(replaced)
                 x0_prev = mask_prev = None
                 i = start
                 continue
