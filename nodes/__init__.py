@@ -6,6 +6,8 @@ through ``_host``. Class names are public API once shipped: never rename, only d
 
 from __future__ import annotations
 
+from layerdiff.deps import log_problem_once
+
 from . import _host
 from .editing import LayerDiffLayerEdit, LayerDiffLayerInpaint, LayerDiffLayerStyle, LayerDiffTransformLayer
 from .io import LayerDiffLoadPSD, LayerDiffSavePSD
@@ -14,25 +16,43 @@ from .loading import LayerDiffLoader
 from .prompting import LayerDiffLayerPrompt, LayerDiffPromptEnhancer
 from .sampling import LayerDiffKSampler
 
-_NODES = [
-    (LayerDiffLoader, "Load LayerDiff"),
-    (LayerDiffLayerPrompt, "Layer Prompt"),
-    (LayerDiffPromptEnhancer, "Prompt Enhancer"),
-    (LayerDiffKSampler, "Layered KSampler"),
-    (LayerDiffLayerEdit, "Layer Edit"),
-    (LayerDiffLayerInpaint, "Layer Inpaint"),
-    (LayerDiffLayerStyle, "Layer Style"),
-    (LayerDiffTransformLayer, "Transform Layer"),
-    (LayerDiffCompositeLayers, "Composite Layers"),
-    (LayerDiffSplitLayers, "Split Layers"),
-    (LayerDiffLayersFromImages, "Layers from Images"),
-    (LayerDiffSavePSD, "Save Layers as PSD"),
-    (LayerDiffLoadPSD, "Load PSD as Layers"),
-]
+# Literal dicts, not comprehensions: ComfyUI-Manager's scanner reads the class names from this text to map
+# a workflow's missing nodes to this pack.
+NODE_CLASS_MAPPINGS = {
+    "LayerDiffLoader": LayerDiffLoader,
+    "LayerDiffLayerPrompt": LayerDiffLayerPrompt,
+    "LayerDiffPromptEnhancer": LayerDiffPromptEnhancer,
+    "LayerDiffKSampler": LayerDiffKSampler,
+    "LayerDiffLayerEdit": LayerDiffLayerEdit,
+    "LayerDiffLayerInpaint": LayerDiffLayerInpaint,
+    "LayerDiffLayerStyle": LayerDiffLayerStyle,
+    "LayerDiffTransformLayer": LayerDiffTransformLayer,
+    "LayerDiffCompositeLayers": LayerDiffCompositeLayers,
+    "LayerDiffSplitLayers": LayerDiffSplitLayers,
+    "LayerDiffLayersFromImages": LayerDiffLayersFromImages,
+    "LayerDiffSavePSD": LayerDiffSavePSD,
+    "LayerDiffLoadPSD": LayerDiffLoadPSD,
+}
 
-NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls, _ in _NODES}
-NODE_DISPLAY_NAME_MAPPINGS = {cls.__name__: name for cls, name in _NODES}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "LayerDiffLoader": "Load LayerDiff",
+    "LayerDiffLayerPrompt": "Layer Prompt",
+    "LayerDiffPromptEnhancer": "Prompt Enhancer",
+    "LayerDiffKSampler": "Layered KSampler",
+    "LayerDiffLayerEdit": "Layer Edit",
+    "LayerDiffLayerInpaint": "Layer Inpaint",
+    "LayerDiffLayerStyle": "Layer Style",
+    "LayerDiffTransformLayer": "Transform Layer",
+    "LayerDiffCompositeLayers": "Composite Layers",
+    "LayerDiffSplitLayers": "Split Layers",
+    "LayerDiffLayersFromImages": "Layers from Images",
+    "LayerDiffSavePSD": "Save Layers as PSD",
+    "LayerDiffLoadPSD": "Load PSD as Layers",
+}
 
 _host.register_model_folder()  # models/layerdiff for folder_paths (cheap; no file scan)
+# One log line at load when diffusers/transformers cannot be imported; the nodes still register, and the
+# nodes that build a model raise the same line (with the command that fixes it) when they run.
+log_problem_once()
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -8,16 +8,20 @@ modules unfold them where layers must talk to each other.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import UNet2DConditionModel
 from einops import rearrange
 from torch import nn
 
 from layerdiff.config import LayerDiffConfig
+from layerdiff.deps import require_model_libraries
 from layerdiff.errors import LayerDiffError
 from layerdiff.model.enhancer import PromptEnhancer
 from layerdiff.model.layers import LayerContext, LayeredTransformerBlock
+
+if TYPE_CHECKING:  # diffusers is imported where a model is built, so the node pack loads without it
+    from diffusers import UNet2DConditionModel
 
 logger = logging.getLogger("layerdiff.model")
 
@@ -102,6 +106,9 @@ class LayerDiffUNet(nn.Module):
     @classmethod
     def from_config(cls, config: LayerDiffConfig, device: str | torch.device = "cpu") -> LayerDiffUNet:
         """Random (or, with ``device="meta"``, unallocated) weights; load a checkpoint into it."""
+        require_model_libraries()
+        from diffusers import UNet2DConditionModel
+
         with torch.device(device):
             base = UNet2DConditionModel.from_config(config.unet)
             return cls.from_base(base, config)
