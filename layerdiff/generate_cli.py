@@ -71,6 +71,9 @@ def run(args) -> int:
         raise LayerDiffError(f"--layout-cleanup {args.layout_cleanup} must be within 0..1 (0 disables it)")
     if args.empty_layer_retries is not None and args.empty_layer_retries < 0:
         raise LayerDiffError(f"--empty-layer-retries {args.empty_layer_retries} must be 0 or more (0 disables it)")
+    from layerdiff.io.checkpoint import check_model
+
+    check_model(args.model)  # headers only: a wrong --model fails before --out is made and the load starts
     out = Path(args.out)
     _check_writable(out)
     if not args.overwrite:  # refuse before the (slow) generation, not after

@@ -4,10 +4,16 @@ Written independently of ``layerdiff.io._diffusers_compat`` (which maps the othe
 round trip through both checks both. The tables follow diffusers'
 ``scripts/convert_diffusers_to_original_stable_diffusion.py`` (string replacement over fixed
 tables for the 4-block, 2-layer SD1.x UNet/VAE).
+
+Also: files as ComfyUI's CheckpointSave and other tools save them (their extra tensors), and
+real-size SD1.5 headers over an empty (sparse) data section.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import struct
 from pathlib import Path
 
 import torch
@@ -221,11 +227,13 @@ def make_original_sd15_file(
     components: tuple[str, ...] = ("unet", "vae", "text_encoder"),
     ema_offset: float | None = None,
     models: dict[str, torch.nn.Module] | None = None,
+    extras: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.nn.Module]:
     """Write tiny random SD1.5-layout models as ONE original-layout safetensors file; return the modules.
 
     ``ema_offset``: also write a full ``model_ema.*`` copy of the UNet with ``offset`` added.
     ``models``: write these (from ``build_tiny_models``) instead of building new ones.
+    ``extras``: more tensors to write (``trainer_leftovers()``), replacing any of the same name.
     """
     if width_scale != "tiny":
         raise ValueError(f"width_scale {width_scale!r}: only 'tiny' is built in tests")
@@ -237,5 +245,148 @@ def make_original_sd15_file(
                 sd["model_ema." + k.removeprefix("model.").replace(".", "")] = v + ema_offset
         sd["model_ema.decay"] = torch.tensor(0.9999)
         sd["model_ema.num_updates"] = torch.tensor(1000, dtype=torch.int32)
+    sd.update(extras or {})
     save_safetensors_atomic(sd, path, metadata={"format": "pt"}, overwrite=True)
     return models
+
+
+# ---------------------------------------------------------------------------------------------
+# Files as other tools save them
+
+# What ComfyUI's CheckpointSave writes for an SD1.5 model (comfy.sd.save_checkpoint ->
+# BaseModel.state_dict_for_saving): the LDM UNet under model.diffusion_model., the LDM VAE under
+# first_stage_model., and its CLIP (in memory clip_l.transformer.text_model.*, saved with clip_l.
+# renamed to cond_stage_model.) in the nested transformers-4 layout. Besides those, by version:
+#   "2023":    ComfyUI Aug 2023 - Feb 2024: cond_stage_model.text_projection (a bare matrix) and
+#              cond_stage_model.logit_scale; before Dec 2023 its CLIP was transformers' CLIPTextModel,
+#              whose position_ids buffer older transformers saved.
+#   "2024-02": ComfyUI 25 Feb - 18 Mar 2024: cond_stage_model.transformer.text_projection.weight (a
+#              Linear) and cond_stage_model.logit_scale.
+#   "current": since 18 Mar 2024 those two are dropped before saving: nothing else.
+COMFYUI_SAVERS = ("2023", "2024-02", "current")
+
+
+def comfyui_saved_state_dict(
+    models: dict[str, torch.nn.Module], saved_by: str = "current"
+) -> dict[str, torch.Tensor]:
+    """The tensors ComfyUI's CheckpointSave of ``saved_by`` (one of ``COMFYUI_SAVERS``) writes for ``models``."""
+    if saved_by not in COMFYUI_SAVERS:
+        raise ValueError(f"saved_by {saved_by!r}: use one of {COMFYUI_SAVERS}")
+    text = models["text_encoder"]
+    sd = unet_to_ldm(models["unet"].state_dict())
+    sd.update(vae_to_ldm(models["vae"].state_dict()))
+    clip = {k: v for k, v in text.state_dict().items() if not k.endswith("position_ids")}
+    sd.update(clip_to_ldm(clip, text_model_prefix=True))
+    hidden = text.config.hidden_size
+    if saved_by == "2023":
+        sd["cond_stage_model.text_projection"] = torch.eye(hidden)
+        sd["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(
+            text.config.max_position_embeddings
+        ).expand(1, -1)
+    if saved_by == "2024-02":
+        sd["cond_stage_model.transformer.text_projection.weight"] = torch.eye(hidden)
+    if saved_by != "current":
+        sd["cond_stage_model.logit_scale"] = torch.tensor(4.6055)
+    return sd
+
+
+def make_comfyui_saved_file(
+    path: str | Path,
+    models: dict[str, torch.nn.Module] | None = None,
+    seed: int = 0,
+    saved_by: str = "current",
+) -> dict[str, torch.nn.Module]:
+    """Write tiny SD1.5-layout models as ComfyUI's CheckpointSave would (its metadata too); return the modules."""
+    models = models if models is not None else build_tiny_models(seed)
+    metadata = {"prompt": json.dumps({"4": {"class_type": "CheckpointLoaderSimple"}}), "workflow": "{}"}
+    save_safetensors_atomic(
+        comfyui_saved_state_dict(models, saved_by), path, metadata=metadata, overwrite=True
+    )
+    return models
+
+
+def trainer_leftovers(hidden: int = 32, steps: int = 1000) -> dict[str, torch.Tensor]:
+    """Tensors A1111 merges, kohya and LDM training runs leave in SD1.5 files that no SD1.5 module uses.
+
+    LDM's DDPM schedule buffers (from SD1.5's scaled-linear betas), its logvar, EMA bookkeeping, the
+    autoencoder's training loss (LPIPS and discriminator), a broken float position_ids as some merges
+    store it, and a stray SDXL-style ``conditioner.*`` tensor.
+    """
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, steps, dtype=torch.float64) ** 2
+    alphas_cumprod = torch.cumprod(1 - betas, 0)
+    prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+    posterior_variance = betas * (1 - prev) / (1 - alphas_cumprod)
+    schedule = {
+        "betas": betas,
+        "alphas_cumprod": alphas_cumprod,
+        "alphas_cumprod_prev": prev,
+        "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),
+        "sqrt_one_minus_alphas_cumprod": (1 - alphas_cumprod).sqrt(),
+        "log_one_minus_alphas_cumprod": (1 - alphas_cumprod).log(),
+        "sqrt_recip_alphas_cumprod": alphas_cumprod.rsqrt(),
+        "sqrt_recipm1_alphas_cumprod": (1 / alphas_cumprod - 1).sqrt(),
+        "posterior_variance": posterior_variance,
+        "posterior_log_variance_clipped": posterior_variance.clamp(min=1e-20).log(),
+        "posterior_mean_coef1": betas * prev.sqrt() / (1 - alphas_cumprod),
+        "posterior_mean_coef2": (1 - prev) * (1 - betas).sqrt() / (1 - alphas_cumprod),
+    }
+    extras = {k: v.float() for k, v in schedule.items()}
+    extras["logvar"] = torch.zeros(steps)
+    extras["model_ema.decay"] = torch.tensor(0.9999)
+    extras["model_ema.num_updates"] = torch.tensor(1000, dtype=torch.int32)
+    extras["first_stage_model.loss.logvar"] = torch.zeros(())
+    extras["first_stage_model.loss.perceptual_loss.net.slice1.0.weight"] = torch.zeros(4, 3, 3, 3)
+    extras["first_stage_model.loss.discriminator.main.0.weight"] = torch.zeros(4, 3, 4, 4)
+    extras["cond_stage_model.transformer.text_model.embeddings.position_ids"] = (
+        torch.arange(77, dtype=torch.float32)[None] + 1e-4
+    )
+    extras["conditioner.embedders.0.transformer.text_model.final_layer_norm.weight"] = torch.ones(hidden)
+    return extras
+
+
+# ---------------------------------------------------------------------------------------------
+# Real-size headers without the data
+
+_ST_DTYPE = {torch.float16: "F16", torch.float32: "F32", torch.int64: "I64", torch.int32: "I32"}
+_ST_BYTES = {"F16": 2, "F32": 4, "I64": 8, "I32": 4}
+
+
+def sd15_full_size_header(dtype: torch.dtype = torch.float16) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """name -> (safetensors dtype, shape) of a real-size original-layout SD1.5 file (as the fp16 ~2 GB files)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from layerdiff.io.sd15 import load_sd15_configs
+
+    cfg = load_sd15_configs()
+    with torch.device("meta"):  # shapes only, no memory
+        models = {
+            "unet": UNet2DConditionModel(**cfg["unet"]),
+            "vae": AutoencoderKL(**cfg["vae"]),
+            "text_encoder": CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"])),
+        }
+        sd = original_state_dict(models)
+    return {
+        k: (_ST_DTYPE[dtype] if v.is_floating_point() else _ST_DTYPE[v.dtype], tuple(v.shape))
+        for k, v in sd.items()
+    }
+
+
+def write_header_only_file(
+    path: str | Path, header: dict[str, tuple[str, tuple[int, ...]]], metadata: dict[str, str] | None = None
+) -> Path:
+    """A valid safetensors file with ``header`` whose data section is a hole: its full size on paper,
+    nearly no disk, all zeros if read."""
+    entries: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, (dtype, shape) in header.items():
+        size = math.prod(shape) * _ST_BYTES[dtype]
+        entries[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(entries, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # safetensors pads its header to 8 bytes with spaces
+    path = Path(path)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.truncate(8 + len(raw) + offset)
+    return path

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 
 import pytest
 import torch
-from ldm_layout import TINY_CONFIGS, make_original_sd15_file
+from ldm_layout import (
+    TINY_CONFIGS,
+    make_comfyui_saved_file,
+    make_original_sd15_file,
+    sd15_full_size_header,
+    write_header_only_file,
+)
 from safetensors.torch import save_file
 
 from layerdiff.cli import main
@@ -218,3 +225,71 @@ def test_text_encoder_keys_load_across_transformers_layouts(tmp_path, tiny_file)
     a, b = load_layerdiff(tiny_file), load_layerdiff(other)
     for (ka, va), (kb, vb) in zip(a.text_encoder.state_dict().items(), b.text_encoder.state_dict().items()):
         assert ka == kb and torch.equal(va, vb)
+
+
+def test_convert_command_takes_a_comfyui_saved_checkpoint(tmp_path, monkeypatch, caplog):
+    """`convert --base` on a file saved by ComfyUI's CheckpointSave (Feb-Mar 2024, with the CLIP
+    text_projection.weight the original report showed): converts, and the result loads with it."""
+    import layerdiff.io.sd15 as sd15
+
+    defaults = sd15.load_sd15_configs()
+    # the command assumes real SD 1.5 widths: give it the tiny ones with the same key layout
+    monkeypatch.setattr(sd15, "load_sd15_configs", lambda: {**defaults, **TINY_CONFIGS})
+    base = tmp_path / "ComfyUI_00001_.safetensors"
+    src = make_comfyui_saved_file(base, saved_by="2024-02")
+    out = tmp_path / "ld.safetensors"
+    caplog.set_level(logging.DEBUG, logger="layerdiff.io")
+    assert main(["convert", "--base", str(base), "--out", str(out)]) == 0
+    ignored = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG and "ignored" in r.getMessage()]
+    assert ignored == [
+        f"{base}: ignored 2 tensors SD 1.5 does not use: cond_stage_model.logit_scale, "
+        "cond_stage_model.transformer.text_projection.weight"
+    ]
+    info = describe_file(out)
+    assert info["architecture"] == "layerdiff" and info["layerdiff_config"]["block_out_channels"] == [32, 64, 64, 64]
+    model = load_layerdiff(out, base=base)
+    for part in ("vae", "text_encoder"):
+        theirs = src[part].state_dict()
+        assert all(torch.equal(v, theirs[k]) for k, v in getattr(model, part).state_dict().items()), part
+    ours = model.unet.state_dict()
+    assert torch.equal(ours["unet.conv_out.weight"][:4], src["unet"].conv_out.weight)
+
+
+def _no_tensor_reads(monkeypatch):
+    """Any read of tensor data (safetensors, or our reader) fails the test."""
+    import safetensors
+    import safetensors.torch
+
+    import layerdiff.io.checkpoint
+    import layerdiff.io.files
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("tensor data was read; only the header should be")
+
+    for module, name in ((safetensors, "safe_open"), (safetensors.torch, "load_file"),
+                         (layerdiff.io.files, "read_safetensors"), (layerdiff.io.checkpoint, "read_safetensors")):
+        monkeypatch.setattr(module, name, refuse)
+
+
+def test_sd15_checkpoint_given_as_a_layerdiff_model_is_named_from_its_header(tmp_path, monkeypatch, capsys):
+    """A real-size SD 1.5 header over a ~2 GB data section that is never written (a sparse file):
+    load_model names it without reading any tensor, and `info` points at --base and convert."""
+    path = write_header_only_file(tmp_path / "v1-5-pruned-emaonly-fp16.safetensors", sd15_full_size_header())
+    assert path.stat().st_size > 2_000_000_000
+    _no_tensor_reads(monkeypatch)
+    with pytest.raises(CheckpointError) as caught:
+        load_model(str(path))
+    assert str(caught.value) == (
+        f"{path} is an SD 1.5 checkpoint, not a LayerDiff file: use it as --base (the base_checkpoint input of "
+        f"Load LayerDiff), or convert it (python -m layerdiff convert --base {path} --out layerdiff.safetensors)"
+    )
+    assert main(["info", str(path)]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"{path}: sd15, 1,066,235,384 parameters in 1131 tensors; an SD 1.5 checkpoint: use it as --base")
+    sdxl = write_header_only_file(
+        tmp_path / "xl.safetensors",
+        {"model.diffusion_model.input_blocks.0.0.weight": ("F16", (320, 4, 3, 3)),
+         "model.diffusion_model.label_emb.0.0.weight": ("F16", (1280, 2816))},
+    )  # fmt: skip
+    with pytest.raises(CheckpointError, match=r"xl\.safetensors looks like an SDXL checkpoint, not a LayerDiff file"):
+        load_model(str(sdxl))

@@ -104,6 +104,30 @@ def test_bad_input_gives_one_clear_line(tmp_path, capsys, extra, message):
     assert err[-1].startswith("error:") and message in err[-1], err
 
 
+def test_generate_with_an_sd15_checkpoint_as_model_says_so_from_the_header(tmp_path, capsys, monkeypatch):
+    """--model given the user's SD 1.5 file (real-size header, ~2 GB of never-written data): one line
+    saying what it is and what to do, before --out is created and without reading a tensor."""
+    import safetensors
+    from ldm_layout import sd15_full_size_header, write_header_only_file
+
+    import layerdiff.io.checkpoint
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("tensor data was read; only the header should be")
+
+    monkeypatch.setattr(safetensors, "safe_open", refuse)
+    monkeypatch.setattr(layerdiff.io.checkpoint, "read_safetensors", refuse)
+    sd15 = write_header_only_file(tmp_path / "dreamshaper_8.safetensors", sd15_full_size_header())
+    out = tmp_path / "o"
+    assert main([*ARGS, "--model", str(sd15), "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"error: {sd15} is an SD 1.5 checkpoint, not a LayerDiff file: use it as --base (the base_checkpoint "
+        f"input of Load LayerDiff), or convert it (python -m layerdiff convert --base {sd15} --out layerdiff.safetensors)"
+    ]
+    assert not out.exists()
+
+
 def test_existing_files_are_not_overwritten(tmp_path, capsys):
     out = tmp_path / "o"
     assert main([*ARGS, "--out", str(out)]) == 0

@@ -1,5 +1,8 @@
 """layerdiff.io.sd15: SD1.5 configs, architecture detection, single-file and diffusers-folder loading."""
 
+import logging
+import re
+
 import pytest
 import torch
 
@@ -12,7 +15,15 @@ from layerdiff.io.sd15 import (
     load_sd15_configs,
     load_sd15_single_file,
 )
-from tests.ldm_layout import TINY_CONFIGS, make_original_sd15_file, original_state_dict
+from tests.ldm_layout import (
+    COMFYUI_SAVERS,
+    TINY_CONFIGS,
+    comfyui_saved_state_dict,
+    make_comfyui_saved_file,
+    make_original_sd15_file,
+    original_state_dict,
+    trainer_leftovers,
+)
 
 TINY = {
     "unet_config": TINY_CONFIGS["unet"],
@@ -134,6 +145,132 @@ def test_old_clip_layout_ema_and_dtype(tmp_path, tiny_file):
 
 
 # --------------------------------------------------------------------------------------------
+# files saved by ComfyUI, A1111 merges and trainers: extra tensors are ignored and named at debug
+
+
+def _ignored_line(caplog, path) -> str:
+    lines = [
+        r.getMessage() for r in caplog.records
+        if r.name == "layerdiff.io" and r.levelno == logging.DEBUG and "ignored" in r.getMessage()
+        and str(path) in r.getMessage()
+    ]  # fmt: skip
+    assert len(lines) <= 1, lines
+    return lines[0] if lines else ""
+
+
+@pytest.mark.parametrize("saved_by", COMFYUI_SAVERS)
+def test_comfyui_saved_checkpoints_load_bit_exact(tmp_path, tiny_file, caplog, saved_by):
+    """ComfyUI's CheckpointSave output of every version loads; the CLIP extras it wrote (text
+    projection, logit scale, position_ids) are named in one debug line and not loaded."""
+    path = tmp_path / f"comfyui_{saved_by}.safetensors"
+    source = make_comfyui_saved_file(path, models=tiny_file[1], saved_by=saved_by)
+    extras = sorted(set(comfyui_saved_state_dict(source, saved_by)) - set(original_state_dict(source)))
+    extras += ["cond_stage_model.transformer.text_model.embeddings.position_ids"] * (saved_by == "2023")
+    caplog.set_level(logging.DEBUG, logger="layerdiff.io")
+    loaded = load_sd15_single_file(path, **TINY)
+    for name in loaded:
+        _assert_same_weights(loaded[name], source[name])
+    line = _ignored_line(caplog, path)
+    if saved_by == "current":
+        assert not extras and not line
+    else:
+        assert line.startswith(f"{path}: ignored {len(extras)} tensors SD 1.5 does not use: ")
+        assert all(name in line for name in extras), line
+    if saved_by == "2024-02":  # the tensor of the original report
+        assert "cond_stage_model.transformer.text_projection.weight" in line
+
+
+def test_trainer_and_merge_leftovers_are_ignored_and_named(tmp_path, tiny_file, caplog):
+    """EMA leftovers, LDM schedule buffers, the VAE's training loss, float position_ids and stray
+    conditioner.* tensors: detected as SD1.5, not loaded, counted in one debug line."""
+    path = tmp_path / "merged.safetensors"
+    extras = trainer_leftovers()
+    source = make_original_sd15_file(path, models=tiny_file[1], ema_offset=0.5, extras=extras)
+    header, _ = read_safetensors_header(path)
+    assert detect_architecture(header) == "sd15"
+    caplog.set_level(logging.DEBUG, logger="layerdiff.io")
+
+    loaded = load_sd15_single_file(path, use_ema=False, **TINY)
+    for name in loaded:  # exactly the modules' own tensors: nothing extra was loaded into them
+        _assert_same_weights(loaded[name], source[name])
+    ema_copies = sum(k.startswith("model.diffusion_model.") for k in original_state_dict(source))
+    line = _ignored_line(caplog, path)
+    n = len(extras) + ema_copies  # without EMA the model_ema.* UNet copy is a leftover too
+    assert re.fullmatch(
+        rf"{re.escape(str(path))}: ignored {n} tensors SD 1\.5 does not use: .* \(\+{n - 5} more\)", line
+    )
+    for group in (
+        "alphas_cumprod",
+        "cond_stage_model.",
+        "conditioner.",
+        "first_stage_model.loss.",
+        "model_ema.",
+    ):
+        assert group in line, (group, line)
+
+    caplog.clear()
+    ema = load_sd15_single_file(path, components=("unet",), **TINY)
+    src = source["unet"].state_dict()
+    assert all(torch.equal(v, src[k] + 0.5) for k, v in ema["unet"].state_dict().items())
+    line = _ignored_line(caplog, path)  # the non-EMA UNet is the other choice, not a leftover
+    n = sum(not k.startswith(("first_stage_model.", "cond_stage_model.")) for k in extras)
+    assert line.startswith(f"{path}: ignored {n} tensors") and "model.diffusion_model" not in line
+
+
+def test_v_prediction_mark_is_warned_about(tmp_path, tiny_file, caplog):
+    """ComfyUI's CheckpointSave writes an empty ``v_pred`` tensor for v-prediction models: the file
+    loads, and a warning says the LayerDiff recipe expects epsilon prediction."""
+    sd = comfyui_saved_state_dict(tiny_file[1])
+    sd["v_pred"] = torch.tensor([])
+    path = save_safetensors_atomic(sd, tmp_path / "vpred.safetensors")
+    caplog.set_level(logging.DEBUG, logger="layerdiff.io")
+    load_sd15_single_file(path, components=("unet",), **TINY)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        f"{path} is marked as a v-prediction model (it carries 'v_pred'); LayerDiff's SD 1.5 recipe assumes "
+        "epsilon prediction: fine-tune from an epsilon-prediction SD 1.5 checkpoint instead"
+    ]
+    assert _ignored_line(caplog, path) == f"{path}: ignored 1 tensor SD 1.5 does not use: v_pred"
+
+
+def _comfyui_file(tmp_path, tiny_file, name, edit):
+    sd = comfyui_saved_state_dict(tiny_file[1], "2024-02")
+    edit(sd)
+    return save_safetensors_atomic(sd, tmp_path / name)
+
+
+def test_comfyui_saved_files_that_are_really_wrong_are_still_refused(tmp_path, tiny_file):
+    proj_in = "model.diffusion_model.input_blocks.1.1.proj_in.weight"
+
+    def wrong_shape(sd):
+        sd[proj_in] = torch.zeros(16, 32, 1, 1)
+
+    def missing(sd):
+        del sd["first_stage_model.decoder.conv_out.bias"]
+
+    def extra_clip_layer(sd):
+        sd["cond_stage_model.transformer.text_model.encoder.layers.2.mlp.fc1.weight"] = torch.zeros(64, 32)
+
+    def sdxl(sd):
+        sd["model.diffusion_model.label_emb.0.0.weight"] = torch.zeros(8, 16)
+        sd["conditioner.embedders.1.model.ln_final.weight"] = torch.zeros(32)
+
+    cases = [
+        (wrong_shape, rf"the unet weights do not fit the SD1\.5 unet config \(shape file vs model {proj_in} "
+                      r"\(16, 32, 1, 1\) vs \(32, 32, 1, 1\)\): use an unmodified SD1\.5-architecture checkpoint"),
+        (missing, r"the vae weights do not fit .*missing first_stage_model\.decoder\.conv_out\.bias\): use an"),
+        (extra_clip_layer, r"the text_encoder weights do not fit .*unexpected cond_stage_model\.transformer\.text_model"
+                           r"\.encoder\.layers\.2\.mlp\.fc1\.weight\): use an unmodified"),
+        (sdxl, "looks like an SDXL checkpoint; LayerDiff needs a Stable Diffusion 1.5 checkpoint"),
+    ]  # fmt: skip
+    for edit, words in cases:
+        path = _comfyui_file(tmp_path, tiny_file, f"{edit.__name__}.safetensors", edit)
+        with pytest.raises(CheckpointError, match=words) as caught:
+            load_sd15_single_file(path, **TINY)
+        assert str(caught.value).startswith(str(path)), caught.value
+
+
+# --------------------------------------------------------------------------------------------
 # architecture detection
 
 
@@ -190,6 +327,10 @@ def test_detect_architecture_from_a_header(tmp_path, arch):
 def test_detect_real_layouts(tiny_file):
     header, _ = read_safetensors_header(tiny_file[0])
     assert detect_architecture(header) == "sd15"
+    # the UNet decides, as in ComfyUI: a stray conditioner.* tensor does not make an SD1.5 file SDXL
+    stray = {"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": (768,)}
+    assert detect_architecture({**FABRICATED["sd15"], **stray}) == "sd15"
+    assert detect_architecture({**_unet_keys(context=2048), **stray}) == "sdxl"
     assert detect_architecture(tiny_file[1]["unet"].state_dict()) == "diffusers-unet"
 
 

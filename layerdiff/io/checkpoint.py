@@ -13,12 +13,14 @@ Layout of a LayerDiff file:
 from __future__ import annotations
 
 import logging
+import shlex
 from pathlib import Path
 
 import torch
 
 from layerdiff import __version__
 from layerdiff.config import LayerDiffConfig, get_preset
+from layerdiff.deps import require_model_libraries
 from layerdiff.errors import CheckpointError, LayerDiffError
 from layerdiff.io.files import read_safetensors, read_safetensors_header, save_safetensors_atomic
 from layerdiff.model.bundle import LayerDiffModel
@@ -118,6 +120,31 @@ def save_layerdiff(
 
 
 # ---------------------------------------------------------------------------- loading
+def read_layerdiff_header(path: str | Path) -> LayerDiffConfig:
+    """The config of a LayerDiff file, from its header only; other model files are named and refused.
+
+    An SD 1.5 checkpoint (gigabytes) given where a LayerDiff file belongs fails here, before a tensor is read.
+    """
+    from layerdiff.io.sd15 import ARCHITECTURE_WORDS, detect_architecture
+
+    shapes, metadata = read_safetensors_header(path)
+    if metadata.get("format") == FORMAT and "config" in metadata:
+        return read_config(metadata, path)
+    arch = detect_architecture(shapes)
+    convert = f"python -m layerdiff convert --base {shlex.quote(str(path))} --out layerdiff.safetensors"
+    if arch == "sd15":
+        raise CheckpointError(
+            f"{path} is an SD 1.5 checkpoint, not a LayerDiff file: use it as --base (the base_checkpoint "
+            f"input of Load LayerDiff), or convert it ({convert})"
+        )
+    if arch in ARCHITECTURE_WORDS and arch != "layerdiff":
+        raise CheckpointError(
+            f"{path} looks like {ARCHITECTURE_WORDS[arch]}, not a LayerDiff file: load a LayerDiff checkpoint, "
+            "or build one from an SD 1.5 checkpoint with `python -m layerdiff convert --base FILE --out OUT`"
+        )
+    return read_config(metadata, path)
+
+
 def read_config(metadata: dict[str, str], path) -> LayerDiffConfig:
     if metadata.get("format") != FORMAT or "config" not in metadata:
         raise CheckpointError(
@@ -203,8 +230,8 @@ def load_layerdiff(
     """Load a LayerDiff file; the VAE/text encoder come from the file or from ``base``
     (an SD 1.5 single-file checkpoint or a diffusers folder) when the file has none."""
     path = Path(path)
-    tensors, metadata = read_safetensors(path)
-    config = read_config(metadata, path)
+    config = read_layerdiff_header(path)
+    tensors, _ = read_safetensors(path)
     tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     unet = LayerDiffUNet.from_config(config, device="meta")
     _load_into(unet, {k: v for k, v in tensors.items() if k.split(".", 1)[0] in CORE}, "UNet", path)
@@ -296,10 +323,23 @@ def load_model(
 ) -> LayerDiffModel:
     """A built-in model by name (``layerdiff-toy``, ``tiny``, ``toy-random``) or a LayerDiff file."""
     name = str(name_or_path or DEFAULT_MODEL)
-    if name in RANDOM_PRESETS:
+    path = model_file(name)
+    require_model_libraries()  # one line naming the fix when diffusers/transformers cannot be imported
+    if path is None:
         model = build_random_model(get_preset(RANDOM_PRESETS[name]), seed=0, tokenizer_dirs=tokenizer_dirs)
         model.source = name
         return model.to(device=device, dtype=dtype)
+    model = load_layerdiff(path, base=base, device=device, dtype=dtype, tokenizer_dirs=tokenizer_dirs)
+    if name in BUILTIN_FILES:
+        model.source = name
+    return model
+
+
+def model_file(name_or_path: str | Path | None) -> Path | None:
+    """The file behind a model name or path (None for the random presets); unknown names are refused."""
+    name = str(name_or_path or DEFAULT_MODEL)
+    if name in RANDOM_PRESETS:
+        return None
     if name in BUILTIN_FILES:
         file = WEIGHTS_DIR / BUILTIN_FILES[name]
         if not file.is_file():
@@ -307,16 +347,21 @@ def load_model(
                 f"built-in model {name!r} is not installed ({file} is missing): reinstall the package, "
                 f"or use one of {builtin_names()} or a LayerDiff .safetensors file"
             )
-        model = load_layerdiff(file, base=base, device=device, dtype=dtype, tokenizer_dirs=tokenizer_dirs)
-        model.source = name
-        return model
+        return file
     path = Path(name).expanduser()
     if not path.exists() and path.suffix == "" and "/" not in name and "\\" not in name:
         raise CheckpointError(
             f"unknown model {name!r}: use a built-in name ({', '.join(builtin_names())}) or a path to a "
             "LayerDiff .safetensors file"
         )
-    return load_layerdiff(path, base=base, device=device, dtype=dtype, tokenizer_dirs=tokenizer_dirs)
+    return path
+
+
+def check_model(name_or_path: str | Path | None) -> None:
+    """Refuse an unknown name, a missing file or a file that is not a LayerDiff model, from headers only."""
+    path = model_file(name_or_path)
+    if path is not None:
+        read_layerdiff_header(path)
 
 
 def describe_file(path: str | Path) -> dict:

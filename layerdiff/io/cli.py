@@ -36,6 +36,11 @@ def run_info(args) -> int:
             f"; LayerDiff config {c['name']!r}: max_layers {c['max_layers']}, image size {c['image_size']}, "
             f"components {c['components']}"
         )
+    elif info["architecture"] == "sd15":
+        line += (
+            "; an SD 1.5 checkpoint: use it as --base, or build a LayerDiff from it with "
+            "python -m layerdiff convert --base FILE --out OUT.safetensors"
+        )
     print(line)
     return 0
 

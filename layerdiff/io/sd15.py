@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from layerdiff.deps import require_model_libraries
 from layerdiff.errors import CheckpointError, LayerDiffError
 from layerdiff.io import _diffusers_compat as compat
 from layerdiff.io.files import PICKLE_SUFFIXES, read_safetensors, read_safetensors_header
@@ -36,7 +37,8 @@ _COMPONENT_WORDS = {
     "vae": "VAE (first_stage_model.*)",
     "text_encoder": "CLIP text encoder (cond_stage_model.transformer.*)",
 }
-_ARCH_WORDS = {
+ARCHITECTURE_WORDS = {
+    "sd15": "an SD 1.5 checkpoint",
     "sd15-inpainting": "an SD1.5 inpainting checkpoint (9 UNet input channels)",
     "sd2": "a Stable Diffusion 2.x checkpoint",
     "sdxl": "an SDXL checkpoint",
@@ -45,9 +47,17 @@ _ARCH_WORDS = {
     "layerdiff": "a LayerDiff checkpoint",
     "diffusers-unet": "a diffusers UNet weights file",
 }
-# Tensors a single file may carry that no model parameter corresponds to: CLIP's position_ids
-# (regenerated; some merges store them as broken floats) and LDM's autoencoder training loss.
-_IGNORED = re.compile(r"(^|\.)position_ids$|^first_stage_model\.loss\.")
+# Tensors inside a component's prefix that no SD1.5 parameter corresponds to: CLIP's position_ids
+# (regenerated; older transformers saved them, some merges as broken floats), CLIP's text projection
+# (ComfyUI's CheckpointSave wrote it between Feb and Mar 2024; SD1.5 uses the hidden states, not
+# the projected pooled output) and LDM's autoencoder training loss (LPIPS, discriminator).
+# Everything outside the component prefixes (model_ema.*, scheduler buffers such as alphas_cumprod,
+# cond_stage_model.logit_scale, conditioner.*, v_pred) is never read.
+_UNUSED_IN_COMPONENT = re.compile(
+    r"(^|\.)position_ids$"
+    r"|^cond_stage_model\.transformer\.text_projection(\.weight)?$"
+    r"|^first_stage_model\.loss\."
+)
 
 
 def load_sd15_configs() -> dict[str, dict]:
@@ -78,6 +88,25 @@ def _as_shapes(shapes: Mapping) -> dict[str, tuple[int, ...]]:
     return out
 
 
+def _cross_attention_dims(shapes: dict[str, tuple[int, ...]]) -> list[int]:
+    return [
+        s[1]
+        for k, s in shapes.items()
+        if k.startswith(compat.UNET_PREFIX) and k.endswith("attn2.to_k.weight") and len(s) == 2
+    ]
+
+
+def _sd15_unet(shapes: dict[str, tuple[int, ...]]) -> bool:
+    """An LDM UNet with SD1.5's 4 input channels and cross-attention not as wide as SD2's or SDXL's
+    (768 in real files; reduced-width test files pass too)."""
+    conv_in = shapes.get(compat.UNET_PREFIX + "input_blocks.0.0.weight")
+    context = _cross_attention_dims(shapes)
+    return (
+        conv_in is not None and len(conv_in) == 4 and conv_in[1] == 4 and bool(context)
+        and context[0] not in (1024, 2048)
+    )  # fmt: skip
+
+
 def detect_architecture(shapes: Mapping[str, tuple]) -> str:
     """One of ``ARCHITECTURES``, from tensor names and shapes only (so it runs on a header)."""
     shapes = _as_shapes(shapes)
@@ -88,7 +117,8 @@ def detect_architecture(shapes: Mapping[str, tuple]) -> str:
 
     if has("unet.") and has("prompt_enhancer."):
         return "layerdiff"
-    if has("conditioner.embedders.") or has(compat.UNET_PREFIX + "label_emb."):
+    # The UNet decides, as in ComfyUI's loader: some SD1.5 merges carry leftover conditioner.* tensors.
+    if has(compat.UNET_PREFIX + "label_emb.") or (has("conditioner.embedders.") and not _sd15_unet(shapes)):
         return "sdxl"
     if has("joint_blocks.", compat.UNET_PREFIX + "joint_blocks.", "text_encoders.clip_g."):
         return "sd3"
@@ -98,11 +128,7 @@ def detect_architecture(shapes: Mapping[str, tuple]) -> str:
     if conv_in is not None:
         if has("cond_stage_model.model."):  # OpenCLIP ViT-H text encoder
             return "sd2"
-        context = [
-            s[1]
-            for k, s in shapes.items()
-            if k.startswith(compat.UNET_PREFIX) and k.endswith("attn2.to_k.weight")
-        ]
+        context = _cross_attention_dims(shapes)
         if context and context[0] == 1024:
             return "sd2"
         if len(conv_in) == 4 and conv_in[1] == 9:
@@ -131,8 +157,8 @@ def _wrong_architecture(path: Path, arch: str, keys: list[str]) -> CheckpointErr
             f"{path} looks like a diffusers UNet weights file; {need}: pass the whole diffusers folder "
             "(unet/, vae/, text_encoder/) to load_diffusers_dir or use an original-layout single file"
         )
-    if arch in _ARCH_WORDS:
-        return CheckpointError(f"{path} looks like {_ARCH_WORDS[arch]}; {need}")
+    if arch in ARCHITECTURE_WORDS:
+        return CheckpointError(f"{path} looks like {ARCHITECTURE_WORDS[arch]}; {need}")
     return CheckpointError(
         f"{path} is not a recognised Stable Diffusion checkpoint (first tensors: {', '.join(sorted(keys)[:3])}); {need}"
     )
@@ -152,14 +178,29 @@ def _check_components(components: Iterable[str]) -> tuple[str, ...]:
     return components
 
 
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Parameters created inside go to the meta device (no memory, no random init); buffers stay real.
+    accelerate's ``init_empty_weights(include_buffers=False)`` does the same; accelerate is a training
+    extra, so generating cannot rely on it."""
+    register = torch.nn.Module.register_parameter
+
+    def register_on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None:
+            old = module._parameters[name]
+            module._parameters[name] = type(old)(old.to("meta"), requires_grad=old.requires_grad)
+
+    torch.nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
 def _empty_model(component: str, config: Mapping) -> torch.nn.Module:
     """The module with parameters on the meta device (no memory, no init), buffers real."""
-    try:
-        from accelerate import init_empty_weights
-
-        ctx = init_empty_weights(include_buffers=False)
-    except ImportError:  # pragma: no cover - accelerate is a declared dependency; this is only slower
-        ctx = contextlib.nullcontext()
+    ctx = _parameters_on_meta()
     with ctx:
         if component == "unet":
             from diffusers import UNet2DConditionModel
@@ -195,7 +236,9 @@ def _plan(path: Path, component: str, model: torch.nn.Module, config: Mapping, s
     prefix = _COMPONENT_PREFIX[component]
     used = set(names.values())
     missing = [v for v in names.values() if v not in shapes]
-    unexpected = [k for k in shapes if k.startswith(prefix) and k not in used and not _IGNORED.search(k)]
+    unexpected = [
+        k for k in shapes if k.startswith(prefix) and k not in used and not _UNUSED_IN_COMPONENT.search(k)
+    ]
     wrong = [
         f"{names[k]} {shapes[names[k]]} vs {shape}"
         for k, shape in expected.items()
@@ -220,6 +263,29 @@ def _plan(path: Path, component: str, model: torch.nn.Module, config: Mapping, s
         if any(k.startswith(compat.EMA_PREFIX) for k in shapes):
             logger.warning("%s: EMA weights incomplete, using the non-EMA UNet weights", path)
     return names
+
+
+def _unused_tensors(shapes: Mapping[str, tuple], plans: Mapping[str, dict[str, str]]) -> list[str]:
+    """Tensors of the file that none of the loaded SD1.5 modules takes (requested components only)."""
+    used = {name for plan in plans.values() for name in plan.values()}
+    others = tuple(_COMPONENT_PREFIX[c] for c in COMPONENTS if c not in plans)
+    if "unet" not in plans:
+        others += (compat.EMA_PREFIX,)
+    elif any(name.startswith(compat.EMA_PREFIX) for name in plans["unet"].values()):
+        others += (compat.UNET_PREFIX,)  # the non-EMA UNet: the other choice, not a leftover
+    return sorted(k for k in shapes if k not in used and not k.startswith(others))
+
+
+def _examples(names: list[str], n: int = 5) -> str:
+    """A few names from different groups (model_ema.*, cond_stage_model.*, top-level buffers...)."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(name.split(".", 1)[0] if "." in name else "", []).append(name)
+    picked: list[str] = []
+    for i in range(n):
+        picked += [g[i] for g in groups.values() if i < len(g)]
+    picked = picked[:n]
+    return ", ".join(picked) + (f" (+{len(names) - len(picked)} more)" if len(names) > len(picked) else "")
 
 
 def _load_into(path: Path, component: str, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -251,6 +317,7 @@ def load_sd15_single_file(
     ``v1-5-pruned.safetensors`` does; the emaonly files already hold EMA weights under ``model.*``).
     """
     components = _check_components(components)
+    require_model_libraries()
     header, _ = read_safetensors_header(path)
     p = Path(path).expanduser()
     shapes = {k: shape for k, (_, shape) in header.items()}
@@ -272,6 +339,15 @@ def load_sd15_single_file(
         models[c] = _empty_model(c, config)
         plans[c] = _plan(p, c, models[c], config, shapes, use_ema)
 
+    unused = _unused_tensors(shapes, plans)
+    if unused:
+        many = "tensors" if len(unused) > 1 else "tensor"
+        logger.debug("%s: ignored %d %s SD 1.5 does not use: %s", p, len(unused), many, _examples(unused))
+    if "unet" in components and "v_pred" in shapes:  # ComfyUI's CheckpointSave marks v-prediction models so
+        logger.warning(
+            "%s is marked as a v-prediction model (it carries 'v_pred'); LayerDiff's SD 1.5 recipe assumes "
+            "epsilon prediction: fine-tune from an epsilon-prediction SD 1.5 checkpoint instead", p
+        )  # fmt: skip
     wanted = sorted({name for plan in plans.values() for name in plan.values()})
     tensors, _ = read_safetensors(p, keys=wanted)
     for c in components:
@@ -338,6 +414,7 @@ def load_diffusers_dir(
 ) -> dict[str, torch.nn.Module]:
     """The same modules from a local diffusers folder (unet/, vae/, text_encoder/), safetensors only."""
     components = _check_components(components)
+    require_model_libraries()
     root = Path(path).expanduser()
     if root.is_file():
         raise CheckpointError(
