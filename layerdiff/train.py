@@ -489,8 +489,14 @@ def train(
     Resumes from ``out/checkpoints/latest`` if present. ``stop_after`` ends the run after that
     many steps of this invocation (tests of resume).
     """
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    try:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+    except ImportError as exc:
+        raise LayerDiffError(
+            f"training needs accelerate ({exc}): pip install -r requirements-train.txt "
+            "(or pip install 'accelerate>=0.27.0'); generating does not need it"
+        ) from None
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
