@@ -7,7 +7,7 @@ downloads, no model scans, no patching of ComfyUI.
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}
-WEB_DIRECTORY = None
+WEB_DIRECTORY = "./web"
 
 if __package__:  # imported as a package (ComfyUI's custom_nodes loader); pytest imports it bare
     try:

@@ -84,8 +84,12 @@ class LayerDiffLoadPSD:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "psd": (_host.input_files(_host.PSD_EXTENSIONS), {"image_upload": True, "tooltip": (
-                "A .psd/.psb file in ComfyUI's input folder.")}),
+            # Not "image_upload": the frontend's image button offers only PNG/JPEG/WebP and drops files whose
+            # MIME type is not image/* (a .psd often has none); web/psd_upload.js adds a PSD button instead.
+            "psd": (_host.input_files(_host.PSD_EXTENSIONS), {
+                "layerdiff_upload": ",".join(_host.PSD_EXTENSIONS),
+                "tooltip": ("A .psd/.psb file in ComfyUI's input folder: upload one with the button below (or drop it "
+                            "on the node), or copy it there and refresh (R).")}),
         }}
 
     @classmethod
