@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from layerdiff.config import trained_words
 from layerdiff.errors import LayerDiffError
 from layerdiff.model.bundle import LayerDiffModel
+from layerdiff.model.text import unknown_words
 from layerdiff.sampling import Callback, LayerConditioning, Lock, sample
 from layerdiff.stack import LayerStack
 
@@ -75,19 +77,64 @@ def check_size(width: int, height: int, multiple: int = 8) -> None:
             raise LayerDiffError(f"{name} {v} is not a multiple of {multiple}: use {nearest}")
 
 
+VOCABULARY_HINT = "the built-in model's words: README 'Built-in model vocabulary'"
+
+
+def _labelled_prompts(sets: list[LayerPrompts]) -> list[tuple[str, str]]:
+    """(label, text) of every prompt of the sets: global, background, layer 1.., negative."""
+    out = []
+    for b, p in enumerate(sets):
+        head = f"image {b} " if len(sets) > 1 else ""
+        out.append((f"{head}global prompt", p.global_prompt))
+        out += [(f"{head}{'background' if i == 0 else f'layer {i}'} prompt", t) for i, t in enumerate(p.layers)]
+        out.append((f"{head}negative prompt", p.negative))
+    return out
+
+
+def _quote(text: str, limit: int = 60) -> str:
+    flat = " ".join(text.split())  # one line, even from a multiline widget
+    return f'"{flat if len(flat) <= limit else flat[:limit - 3] + "..."}"'
+
+
+def unknown_words_warning(model: LayerDiffModel, prompts: LayerPrompts | list[LayerPrompts]) -> str:
+    """One line naming the prompt words the model's tokenizer reads as its unknown token, and
+    where they are; "" when there are none (always, for SD 1.5's CLIP tokenizer)."""
+    sets = [prompts] if isinstance(prompts, LayerPrompts) else list(prompts)
+    config = getattr(model, "config", None)
+    trained = trained_words(config) if config is not None else None
+    groups: dict[tuple[str, ...], list[tuple[str, str]]] = {}  # unknown words -> prompts holding them
+    for label, text in _labelled_prompts(sets):
+        words = tuple(unknown_words(model.tokenizer, text, trained))
+        if words and (label, text) not in groups.get(words, []):
+            groups.setdefault(words, []).append((label, text))
+    if not groups:
+        return ""
+    parts = []
+    for words, where in groups.items():
+        shown = ", ".join(w if w.replace("'", "").replace("-", "").isalnum() else repr(w) for w in words)
+        place = f"{where[0][0]} {_quote(where[0][1])}" if len(where) == 1 else ", ".join(label for label, _ in where)
+        parts.append(f"{shown} ({place})")
+    return (f"words the model does not know (not in its training prompts; they steer nothing): {'; '.join(parts)}; "
+            f"{VOCABULARY_HINT}")
+
+
 @torch.no_grad()
 def encode_prompts(model: LayerDiffModel, prompts: LayerPrompts | list[LayerPrompts]) -> LayerConditioning:
     """Prompts of B images -> conditioning with enhanced layer tokens (B, L, T, D).
 
     Several prompt sets may have different layer counts: they are padded to the largest with
     empty slots (valid = False). The unconditional side uses the negative prompt (or "") for the
-    global prompt and for every layer, as in training's prompt dropout.
+    global prompt and for every layer, as in training's prompt dropout. Words the tokenizer does not
+    know are logged as one warning (:func:`unknown_words_warning`).
     """
     sets = [prompts] if isinstance(prompts, LayerPrompts) else list(prompts)
     if not sets:
         raise LayerDiffError("no prompts given")
     for p in sets:
         check_prompts(p, model.max_layers)
+    warning = unknown_words_warning(model, sets)
+    if warning:
+        logger.warning(warning, extra={"layerdiff_unknown_words": warning})
     B, L = len(sets), max(len(p.layers) for p in sets)
     layer_texts = [list(p.layers) + [""] * (L - len(p.layers)) for p in sets]
     valid = torch.tensor([[i < len(p.layers) for i in range(L)] for p in sets], device=model.device)

@@ -12,6 +12,7 @@ from layerdiff.edit import (
 )
 
 from . import _host, _widgets, convert
+from .prompting import unknown_word_notes, with_notes
 from .sampling import prepare, progress
 
 MODEL = ("LAYERDIFF_MODEL", {"tooltip": "The LayerDiff model (Load LayerDiff)."})
@@ -26,8 +27,9 @@ def _settings(steps, cfg, scheduler, negative_prompt="") -> SamplerSettings:
 def _run(model, layers, steps, function, *args, **kwargs):
     layers = convert.require_stack(layers)
     prepare(model, layers.batch_size, layers.num_layers, layers.height, layers.width)
-    out = function(model, layers, *args, callback=progress(model, steps), **kwargs)
-    return (out.to(_host.intermediate_device()),)
+    with unknown_word_notes() as notes:  # prompt words the model does not know: the log and the node's text
+        out = function(model, layers, *args, callback=progress(model, steps), **kwargs)
+    return with_notes((out.to(_host.intermediate_device()),), notes)
 
 
 class LayerDiffLayerEdit:
@@ -125,7 +127,8 @@ class LayerDiffLayerStyle:
                 "model": MODEL,
                 "layers": LAYERS_IN,
                 "style": ("STRING", {"multiline": False, "default": "watercolor style", "tooltip": (
-                    "Style phrase added to the chosen layers' prompts. Empty: a plain re-noise (variation).")}),
+                    "Style phrase added to the chosen layers' prompts. Empty: a plain re-noise (variation). The "
+                    "built-in model was trained on no style words: with it every phrase gives a variation.")}),
                 "strength": ("FLOAT", {"default": EDIT_DEFAULTS.style_strength, "min": 0.0, "max": 1.0, "step": 0.01,
                                        "tooltip": "How much changes: 0 nothing, 1 the whole image regenerated."}),
                 "layers_to_style": ("STRING", {"default": "all", "tooltip": (
@@ -196,6 +199,7 @@ class LayerDiffTransformLayer:
         if harmonize > 0 and model is not None:
             prepare(model, layers.batch_size, layers.num_layers, layers.height, layers.width)
             callback = progress(model, model.config.sampling.steps)
-        out = transform_layer(layers, layer_index, dx=dx, dy=dy, scale=scale, move_to=move_to or None, remove=remove,
-                              model=model, harmonize=harmonize, seed=seed, callback=callback)
-        return (out.to(_host.intermediate_device()),)
+        with unknown_word_notes() as notes:
+            out = transform_layer(layers, layer_index, dx=dx, dy=dy, scale=scale, move_to=move_to or None,
+                                  remove=remove, model=model, harmonize=harmonize, seed=seed, callback=callback)
+        return with_notes((out.to(_host.intermediate_device()),), notes)

@@ -2,10 +2,45 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from layerdiff.errors import LayerDiffError
 from layerdiff.pipeline import LayerPrompts, describe_scene, encode_prompts
 
 from . import _host, convert
+
+
+class _UnknownWordNotes(logging.Handler):
+    """Keeps the library's unknown-word warnings (encode_prompts tags them); they still reach the log."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.notes: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        note = getattr(record, "layerdiff_unknown_words", None)
+        if note and note not in self.notes:
+            self.notes.append(note)
+
+
+@contextmanager
+def unknown_word_notes() -> Iterator[list[str]]:
+    """The unknown-word warnings logged while the block runs (ComfyUI's log shows them as well)."""
+    handler = _UnknownWordNotes()
+    logger = logging.getLogger("layerdiff")
+    logger.addHandler(handler)
+    try:
+        yield handler.notes
+    finally:
+        logger.removeHandler(handler)
+
+
+def with_notes(result: tuple, notes: list[str]):
+    """A node's return value: the outputs, and with notes ComfyUI's ``ui`` form, whose ``text`` goes
+    to the browser with the node's results (the outputs, sockets and order, stay the same)."""
+    return {"ui": {"text": list(notes)}, "result": result} if notes else result
 
 
 class LayerDiffLayerPrompt:
@@ -57,7 +92,8 @@ class LayerDiffPromptEnhancer:
     DESCRIPTION = (
         "Encodes the global prompt and every layer prompt with the model's text encoder and runs the "
         "layer-specific prompt enhancer (each layer prompt attends to the global prompt). Checks the layer "
-        "count against the model."
+        "count against the model, and names the prompt words the model does not know in ComfyUI's log and in "
+        "this node's 'text' result: the built-in model knows only its toy world's words."
     )
     CATEGORY = "LayerDiff/conditioning"
     RETURN_TYPES = ("LAYERDIFF_CONDITIONING",)
@@ -85,5 +121,6 @@ class LayerDiffPromptEnhancer:
         scene = global_prompt.strip() or prompts.global_prompt.strip() or describe_scene(prompts.layers)
         negative = negative_prompt.strip() or prompts.negative
         full = LayerPrompts(scene, prompts.layers, negative, prompts.names)
-        cond = encode_prompts(model, full)
-        return (convert.conditioning_to(cond, _host.intermediate_device()),)
+        with unknown_word_notes() as notes:
+            cond = encode_prompts(model, full)
+        return with_notes((convert.conditioning_to(cond, _host.intermediate_device()),), notes)

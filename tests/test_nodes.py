@@ -154,7 +154,9 @@ def test_layer_prompt_chain(chain, model):
     prompts, indices = chain
     assert isinstance(prompts, LayerPrompts) and prompts.layers == ("a brick wall", "a red star", "a blue circle")
     assert indices == (0, 1, 2)
-    (cond,) = node("LayerDiffPromptEnhancer").encode(model, prompts, "", "blurry")
+    out = node("LayerDiffPromptEnhancer").encode(model, prompts, "", "blurry")
+    (cond,) = out["result"]  # "blurry" is no word of the tiny model: the node's output text says so
+    assert "blurry" in out["ui"]["text"][0]
     assert cond.global_prompts == ("a red star and a blue circle in front of a brick wall",)
     assert cond.negative_prompt == "blurry" and cond.global_tokens.device.type == "cpu"
     (cond,) = node("LayerDiffPromptEnhancer").encode(model, prompts, "a star on a wall", "")
@@ -195,9 +197,11 @@ def test_edit_nodes_keep_other_layers(model, layers):
                                                            "image and mask", **FAST)
     assert torch.equal(inpainted.images[:, 0, 16:], layers.images[:, 0, 16:])
     assert torch.equal(inpainted.images[:, 1:], layers.images[:, 1:])
-    (styled,) = node("LayerDiffLayerStyle").style(model, layers, "watercolor style", 0.5, "2", 5, **FAST)
+    out = node("LayerDiffLayerStyle").style(model, layers, "watercolor style", 0.5, "2", 5, **FAST)
+    (styled,) = out["result"]  # the toy world has no style words: the node also returns the warning as text
+    assert "watercolor" in out["ui"]["text"][0]
     assert torch.equal(styled.masks, layers.masks) and torch.equal(styled.images[:, :2], layers.images[:, :2])
-    assert node("LayerDiffLayerStyle").style(model, layers, "x", 0.0, "all", 5, **FAST)[0] is layers
+    assert node("LayerDiffLayerStyle").style(model, layers, "x", 0.0, "all", 5, **FAST)[0] is layers  # strength 0: nothing encoded
     assert unchanged(layers, snap)
 
 
