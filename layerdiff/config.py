@@ -47,6 +47,24 @@ TOY_WORDS = (
     "style painting watercolor watercolour pixel art cartoon sketch neon pastel dark bright "
     "vivid muted flat glossy photo ,"
 ).split()
+# Words of TOY_WORDS that no toy-world prompt uses: the tokenizer gives them ids, but a model trained on
+# the toy world never saw them, so they steer nothing (a test checks this against the toy generator).
+TOY_UNTRAINED_WORDS = frozenset(
+    "an with behind center middle big tiny grass sand snow style painting watercolor watercolour pixel art "
+    "cartoon sketch neon pastel dark bright vivid muted flat glossy photo".split()
+)
+
+
+def trained_words(config: LayerDiffConfig) -> frozenset[str] | None:
+    """The words a word-level model was trained on (lower case), or None when every token carries meaning
+    (CLIP BPE). A words tokenizer may list them as ``"trained_words"``; without that list it is the toy
+    world's tokenizer, trained on TOY_WORDS less TOY_UNTRAINED_WORDS."""
+    tok = config.tokenizer or {}
+    if tok.get("type") != "words":
+        return None
+    if "trained_words" in tok:
+        return frozenset(str(w).lower() for w in tok["trained_words"])
+    return frozenset(w.lower() for w in tok.get("words", ())) - TOY_UNTRAINED_WORDS
 
 
 @dataclass(frozen=True)
