@@ -14,6 +14,7 @@ import inspect
 import json
 import re
 import sys
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -35,11 +36,13 @@ SNAPSHOT = json.loads((REPO / "tests" / "data" / "comfyui_core_nodes.json").read
 CORE = SNAPSHOT["nodes"]
 OURS = {name: wf.definition_from_class(cls) for name, cls in nodes.NODE_CLASS_MAPPINGS.items()}
 FILES = wf.workflow_files(FOLDER)
-EXPECTED = {
-    "text_to_2_layers", "text_to_3_layers", "text_to_4_layers", "edit_one_layer", "inpaint_layer",
-    "restyle_layers", "move_reorder_layers", "layers_from_images", "layers_from_generated_images",
-    "cfg_vs_self_mask_guidance",
-}
+# The template browser shows a custom-node template under its file name: readable titles, numbered in
+# the order a new user should open them (the browser and file listings sort by name).
+EXPECTED = [
+    "01 Text to 2 layers", "02 Text to 3 layers", "03 Text to 4 layers", "04 CFG vs self-mask guidance",
+    "05 Edit one layer", "06 Inpaint part of a layer", "07 Restyle layers", "08 Move and reorder layers",
+    "09 Layers from your images", "10 Layers from generated images",
+]
 TOY = get_preset("toy")
 TOY_INSTALLED = "layerdiff-toy" in builtin_names()
 
@@ -151,7 +154,7 @@ def socket_problems(node: dict, definition: dict, where: str) -> list[str]:
 
 # ---------------------------------------------------------------------------- tests
 def test_the_expected_workflows_are_shipped_where_comfyui_finds_them():
-    assert {p.stem for p in FILES} == EXPECTED
+    assert [p.stem for p in FILES] == EXPECTED  # sorted by name = the intended order
     # one folder only: ComfyUI >= 0.3.30 also reads workflows/ and would list every template twice
     assert not [p for p in REPO.glob("workflows/*.json")]
     assert not [p for p in FOLDER.glob("*/*.json")]  # only the top level is listed
@@ -177,6 +180,23 @@ def test_file_is_an_editor_saved_workflow_with_a_note_and_a_thumbnail(path):
     assert thumb.is_file(), f"no thumbnail {thumb.name}: run tools/make_workflow_thumbnails.py"
     with Image.open(thumb) as im:
         assert im.format == "JPEG" and im.width == im.height >= 256
+
+
+def test_titles_are_readable_and_numbered_in_order():
+    for number, title in enumerate(EXPECTED, 1):
+        assert re.fullmatch(rf"{number:02d} [A-Z][A-Za-z0-9 .,'()-]+", title), title
+        assert "_" not in title and "  " not in title and len(title) <= 40, title
+    assert len({wf.output_folder(t) for t in EXPECTED}) == len(EXPECTED)  # distinct output folders
+
+
+@pytest.mark.parametrize("path", FILES, ids=ids)
+def test_our_nodes_name_the_pack_that_provides_them(path):
+    """properties.cnr_id / ver: how the frontend and ComfyUI-Manager name the pack of a missing node."""
+    cnr_id, version = wf.pack_identity(REPO)
+    ours = [n for n in wf.load(path)["nodes"] if n["type"] in OURS]
+    assert ours
+    for node in ours:
+        assert node["properties"].get("cnr_id") == cnr_id and node["properties"].get("ver") == version, node["type"]
 
 
 @pytest.mark.parametrize("path", FILES, ids=ids)
@@ -210,7 +230,7 @@ def test_runs_on_the_builtin_toy_model_at_its_size_with_its_vocabulary(path):
                     [w for w in words if w not in TOY.tokenizer["words"]])
                 assert len(ids_) <= TOY.tokenizer["max_length"], f"{text!r} is longer than the toy model reads"
         if "filename_prefix" in inputs:
-            assert inputs["filename_prefix"].startswith(f"LayerDiff/{path.stem}/")
+            assert inputs["filename_prefix"].startswith(f"LayerDiff/{wf.output_folder(path.stem)}/")
         assert not any("." in name for name in inputs)  # companion values (control_after_generate) are not inputs
     controls = [v for n in workflow["nodes"] if n["type"] in definitions()
                 for s, v in zip(wf.widget_slots(definitions()[n["type"]]), n.get("widgets_values") or [])
@@ -235,7 +255,8 @@ def test_snapshot_covers_the_core_nodes_used_and_nothing_is_unknown():
 def test_readme_lists_every_workflow():
     text = (FOLDER / "README.md").read_text()
     for path in FILES:
-        assert f"{path.stem}.json" in text and f"{path.stem}.jpg" in text
+        link = urllib.parse.quote(path.stem)  # titles have spaces: the links are URL-encoded
+        assert f"`{path.stem}.json`" in text and f"{link}.json)" in text and f"{link}.jpg" in text
 
 
 # ---------------------------------------------------------------------------- the checks bite
@@ -254,7 +275,7 @@ def _mutated(node_type: str, change) -> dict:
     (lambda d: d.update(output=["IMAGE"]), "outputs"),
 ])
 def test_a_node_change_that_breaks_a_shipped_workflow_is_caught(change, expect):
-    workflow = wf.load(FOLDER / "text_to_3_layers.json")
+    workflow = wf.load(FOLDER / "02 Text to 3 layers.json")
     found = problems(workflow, definitions(_mutated("LayerDiffKSampler", change)))
     assert found and any(expect in p for p in found), found
 
@@ -264,7 +285,7 @@ def test_a_renamed_input_or_a_bad_link_is_caught():
         d["input"]["required"]["layer_prompts"] = d["input"]["required"].pop("prompts")
         d["input_order"]["required"][d["input_order"]["required"].index("prompts")] = "layer_prompts"
 
-    workflow = wf.load(FOLDER / "text_to_3_layers.json")
+    workflow = wf.load(FOLDER / "02 Text to 3 layers.json")
     found = problems(workflow, definitions(_mutated("LayerDiffPromptEnhancer", rename)))
     assert any("'prompts' is not an input" in p for p in found) and any("layer_prompts" in p for p in found)
     broken = copy.deepcopy(workflow)

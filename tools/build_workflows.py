@@ -14,7 +14,7 @@ Needs a ComfyUI with this pack running and the browser tools of comfy_host.sh:
 
     /work/shared/tools/comfy_host.sh setup --browser
     /work/shared/tools/comfy_host.sh start . 8231
-    python tools/build_workflows.py --port 8231            # all, or: --only edit_one_layer
+    python tools/build_workflows.py --port 8231            # all, or: --only "05 Edit one layer"
     python tools/make_workflow_thumbnails.py --port 8231   # then the thumbnails from real runs
 
 A workflow edited and saved in the editor may simply be copied over its file instead: CI
@@ -126,7 +126,7 @@ def generate(r: Recipe, model: Node, prompts: list[Node], global_prompt: str, se
 
 def save_layers(r: Recipe, layers: Node, col: int, what: str = "", group="Output", composite=True) -> None:
     """Composite -> Save Image; every layer as a transparent PNG; the PSD."""
-    prefix = f"LayerDiff/{r.name}/{what}"
+    prefix = f"LayerDiff/{wf.output_folder(r.name)}/{what}"
     if composite:
         comp = r.node("LayerDiffCompositeLayers", col, group=group, layers=layers.out())
         r.node("SaveImage", col, title="Save composite", size=(260, 300), group=group, images=comp.out(),
@@ -145,7 +145,7 @@ def before_after(r: Recipe, before: Node, after: Node, col: int, title: str, gro
     stitch = r.node("ImageStitch", col, group=group, image1=a.out(), direction="right", match_image_size=True,
                     spacing_width=4, spacing_color="white", image2=b.out())
     r.node("SaveImage", col + 1, title=title, size=(300, 220), group=group, images=stitch.out(),
-           filename_prefix=f"LayerDiff/{r.name}/before_after")
+           filename_prefix=f"LayerDiff/{wf.output_folder(r.name)}/before_after")
     return stitch
 
 
@@ -167,7 +167,7 @@ def text_to_layers(name: str, prompts: list[str], global_prompt: str, seed: int)
 
 
 def edit_one_layer() -> Recipe:
-    r = Recipe("edit_one_layer", "Edit one layer: the red star (layer 1) is regenerated as a green heart with a new "
+    r = Recipe("05 Edit one layer", "Edit one layer: the red star (layer 1) is regenerated as a green heart with a new "
                "seed; the brick wall and the blue circle are locked and come back bit-identical.",
                [0, 380, 720, 1080, 1440, 1780])
     model = loader(r)
@@ -183,7 +183,7 @@ def edit_one_layer() -> Recipe:
 
 
 def inpaint_layer() -> Recipe:
-    r = Recipe("inpaint_layer", "Inpaint a region of one layer: the left half of the background (layer 0) is "
+    r = Recipe("06 Inpaint part of a layer", "Inpaint a region of one layer: the left half of the background (layer 0) is "
                "redrawn as a snowy field; outside the region and on every other layer nothing changes.",
                [0, 380, 720, 1080, 1440, 1780])
     model = loader(r)
@@ -204,8 +204,9 @@ def inpaint_layer() -> Recipe:
 
 
 def restyle_layers() -> Recipe:
-    r = Recipe("restyle_layers", "Restyle: the same scene restyled on the background only (layers_to_style '0') "
-               "and on every layer ('all'); masks and layout are kept. Left to right: original, background, all.",
+    r = Recipe("07 Restyle layers", "Restyle the background only (layers_to_style '0') and every layer ('all'), masks "
+               "kept. The built-in model knows no style words: with it this makes a variation; 'watercolor style' "
+               "needs an SD 1.5 model. Left to right: original, background, all.",
                [0, 380, 720, 1080, 1440, 1780])
     model = loader(r)
     chain = prompt_chain(r, SCENE_3[0])
@@ -226,16 +227,16 @@ def restyle_layers() -> Recipe:
     s2 = r.node("ImageStitch", 4, group="Output", image1=s1.out(), direction="right", match_image_size=True,
                 spacing_width=4, spacing_color="white", image2=c2.out())
     r.node("SaveImage", 5, title="Save original | background | all", size=(360, 200), group="Output",
-           images=s2.out(), filename_prefix=f"LayerDiff/{r.name}/original_background_all")
+           images=s2.out(), filename_prefix=f"LayerDiff/{wf.output_folder(r.name)}/original_background_all")
     r.node("LayerDiffSavePSD", 5, title="Save PSD (background restyled)", size=(300, 280), group="Output",
-           layers=bg.out(), filename_prefix=f"LayerDiff/{r.name}/background_restyled")
+           layers=bg.out(), filename_prefix=f"LayerDiff/{wf.output_folder(r.name)}/background_restyled")
     r.node("LayerDiffSavePSD", 5, title="Save PSD (all restyled)", size=(300, 280), group="Output",
-           layers=everything.out(), filename_prefix=f"LayerDiff/{r.name}/all_restyled")
+           layers=everything.out(), filename_prefix=f"LayerDiff/{wf.output_folder(r.name)}/all_restyled")
     return r
 
 
 def move_reorder_layers() -> Recipe:
-    r = Recipe("move_reorder_layers", "Move and reorder: the blue circle (layer 2) is moved left and enlarged, then "
+    r = Recipe("08 Move and reorder layers", "Move and reorder: the blue circle (layer 2) is moved left and enlarged, then "
                "the red star (layer 1) is brought to the front; no model pass, pixels and masks just move.",
                [0, 380, 720, 1080, 1440, 1780])
     model = loader(r)
@@ -251,7 +252,7 @@ def move_reorder_layers() -> Recipe:
 
 
 def cfg_vs_self_mask_guidance() -> Recipe:
-    r = Recipe("cfg_vs_self_mask_guidance", "CFG vs self-mask guidance, same prompts and seed. Columns: CFG only "
+    r = Recipe("04 CFG vs self-mask guidance", "CFG vs self-mask guidance, same prompts and seed. Columns: CFG only "
                "(mask_guidance 0), self-mask guidance only (cfg 1), both. Top: composites; bottom: layer 1's mask.",
                [0, 380, 720, 1080, 1420, 1760, 2100])
     model = loader(r)
@@ -279,7 +280,7 @@ def cfg_vs_self_mask_guidance() -> Recipe:
                   direction="down", match_image_size=True, spacing_width=4, spacing_color="white",
                   image2=row(masks).out())
     r.node("SaveImage", 6, title="Save comparison", size=(360, 300), group="Compare", images=grid.out(),
-           filename_prefix=f"LayerDiff/{r.name}/cfg_smg_both")
+           filename_prefix=f"LayerDiff/{wf.output_folder(r.name)}/cfg_smg_both")
     return r
 
 
@@ -289,7 +290,7 @@ INPUT_FILES = ("layerdiff_example_background.png", "layerdiff_example_layer1.png
 
 
 def layers_from_images() -> Recipe:
-    r = Recipe("layers_from_images", "Bring your own layers: Load Image x 3 (RGBA PNGs; copy example_workflows/input/"
+    r = Recipe("09 Layers from your images", "Bring your own layers: Load Image x 3 (RGBA PNGs; copy example_workflows/input/"
                "*.png into ComfyUI/input or upload them) -> Layers from Images -> edit layer 2 -> PSD.",
                [0, 380, 720, 1080, 1440, 1780])
     model = loader(r, col=2)
@@ -313,7 +314,7 @@ def layers_from_images() -> Recipe:
 
 
 def layers_from_generated_images() -> Recipe:
-    r = Recipe("layers_from_generated_images", "Layers from images made by core nodes (flat colours + square masks, "
+    r = Recipe("10 Layers from generated images", "Layers from images made by core nodes (flat colours + square masks, "
                "runs as shipped): Layers from Images -> the background redrawn as a snowy field -> PSD.",
                [0, 330, 660, 1000, 1360, 1720, 2060])
     model = loader(r, col=3)
@@ -351,10 +352,10 @@ def layers_from_generated_images() -> Recipe:
 
 def recipes() -> list[Recipe]:
     return [
-        text_to_layers("text_to_2_layers", ["a brick wall", "a large red star"],
+        text_to_layers("01 Text to 2 layers", ["a brick wall", "a large red star"],
                        "a large red star in front of a brick wall", seed=1),
-        text_to_layers("text_to_3_layers", *SCENE_3, seed=3),
-        text_to_layers("text_to_4_layers",
+        text_to_layers("02 Text to 3 layers", *SCENE_3, seed=3),
+        text_to_layers("03 Text to 4 layers",
                        ["a green meadow", "a large yellow square on the left", "a small red heart on the right",
                         "a small blue triangle at the top"],
                        "a large yellow square on the left, a small red heart on the right and a small blue triangle "
@@ -500,7 +501,8 @@ def build(port: int, only: list[str], canvas_dir: Path) -> int:
                   f"  theirs {strip(theirs)}")
             failures += 1
         path = WORKFLOWS / f"{recipe.name}.json"
-        path.write_text(json.dumps(res["workflow"], indent=2) + "\n")
+        workflow = wf.stamp_pack(res["workflow"], *wf.pack_identity(REPO))
+        path.write_text(json.dumps(workflow, indent=2) + "\n")
         print(f"{path.relative_to(REPO)}: {len(res['workflow']['nodes'])} nodes, {len(res['workflow']['links'])} "
               f"links; canvas screenshot {canvas_dir / (recipe.name + '.canvas.png')}")
     return failures

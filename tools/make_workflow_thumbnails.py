@@ -8,7 +8,7 @@ measured run times and the workflow table of example_workflows/README.md are ref
 
     python tools/make_workflow_thumbnails.py                 # starts a server on port 8231, stops it
     python tools/make_workflow_thumbnails.py --port 8231 --running   # use a server already running
-    python tools/make_workflow_thumbnails.py --only edit_one_layer
+    python tools/make_workflow_thumbnails.py --only "05 Edit one layer"
 
 Run it again when the built-in model's weights change. Needs the ComfyUI checkout and venv of
 comfy_host.sh (COMFYUI_DIR / COMFY_VENV / COMFY_HOST_SH) and Pillow here.
@@ -21,6 +21,7 @@ import json
 import shutil
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 from PIL import Image
@@ -39,16 +40,16 @@ TABLE_START, TABLE_END = "<!-- workflow-table:start -->", "<!-- workflow-table:e
 # What each thumbnail shows: a "hero" image with tiles around it, or rows of images, by the titles
 # of the workflow's Save Image nodes. A workflow not listed shows its Save Image nodes as rows.
 LAYOUTS = {
-    "text_to_2_layers": ("hero", ["Save composite"], ["Save layers (transparent PNGs)"]),
-    "text_to_3_layers": ("hero", ["Save composite"], ["Save layers (transparent PNGs)"]),
-    "text_to_4_layers": ("hero", ["Save composite"], ["Save layers (transparent PNGs)"]),
-    "edit_one_layer": ("rows", ["Save before | after"], ["Save layers (transparent PNGs)"]),
-    "inpaint_layer": ("rows", ["Save before | after"], ["Save layers (transparent PNGs)"]),
-    "move_reorder_layers": ("rows", ["Save before | after"], ["Save layers (transparent PNGs)"]),
-    "layers_from_images": ("rows", ["Save before | after"], ["Save layers (transparent PNGs)"]),
-    "layers_from_generated_images": ("rows", ["Save before | after"], ["Save layers (transparent PNGs)"]),
-    "restyle_layers": ("rows", ["Save original | background | all"]),
-    "cfg_vs_self_mask_guidance": ("rows", ["Save comparison"]),
+    "01 Text to 2 layers": ("hero", ["Save composite"], ["Save layers (transparent PNGs)"]),
+    "02 Text to 3 layers": ("hero", ["Save composite"], ["Save layers (transparent PNGs)"]),
+    "03 Text to 4 layers": ("hero", ["Save composite"], ["Save layers (transparent PNGs)"]),
+    "05 Edit one layer": ("rows", ["Save before | after"], ["Save layers (transparent PNGs)"]),
+    "06 Inpaint part of a layer": ("rows", ["Save before | after"], ["Save layers (transparent PNGs)"]),
+    "08 Move and reorder layers": ("rows", ["Save before | after"], ["Save layers (transparent PNGs)"]),
+    "09 Layers from your images": ("rows", ["Save before | after"], ["Save layers (transparent PNGs)"]),
+    "10 Layers from generated images": ("rows", ["Save before | after"], ["Save layers (transparent PNGs)"]),
+    "07 Restyle layers": ("rows", ["Save original | background | all"]),
+    "04 CFG vs self-mask guidance": ("rows", ["Save comparison"]),
 }
 
 
@@ -153,10 +154,10 @@ def update_readme(rows: list[tuple[str, str, float]], version: str) -> None:
         if line.startswith("| [`"):
             known[line.split("`")[1].removesuffix(".json")] = line
     for name, note, seconds in rows:
-        known[name] = (f"| [`{name}.json`]({FOLDER_LINK}/{name}.json) | <img src=\"{FOLDER_LINK}/{name}.jpg\" "
+        link = urllib.parse.quote(name)  # titles have spaces
+        known[name] = (f"| [`{name}.json`]({FOLDER_LINK}/{link}.json) | <img src=\"{FOLDER_LINK}/{link}.jpg\" "
                        f"width=\"160\"> | {note} | {seconds:.1f} s |")
-    names = [p.stem for p in wf.workflow_files(cr.WORKFLOWS)]
-    order = [n for n in LAYOUTS if n in names] + [n for n in names if n not in LAYOUTS]
+    order = [p.stem for p in wf.workflow_files(cr.WORKFLOWS)]  # the titles' numbers give the order
     table = [f"Run times: one cold run each (caches cleared, model load included) on a 2-core CPU, ComfyUI "
              f"{version}, {time.strftime('%Y-%m-%d')}.", "",
              "| workflow | output | what it does | time |", "|---|---|---|---|"]

@@ -19,6 +19,7 @@ named seed / noise_seed without that key) is followed by its control value ("fix
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -221,6 +222,32 @@ def to_api(workflow: dict, definitions: dict) -> dict:
     return prompt
 
 
+def output_folder(title: str) -> str:
+    """Where a shipped workflow saves (LayerDiff/<this>/...): its title less the order number, as a
+    lower-case identifier ("06 Inpaint part of a layer" -> "inpaint_part_of_a_layer")."""
+    return re.sub(r"[^a-z0-9]+", "_", re.sub(r"^\d+\s+", "", title).lower()).strip("_")
+
+
 def workflow_files(folder) -> list[Path]:
     """The workflow JSON files of a folder, as ComfyUI's /workflow_templates lists them (top level)."""
     return sorted(Path(folder).glob("*.json"))
+
+
+# ---------------------------------------------------------------------------- pack provenance
+def pack_identity(repo) -> tuple[str, str]:
+    """(Registry id, version) of this pack, from pyproject.toml: what ``properties.cnr_id`` / ``ver`` of
+    its nodes carry in a saved workflow, so the frontend and ComfyUI-Manager can name the pack that
+    provides a missing node."""
+    import tomllib
+
+    project = tomllib.loads((Path(repo) / "pyproject.toml").read_text())["project"]
+    return project["name"], project["version"]
+
+
+def stamp_pack(workflow: dict, cnr_id: str, version: str, prefix: str = "LayerDiff") -> dict:
+    """Set ``properties.cnr_id`` / ``ver`` on every node of this pack (type starting with ``prefix``)."""
+    for node in workflow.get("nodes", []):
+        if str(node.get("type", "")).startswith(prefix):
+            props = node.setdefault("properties", {})
+            props["cnr_id"], props["ver"] = cnr_id, version
+    return workflow
