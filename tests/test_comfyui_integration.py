@@ -47,7 +47,8 @@ def _skip_reason() -> str | None:
         return f"no comfy_host.sh at {HOST_SH} (set COMFY_HOST_SH)"
     probe = subprocess.run([str(python), "-c", "import diffusers, psd_tools, einops"], capture_output=True)
     if probe.returncode:
-        return f"the ComfyUI venv lacks the pack's requirements: {COMFY_VENV}/bin/pip install -r {REPO}/requirements.txt"
+        return (f"the ComfyUI venv lacks the pack's requirements: {COMFY_VENV}/bin/pip install -r {REPO}/requirements.txt "
+                f"&& {COMFY_VENV}/bin/python {REPO}/install.py")
     return None
 
 

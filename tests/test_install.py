@@ -19,10 +19,11 @@ import re
 import subprocess
 import sys
 import textwrap
-import tomllib
 from pathlib import Path
 
 import pytest
+
+tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
 REPO = Path(__file__).resolve().parent.parent
 PROTECTED = ("torch", "transformers", "huggingface-hub", "tokenizers")

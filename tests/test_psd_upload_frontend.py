@@ -55,7 +55,8 @@ def _skip_reason() -> str | None:
         return f"no playwright-core in {PW_DIR} (npm install --prefix {PW_DIR} playwright-core, or set COMFY_PW_DIR)"
     probe = subprocess.run([str(python), "-c", "import diffusers, psd_tools, einops"], capture_output=True)
     if probe.returncode:
-        return f"the ComfyUI venv lacks the pack's requirements: {COMFY_VENV}/bin/pip install -r {REPO}/requirements.txt"
+        return (f"the ComfyUI venv lacks the pack's requirements: {COMFY_VENV}/bin/pip install -r {REPO}/requirements.txt "
+                f"&& {COMFY_VENV}/bin/python {REPO}/install.py")
     return None
 
 

@@ -46,7 +46,8 @@ def _skip_reason() -> str | None:
         return f"no comfy_host.sh at {cr.HOST_SH} (set COMFY_HOST_SH)"
     probe = subprocess.run([str(python), "-c", "import diffusers, psd_tools, einops"], capture_output=True)
     if probe.returncode:
-        return f"the ComfyUI venv lacks the pack's requirements: {cr.COMFY_VENV}/bin/pip install -r {REPO}/requirements.txt"
+        return (f"the ComfyUI venv lacks the pack's requirements: {cr.COMFY_VENV}/bin/pip install -r {REPO}/requirements.txt "
+                f"&& {cr.COMFY_VENV}/bin/python {REPO}/install.py")
     from layerdiff.io.checkpoint import builtin_names
 
     if "layerdiff-toy" not in builtin_names():

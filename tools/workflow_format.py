@@ -238,10 +238,11 @@ def pack_identity(repo) -> tuple[str, str]:
     """(Registry id, version) of this pack, from pyproject.toml: what ``properties.cnr_id`` / ``ver`` of
     its nodes carry in a saved workflow, so the frontend and ComfyUI-Manager can name the pack that
     provides a missing node."""
-    import tomllib
-
-    project = tomllib.loads((Path(repo) / "pyproject.toml").read_text())["project"]
-    return project["name"], project["version"]
+    text = (Path(repo) / "pyproject.toml").read_text()
+    project = text.split("[project]", 1)[1].split("\n[", 1)[0]  # the [project] table (no tomllib on 3.10)
+    name = re.search(r'^name\s*=\s*"([^"]+)"', project, re.M)
+    version = re.search(r'^version\s*=\s*"([^"]+)"', project, re.M)
+    return name.group(1), version.group(1)
 
 
 def stamp_pack(workflow: dict, cnr_id: str, version: str, prefix: str = "LayerDiff") -> dict:
