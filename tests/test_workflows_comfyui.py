@@ -18,6 +18,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import urllib.parse
 from pathlib import Path
 
 import numpy as np
@@ -111,9 +112,10 @@ def test_template_browser_lists_every_workflow_with_its_thumbnail(server):
     module = REPO.name  # the pack's folder name under custom_nodes/
     assert sorted(listing.get(module, [])) == sorted(FILES)
     for name, path in FILES.items():
-        status, body = server.get_bytes(f"/api/workflow_templates/{module}/{name}.json")
+        link = f"/api/workflow_templates/{urllib.parse.quote(module)}/{urllib.parse.quote(name)}"  # as the frontend asks
+        status, body = server.get_bytes(f"{link}.json")
         assert status == 200 and json.loads(body) == wf.load(path)
-        status, body = server.get_bytes(f"/api/workflow_templates/{module}/{name}.jpg")  # what the frontend asks
+        status, body = server.get_bytes(f"{link}.jpg")
         assert status == 200 and body[:3] == b"\xff\xd8\xff"
 
 
