@@ -23,6 +23,8 @@ from PIL import Image
 
 pytestmark = pytest.mark.comfyui
 
+from comfy_private import host_skip_reason  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 COMFY_DIR = Path(os.environ.get("COMFYUI_DIR") or Path.home() / ".cache" / "comfyui-host" / "ComfyUI")
 COMFY_VENV = Path(os.environ.get("COMFY_VENV") or COMFY_DIR.parent / "venv")
@@ -38,18 +40,9 @@ NODES = {
 
 
 def _skip_reason() -> str | None:
-    if not (COMFY_DIR / "main.py").is_file():
-        return f"no ComfyUI checkout at {COMFY_DIR} (set COMFYUI_DIR)"
-    python = COMFY_VENV / "bin" / "python"
-    if not python.is_file():
-        return f"no ComfyUI venv at {COMFY_VENV} (set COMFY_VENV)"
     if not HOST_SH.is_file():
         return f"no comfy_host.sh at {HOST_SH} (set COMFY_HOST_SH)"
-    probe = subprocess.run([str(python), "-c", "import diffusers, psd_tools, einops"], capture_output=True)
-    if probe.returncode:
-        return (f"the ComfyUI venv lacks the pack's requirements: {COMFY_VENV}/bin/pip install -r {REPO}/requirements.txt "
-                f"&& {COMFY_VENV}/bin/python {REPO}/install.py")
-    return None
+    return host_skip_reason()
 
 
 _reason = _skip_reason()
@@ -295,3 +288,104 @@ def test_interrupt_stops_sampling_within_a_step(server):
     assert len(late) <= 1  # at most the step that was running finished
     assert result["stopped_after"] < 2 * steps.max() + 1.0
     assert result["previews"] >= len(result["steps"]) - 1  # --preview-method auto: a preview per step
+
+
+# ---------------------------------------------------------------------------- hostile input, same server
+
+
+def _safetensors_with(path: Path, header_change=None, raw_header: bytes | None = None, data_len: int | None = None,
+                      src: Path | None = None) -> Path:
+    """A copy of ``src`` (a real LayerDiff file) with its JSON header changed, or replaced by raw bytes."""
+    blob = src.read_bytes()
+    n = int.from_bytes(blob[:8], "little")
+    header, data = json.loads(blob[8:8 + n]), blob[8 + n:]
+    if header_change is not None:
+        header_change(header)
+    body = raw_header if raw_header is not None else json.dumps(header).encode()
+    path.write_bytes(len(body).to_bytes(8, "little") + body + (data if data_len is None else data[:data_len]))
+    return path
+
+
+def _config_change(change):
+    def apply(header):
+        config = json.loads(header["__metadata__"]["config"])
+        change(config)
+        header["__metadata__"]["config"] = json.dumps(config)
+    return apply
+
+
+def _hostile_model_files(folder: Path, tag: str) -> dict[str, Path]:
+    from layerdiff.io.checkpoint import load_model, save_layerdiff
+
+    good = folder / f"{tag}_good.safetensors"
+    save_layerdiff(load_model("tiny"), good)
+    deep = b'{"__metadata__": {"format": "layerdiff"}, "x": ' + b"[" * 100000 + b"]" * 100000 + b"}"
+    return {
+        "tokenizer max length 1e9": _safetensors_with(
+            folder / f"{tag}_tok.safetensors", _config_change(lambda c: c["tokenizer"].update(max_length=10 ** 9)),
+            src=good),
+        "a million enhancer blocks": _safetensors_with(
+            folder / f"{tag}_enh.safetensors", _config_change(lambda c: c.update(enhancer_blocks=10 ** 6)), src=good),
+        "huge image size": _safetensors_with(
+            folder / f"{tag}_size.safetensors", _config_change(lambda c: c.update(image_size=10 ** 7)), src=good),
+        "config is a list": _safetensors_with(
+            folder / f"{tag}_list.safetensors",
+            lambda h: h["__metadata__"].update(config="[1, 2, 3]"), src=good),
+        "string data offsets": _safetensors_with(
+            folder / f"{tag}_offs.safetensors",
+            lambda h: next(v for k, v in h.items() if k != "__metadata__").update(data_offsets=["0", "x"]), src=good),
+        "deeply nested header": _safetensors_with(folder / f"{tag}_deep.safetensors", raw_header=deep, src=good),
+        "truncated data": _safetensors_with(folder / f"{tag}_trunc.safetensors", data_len=1000, src=good),
+    }
+
+
+def test_hostile_model_files_and_prompts_fail_cleanly_and_the_server_lives_on(server):
+    """Model files that lie, and prompts with impossible numbers, each end as one error of that prompt;
+    the server answers the next prompt, and a good prompt still succeeds."""
+    folder = COMFY_DIR / "models" / "layerdiff"
+    folder.mkdir(parents=True, exist_ok=True)
+    made = _hostile_model_files(folder, server.run_id)
+    try:
+        server.http("GET", "/object_info/LayerDiffLoader")  # the file list is read again
+        outcomes = {}
+        for what, path in made.items():
+            graph = main_graph(server.run_id)
+            graph["1"]["inputs"]["model_name"] = path.name
+            status, answer = server.http("POST", "/prompt", {"prompt": graph, "client_id": "layerdiff-tests"})
+            if status != 200:
+                outcomes[what] = ("refused", json.dumps(answer)[:200])
+                continue
+            entry = server.wait(answer["prompt_id"], timeout=120)
+            assert entry["status"]["status_str"] == "error", (what, entry["status"])
+            message = next(m for kind, m in entry["status"]["messages"] if kind == "execution_error")
+            assert message["exception_type"].endswith("CheckpointError") or "LayerDiffError" in message[
+                "exception_type"], (what, message["exception_type"], message["exception_message"])
+            assert "\n" not in message["exception_message"].strip(), (what, message["exception_message"])
+            outcomes[what] = ("error", message["exception_message"][:160])
+        bad_numbers = [
+            {"cfg": float("nan")}, {"cfg": float("inf")}, {"steps": 0}, {"steps": -5}, {"width": 100000},
+            {"height": 8, "width": 65536}, {"batch_size": 100000}, {"seed": 2 ** 70}, {"mask_guidance": -100.0},
+            {"mask_guidance_start": -1.0},
+        ]
+        for change in bad_numbers:
+            graph = main_graph(server.run_id, **change)
+            body = json.dumps({"prompt": graph, "client_id": "layerdiff-tests"}).encode()  # NaN/inf as JS literals
+            req = urllib.request.Request(server.url + "/prompt", data=body, method="POST",
+                                         headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=60) as r:
+                    prompt_id = json.loads(r.read())["prompt_id"]
+                entry = server.wait(prompt_id, timeout=120)
+                assert entry["status"]["status_str"] == "error", (change, entry["status"])
+                outcomes[str(change)] = ("error", "")
+            except urllib.error.HTTPError as e:
+                assert e.code == 400, (change, e.code)
+                outcomes[str(change)] = ("refused", e.read()[:160].decode(errors="replace"))
+        print("\n" + "\n".join(f"  {k}: {v[0]} {v[1]}" for k, v in outcomes.items()))
+        status, stats = server.http("GET", "/system_stats")
+        assert status == 200  # still alive
+        entry, _ = server.run(main_graph(server.run_id))
+        assert entry["status"]["status_str"] == "success", entry["status"]
+    finally:
+        for path in [*made.values(), folder / f"{server.run_id}_good.safetensors"]:
+            path.unlink(missing_ok=True)

@@ -15,99 +15,26 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
 import subprocess
 import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.comfyui
 
-REPO = Path(__file__).resolve().parent.parent
-COMFY_DIR = Path(os.environ.get("COMFYUI_DIR") or os.environ.get("COMFY_DIR")
-                 or Path.home() / ".cache" / "comfyui-host" / "ComfyUI")
-COMFY_VENV = Path(os.environ.get("COMFY_VENV") or COMFY_DIR.parent / "venv")
-PW_DIR = Path(os.environ.get("COMFY_PW_DIR") or COMFY_DIR.parent / "pw")
-CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
-PACK = "comfyui-layerdiff"  # the pack's folder name under the private custom_nodes/
+from comfy_private import CHROMIUM, PW_DIR, browser_skip_reason, private_server  # noqa: E402
 
-
-def _skip_reason() -> str | None:
-    if not (COMFY_DIR / "main.py").is_file():
-        return f"no ComfyUI checkout at {COMFY_DIR} (set COMFYUI_DIR)"
-    python = COMFY_VENV / "bin" / "python"
-    if not python.is_file():
-        return f"no ComfyUI venv at {COMFY_VENV} (set COMFY_VENV)"
-    if not CHROMIUM.is_file():
-        return f"no Chromium at {CHROMIUM} (apt-get install chromium, or set CHROMIUM)"
-    if not shutil.which("node"):
-        return "no node on PATH (apt-get install nodejs)"
-    if not (PW_DIR / "node_modules" / "playwright-core").is_dir():
-        return f"no playwright-core in {PW_DIR} (npm install --prefix {PW_DIR} playwright-core, or set COMFY_PW_DIR)"
-    probe = subprocess.run([str(python), "-c", "import diffusers, einops"], capture_output=True)
-    if probe.returncode:
-        return (f"the ComfyUI venv lacks the pack's requirements: {COMFY_VENV}/bin/pip install -r {REPO}/requirements.txt "
-                f"&& {COMFY_VENV}/bin/python {REPO}/install.py")
-    return None
-
-
-_reason = _skip_reason()
+_reason = browser_skip_reason("diffusers, einops")
 if _reason:
     pytest.skip(_reason, allow_module_level=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """ComfyUI on 127.0.0.1 with a private base directory holding only this pack (started here,
     stopped here: nothing of the shared checkout is changed)."""
-    base = tmp_path_factory.mktemp("comfy_base")
-    (base / "custom_nodes").mkdir()
-    (base / "custom_nodes" / PACK).symlink_to(REPO, target_is_directory=True)
-    settings = base / "user" / "default" / "comfy.settings.json"
-    settings.parent.mkdir(parents=True)
-    settings.write_text(json.dumps({"Comfy.TutorialCompleted": True}))  # no template browser over the canvas
-    port = free_port()
-    log = base / "comfyui.log"
-    t0 = time.time()
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [str(COMFY_VENV / "bin" / "python"), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-             "--disable-auto-launch", "--disable-api-nodes", "--base-directory", str(base),
-             "--database-url", "sqlite:///:memory:", "--disable-all-custom-nodes", "--whitelist-custom-nodes", PACK],
-            cwd=COMFY_DIR, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=out, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"ComfyUI exited during start-up (code {proc.returncode}):\n{log.read_text()[-4000:]}")
-            try:
-                with urllib.request.urlopen(url + "/object_info/LayerDiffPromptEnhancer", timeout=60) as r:
-                    info = json.loads(r.read())
-                break
-            except (OSError, ValueError):
-                if time.time() - t0 > 240:
-                    pytest.fail(f"ComfyUI did not answer in 240 s:\n{log.read_text()[-4000:]}")
-                time.sleep(0.5)
-        print(f"\nComfyUI server up in {time.time() - t0:.1f}s on port {port}")
-        assert "LayerDiffPromptEnhancer" in info, log.read_text()[-4000:]
-        yield {"url": url, "log": log}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+    with private_server(tmp_path_factory.mktemp("comfy_base"), "LayerDiffPromptEnhancer") as srv:
+        yield srv
 
 
 def text_to_layers(background: str, foreground: str, global_prompt: str) -> dict:
