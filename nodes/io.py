@@ -9,6 +9,7 @@ import os
 from layerdiff.errors import LayerDiffError
 from layerdiff.io.export import png_bytes, to_uint8
 from layerdiff.io.psd import load_psd, save_psd
+from layerdiff.io.resultset import clean_stale_temp_files
 
 from . import _host, convert
 
@@ -38,6 +39,7 @@ class LayerDiffSavePSD:
     def save(self, layers, filename_prefix="LayerDiff"):
         stack = convert.require_stack(layers)
         folder, base, counter, subfolder = _host.save_path(filename_prefix, stack.width, stack.height)
+        clean_stale_temp_files(folder)  # what a killed save left (never another live writer's)
         saved, previews = [], []
         for b in range(stack.batch_size):
             while True:  # counter from the folder listing; skip names taken meanwhile (never overwrite)
@@ -96,16 +98,17 @@ class LayerDiffLoadPSD:
     def VALIDATE_INPUTS(cls, psd):
         if psd is None:
             return True
-        if not str(psd).lower().split(" [")[0].endswith(_host.PSD_EXTENSIONS):
-            return f"psd {psd!r} is not a .psd/.psb file: upload a layered Photoshop file"
-        if not _host.input_exists(psd):
-            return f"psd file {psd!r} is not in the input folder ({_host.folder('input')}): upload it or copy it there"
+        try:
+            input_psd_path(psd)
+        except LayerDiffError as e:
+            return str(e)
         return True
 
     @classmethod
     def IS_CHANGED(cls, psd):
-        path = _host.input_path(psd)
-        if not os.path.isfile(path):
+        try:
+            path = input_psd_path(psd)
+        except LayerDiffError:
             return ""
         digest = hashlib.sha256()
         with open(path, "rb") as f:
@@ -114,7 +117,52 @@ class LayerDiffLoadPSD:
         return digest.hexdigest()
 
     def load(self, psd):
-        check = self.VALIDATE_INPUTS(psd)
-        if check is not True:
-            raise LayerDiffError(check)
-        return (load_psd(_host.input_path(psd)).to(_host.intermediate_device()),)
+        return (load_psd(input_psd_path(psd)).to(_host.intermediate_device()),)
+
+
+def input_psd_path(psd) -> str:
+    """The real path of the PSD named `psd` in ComfyUI's input folder, or LayerDiffError.
+
+    Names are taken as ComfyUI's Load Image takes them: relative to the input folder, optionally
+    annotated 'name.psd [input]'. Symlinks and '..' are resolved first and anything that ends up
+    outside the input folder is refused, as are absolute paths elsewhere, other folders'
+    annotations ('[output]', '[temp]') and anything that is not a regular file.
+    """
+    root = _host.folder("input")
+    shown = repr(psd) if len(repr(psd)) <= 120 else repr(psd)[:117] + "..."
+    if not isinstance(psd, str) or not psd.strip() or "\x00" in psd:
+        raise LayerDiffError(
+            f"psd {shown} is not a file name: upload a .psd/.psb file to the input folder ({root})"
+        )
+    name = psd
+    if name.endswith("[input]"):  # as folder_paths.annotated_filepath strips it
+        name = name[:-8]
+    elif name.endswith(("[output]", "[temp]")):
+        raise LayerDiffError(
+            f"psd {shown} names a file outside the input folder ({root}); Load PSD as Layers reads only the "
+            f"input folder: upload the file or copy it there"
+        )
+    if not name.lower().endswith(_host.PSD_EXTENSIONS):
+        raise LayerDiffError(f"psd {shown} is not a .psd/.psb file: upload a layered Photoshop file")
+    real_root = os.path.normcase(os.path.realpath(root))
+    real = os.path.realpath(os.path.join(root, name))  # an absolute name replaces root here
+    try:
+        inside = os.path.commonpath([real_root, os.path.normcase(real)]) == real_root
+    except ValueError:  # another drive (Windows)
+        inside = False
+    if not inside:
+        raise LayerDiffError(
+            f"psd {shown} resolves outside the input folder ({root}); Load PSD as Layers reads only the "
+            f"input folder: upload the file or copy it there"
+        )
+    if not os.path.isfile(real):
+        if os.path.exists(real):
+            raise LayerDiffError(
+                f"psd {shown} in the input folder ({root}) is not a regular file (a folder, pipe or device): "
+                f"upload a .psd/.psb file"
+            )
+        raise LayerDiffError(
+            f"psd file {shown} is not in the input folder ({root}): upload it or copy it there"
+        )
+    return real
+

@@ -1,8 +1,10 @@
 """Write a LayerStack as a folder of files: composite, per-layer PNGs, masks, a PSD and meta.json.
 
-Every file is written atomically (a temp file in the same folder, then os.replace), so a crash or
-a full disk never leaves a half-written PNG under its final name. Existing files are refused
-unless overwrite=True, and all target names are checked before anything is written.
+A set of files is written whole or not at all (see layerdiff.io.resultset): everything goes into a
+hidden staging folder first and is renamed into place at the end, meta.json last, so a crash, a
+kill or a full disk never leaves PNGs without their PSD or meta.json. Single files are written
+atomically (a temp file in the same folder, then os.replace). Existing files are refused unless
+overwrite=True, and all target names are checked before anything is written.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import io
 import json
 import logging
 import os
+import re
 import secrets
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +25,7 @@ import torch
 from PIL import Image
 
 from layerdiff.errors import LayerDiffError
+from layerdiff.io.resultset import owner_tag, write_result_set
 from layerdiff.stack import LayerStack
 
 logger = logging.getLogger("layerdiff.io.export")
@@ -68,8 +72,8 @@ def _open_temp(path: Path) -> tuple[int, Path]:
     """A new temp file beside `path`. os.open with mode 0o666 lets the umask decide the final
     permissions, as for any file the user writes (mkstemp would leave 0600, and reading the umask
     means setting it, which races with other threads in the host)."""
-    for _ in range(100):
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    for _ in range(100):  # named after this process, so a later writer knows when it is a leftover
+        tmp = path.with_name(f".{path.name}.{owner_tag()}.{secrets.token_hex(4)}.tmp")
         try:
             return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), tmp
         except FileExistsError:
@@ -194,12 +198,61 @@ def _meta_json(stack: LayerStack, meta: dict | None, batch_index: int, psd: bool
     }
     try:
         text = json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, RecursionError) as e:
         raise LayerDiffError(
             f"meta cannot be written as JSON ({e}); pass only str, int, finite float, bool, None, list "
             f"and dict values"
         ) from e
-    return (text + "\n").encode("utf-8")
+    # Lone surrogates (command-line bytes that are not UTF-8 arrive as such) have no UTF-8 form;
+    # inside a JSON string their \udcXX escape is valid JSON and reads back as the same text.
+    return (text + "\n").encode("utf-8", "backslashreplace")
+
+
+_SET_FILE_RE = re.compile(r"^(?:composite\.png|layers\.psd|(?:layer|mask)_\d{2,}\.png)$")
+
+
+def _old_set_files(folder: Path) -> list[str]:
+    """Files named by the meta.json already in `folder` (an old set that overwrite replaces); only
+    names this module writes, so a hand-edited meta.json can never name another file."""
+    try:
+        with open(folder / META_FILE, "rb") as f:
+            old = json.loads(f.read(1 << 20))
+        names = [old.get("composite"), old.get("psd")]
+        names += [layer.get(k) for layer in old.get("layers", []) for k in ("image", "mask")]
+    except (OSError, ValueError, TypeError, AttributeError, RecursionError):
+        return []
+    return [n for n in names if isinstance(n, str) and _SET_FILE_RE.match(n)]
+
+
+def _check_set_args(stack, meta, batch_index, psd) -> bytes:
+    """Everything that can fail before a write; returns meta.json's bytes."""
+    check_export_args(stack, batch_index)
+    meta_bytes = _meta_json(stack, meta, batch_index, psd)  # bad meta fails before any write
+    if psd:
+        from layerdiff.io.psd import check_psd_size, require_psd_tools
+
+        require_psd_tools()
+        check_psd_size(stack.width, stack.height)
+    return meta_bytes
+
+
+def _write_set_files(stack: LayerStack, folder: Path, meta_bytes: bytes, batch_index: int, psd: bool) -> None:
+    """Write sample `batch_index`'s files into `folder` (in a staging folder)."""
+    folder.mkdir(exist_ok=True)
+    one = stack.select_batch([batch_index])
+    k = stack.num_layers
+    targets = layer_set_files(stack, folder, psd)
+    atomic_write(targets[0], png_bytes(to_uint8(one.composite()[0])))  # (H, W, 3)
+    atomic_write(targets[1], png_bytes(to_uint8(one.images[0, 0])))  # (H, W, 3)
+    for i in range(1, k):
+        atomic_write(targets[1 + i], png_bytes(to_uint8(one.layer_rgba(i)[0])))  # (H, W, 4)
+    for i in range(1, k):
+        atomic_write(targets[k + i], png_bytes(to_uint8(one.masks[0, i - 1])))  # (H, W)
+    if psd:
+        from layerdiff.io.psd import save_psd
+
+        save_psd(stack, targets[-2], batch_index=batch_index, overwrite=True)
+    atomic_write(targets[-1], meta_bytes)
 
 
 def write_layer_set(
@@ -213,28 +266,16 @@ def write_layer_set(
     """Write sample `batch_index` of `stack` into `out_dir` (created if missing):
     composite.png (RGB), layer_00.png (background, RGB), layer_01.png... (foregrounds, RGBA with
     the mask as alpha), mask_01.png... (8-bit L, 255 = object), layers.psd (if psd) and meta.json
-    (meta plus sizes, names, prompts, seeds of sample 0 only). Returns the written paths."""
-    check_export_args(stack, batch_index)
+    (meta plus sizes, names, prompts, seeds of sample 0 only). The set appears whole or not at all
+    (meta.json last). Returns the written paths."""
+    meta_bytes = _check_set_args(stack, meta, batch_index, psd)
     targets = layer_set_files(stack, out_dir, psd)
-    meta_bytes = _meta_json(stack, meta, batch_index, psd)  # bad meta fails before any write
-    if psd:
-        from layerdiff.io.psd import require_psd_tools, save_psd
-
-        require_psd_tools()
     check_free(targets, overwrite, Path(out_dir))
     ensure_dir(out_dir)
-
-    one = stack.select_batch([batch_index])
-    k = stack.num_layers
-    atomic_write(targets[0], png_bytes(to_uint8(one.composite()[0])))  # (H, W, 3)
-    atomic_write(targets[1], png_bytes(to_uint8(one.images[0, 0])))  # (H, W, 3)
-    for i in range(1, k):
-        atomic_write(targets[1 + i], png_bytes(to_uint8(one.layer_rgba(i)[0])))  # (H, W, 4)
-    for i in range(1, k):
-        atomic_write(targets[k + i], png_bytes(to_uint8(one.masks[0, i - 1])))  # (H, W)
-    if psd:
-        save_psd(stack, targets[-2], batch_index=batch_index, overwrite=True)
-    atomic_write(targets[-1], meta_bytes)
+    write_result_set(
+        out_dir, [""], lambda stage: _write_set_files(stack, stage, meta_bytes, batch_index, psd),
+        overwrite=overwrite, manifest=META_FILE, replaced=_old_set_files,
+    )
     logger.info("wrote %d files for sample %d to %s", len(targets), batch_index, out_dir)
     return targets
 
@@ -251,14 +292,24 @@ def write_layer_sets(
     psd: bool = True,
 ) -> list[Path]:
     """Write every sample: B == 1 directly into out_dir, B > 1 into out_dir/sample_000, sample_001,
-    ... (see write_layer_set). All targets are checked before anything is written."""
+    ... (see write_layer_set). All targets are checked before anything is written, and every file
+    is written before the first set is moved into place."""
     check_export_args(stack, 0)
     if stack.batch_size == 1:
         return write_layer_set(stack, out_dir, meta, 0, overwrite, psd)
+    metas = [_check_set_args(stack, meta, b, psd) for b in range(stack.batch_size)]
     dirs = [sample_dir(out_dir, b) for b in range(stack.batch_size)]
     targets = [p for d in dirs for p in layer_set_files(stack, d, psd)]
     check_free(targets, overwrite, Path(out_dir))
-    written: list[Path] = []
-    for b, d in enumerate(dirs):
-        written += write_layer_set(stack, d, meta, b, overwrite=True, psd=psd)
-    return written
+    ensure_dir(out_dir)
+
+    def write(stage: Path) -> None:
+        for b, d in enumerate(dirs):
+            _write_set_files(stack, stage / d.name, metas[b], b, psd)
+
+    write_result_set(
+        out_dir, [d.name for d in dirs], write,
+        overwrite=overwrite, manifest=META_FILE, replaced=_old_set_files,
+    )
+    logger.info("wrote %d files for %d samples to %s", len(targets), stack.batch_size, out_dir)
+    return targets
