@@ -6,7 +6,7 @@ import logging
 import os
 
 from layerdiff.errors import CheckpointError
-from layerdiff.io.checkpoint import DEFAULT_MODEL, builtin_names, load_model
+from layerdiff.io.checkpoint import DEFAULT_MODEL, builtin_names, check_model, load_model
 
 from . import _host
 
@@ -87,6 +87,8 @@ class LayerDiffLoader:
             size += os.path.getsize(base)
         torch_device = _host.torch_device(device)
         torch_dtype = _host.torch_dtype(dtype, torch_device, parameters=size // 2)
+        if model_name not in builtin_names():  # a bad or too large file fails before other models are unloaded
+            check_model(source, torch_dtype)
         _host.free_memory(size, torch_device)  # make room before our (unmanaged) weights arrive
         logger.info("loading LayerDiff %s (base %s) on %s as %s", model_name, base_checkpoint, torch_device, torch_dtype)
         return (load_model(source, base=base, device=torch_device, dtype=torch_dtype),)

@@ -13,6 +13,8 @@ Layout of a LayerDiff file:
 from __future__ import annotations
 
 import logging
+import math
+import os
 import shlex
 from pathlib import Path
 
@@ -22,7 +24,13 @@ from layerdiff import __version__
 from layerdiff.config import LayerDiffConfig, get_preset
 from layerdiff.deps import require_model_libraries
 from layerdiff.errors import CheckpointError, LayerDiffError
-from layerdiff.io.files import read_safetensors, read_safetensors_header, save_safetensors_atomic
+from layerdiff.io.files import (
+    DTYPE_BYTES,
+    path_exists,
+    read_safetensors,
+    read_safetensors_header,
+    save_safetensors_atomic,
+)
 from layerdiff.model.bundle import LayerDiffModel
 from layerdiff.model.text import build_tokenizer
 from layerdiff.model.unet import LayerDiffUNet
@@ -121,28 +129,41 @@ def save_layerdiff(
 
 # ---------------------------------------------------------------------------- loading
 def read_layerdiff_header(path: str | Path) -> LayerDiffConfig:
-    """The config of a LayerDiff file, from its header only; other model files are named and refused.
+    """The config of a LayerDiff file, validated from its header alone; other model files are named and refused.
 
-    An SD 1.5 checkpoint (gigabytes) given where a LayerDiff file belongs fails here, before a tensor is read.
+    An SD 1.5 checkpoint (gigabytes) given where a LayerDiff file belongs fails here, before a tensor is read;
+    so does a file whose config is out of bounds or whose tensors do not match its config.
+    """
+    return check_layerdiff_file(path)[0]
+
+
+def check_layerdiff_file(path: str | Path) -> tuple[LayerDiffConfig, dict[str, torch.nn.Module], dict]:
+    """(config, the model it describes on the meta device, the header's tensors) of a LayerDiff file.
+
+    Nothing of the file's data is read and nothing is allocated for weights: the header is validated
+    (layerdiff.io.files), the config is checked against its schema (layerdiff.config), the model is
+    built on the meta device, and every tensor's name, dtype and shape must match that model.
     """
     from layerdiff.io.sd15 import ARCHITECTURE_WORDS, detect_architecture
 
     shapes, metadata = read_safetensors_header(path)
-    if metadata.get("format") == FORMAT and "config" in metadata:
-        return read_config(metadata, path)
-    arch = detect_architecture(shapes)
-    convert = f"python -m layerdiff convert --base {shlex.quote(str(path))} --out layerdiff.safetensors"
-    if arch == "sd15":
-        raise CheckpointError(
-            f"{path} is an SD 1.5 checkpoint, not a LayerDiff file: use it as --base (the base_checkpoint "
-            f"input of Load LayerDiff), or convert it ({convert})"
-        )
-    if arch in ARCHITECTURE_WORDS and arch != "layerdiff":
-        raise CheckpointError(
-            f"{path} looks like {ARCHITECTURE_WORDS[arch]}, not a LayerDiff file: load a LayerDiff checkpoint, "
-            "or build one from an SD 1.5 checkpoint with `python -m layerdiff convert --base FILE --out OUT`"
-        )
-    return read_config(metadata, path)
+    if metadata.get("format") != FORMAT or "config" not in metadata:
+        arch = detect_architecture(shapes)
+        convert = f"python -m layerdiff convert --base {shlex.quote(str(path))} --out layerdiff.safetensors"
+        if arch == "sd15":
+            raise CheckpointError(
+                f"{path} is an SD 1.5 checkpoint, not a LayerDiff file: use it as --base (the base_checkpoint "
+                f"input of Load LayerDiff), or convert it ({convert})"
+            )
+        if arch in ARCHITECTURE_WORDS and arch != "layerdiff":
+            raise CheckpointError(
+                f"{path} looks like {ARCHITECTURE_WORDS[arch]}, not a LayerDiff file: load a LayerDiff checkpoint, "
+                "or build one from an SD 1.5 checkpoint with `python -m layerdiff convert --base FILE --out OUT`"
+            )
+    config = read_config(metadata, path)
+    parts = _meta_parts(config, path)
+    _check_tensors(path, shapes, parts)
+    return config, parts, shapes
 
 
 def read_config(metadata: dict[str, str], path) -> LayerDiffConfig:
@@ -154,7 +175,190 @@ def read_config(metadata: dict[str, str], path) -> LayerDiffConfig:
     try:
         return LayerDiffConfig.from_json(metadata["config"])
     except LayerDiffError as exc:
-        raise CheckpointError(f"{path} has an unreadable LayerDiff config: {exc}") from exc
+        raise CheckpointError(f"{path} has an invalid LayerDiff config: {exc}") from None
+
+
+def _meta_parts(config: LayerDiffConfig, path) -> dict[str, torch.nn.Module]:
+    """UNet (with the prompt enhancer), VAE and text encoder of ``config`` on the meta device."""
+    require_model_libraries()
+    try:
+        return {
+            "unet": LayerDiffUNet.from_config(config, device="meta"),
+            "vae": build_vae(config, device="meta"),
+            "text_encoder": build_text_encoder(config, device="meta"),
+        }
+    except LayerDiffError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RuntimeError, ZeroDivisionError) as exc:
+        # the schema admits only buildable configs; this names what a library still refused
+        why = " ".join(str(exc).split())[:200]
+        raise CheckpointError(
+            f"{path} has a LayerDiff config that does not build a model ({type(exc).__name__}: {why}): "
+            "the file was damaged or edited; export it again"
+        ) from None
+
+
+def _expected_tensors(parts: dict[str, torch.nn.Module]) -> dict[str, dict[str, tuple[int, ...]]]:
+    """Component -> {name in a file: shape} of the meta model (file names: ``unet.*``, ``vae.*``, ...)."""
+    out = {"unet": {k: tuple(v.shape) for k, v in parts["unet"].state_dict().items()}}
+    for name in OPTIONAL:
+        sd = parts[name].state_dict()
+        if name == "text_encoder":
+            sd = _canonical_text_keys(sd)
+        out[name] = {f"{name}.{k}": tuple(v.shape) for k, v in sd.items() if not k.endswith("position_ids")}
+    return out
+
+
+_FLOAT_TAGS = ("F32", "F16", "BF16", "F64", "F8_E4M3", "F8_E5M2")
+
+
+def _check_tensors(path, shapes: dict[str, tuple[str, tuple[int, ...]]], parts: dict[str, torch.nn.Module]) -> None:
+    """Every tensor of the file belongs to a component the config builds, with that component's shape."""
+    expected = _expected_tensors(parts)
+    found: dict[str, dict[str, tuple[int, ...]]] = {}
+    for name, (dtype, shape) in shapes.items():
+        prefix = name.split(".", 1)[0]
+        component = "unet" if prefix in CORE else prefix
+        if component not in expected:
+            raise CheckpointError(
+                f"{path} holds tensor {name[:80]!r}, which is no part of a LayerDiff model (parts: "
+                f"{', '.join(CORE + OPTIONAL)}): the file was damaged or edited; export it again"
+            )
+        if dtype not in _FLOAT_TAGS:
+            raise CheckpointError(
+                f"{path}: tensor {name[:80]!r} has dtype {dtype}; LayerDiff weights are floating point "
+                f"({', '.join(_FLOAT_TAGS)}): export the file again"
+            )
+        if component == "text_encoder":
+            bare = name[len("text_encoder."):]
+            name = "text_encoder." + (bare if bare.startswith(TEXT_PREFIX) else TEXT_PREFIX + bare)
+        found.setdefault(component, {})[name] = tuple(shape)
+    if "unet" not in found:
+        raise CheckpointError(f"{path} holds no UNet tensors (unet.*): it is not a LayerDiff model; export it again")
+    for component, tensors in found.items():
+        _compare(path, "UNet" if component == "unet" else component, expected[component], tensors)
+
+
+def _compare(path, what: str, expected: dict[str, tuple], tensors: dict[str, tuple]) -> None:
+    """Refuse ``tensors`` (name -> shape) unless they are exactly ``expected``, naming the first differences."""
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(tensors) if tuple(expected[k]) != tuple(tensors[k]))
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {[k[:80] for k in unexpected[:3]]})")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{len(wrong)} with wrong shapes (e.g. {k}: file {tuple(tensors[k])}, config {tuple(expected[k])})")
+        raise CheckpointError(
+            f"{path}: the {what} tensors do not match the config stored in the file ({'; '.join(parts)}): "
+            "the file is damaged or was edited; re-export it from the trainer or `python -m layerdiff convert`"
+        )
+
+
+# ---------------------------------------------------------------------------- memory
+MEMORY_RESERVE_FRACTION = 0.1  # of the available memory, kept free for activations and the host
+MEMORY_RESERVE_MIN = 512 * 2**20
+_TORCH_TAGS = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+
+
+def load_memory_bytes(parts: dict[str, torch.nn.Module], shapes: dict, dtype: torch.dtype) -> int:
+    """Bytes of host memory a load needs at its peak: every weight at ``dtype`` plus the file's tensors
+    that are read at another dtype and converted (both copies exist for a moment)."""
+    tensors = (t for m in parts.values() for t in (*m.parameters(), *m.buffers()))
+    itemsize = torch.empty((), dtype=dtype, device="meta").element_size()
+    model = sum(t.numel() for t in tensors) * itemsize
+    converted = sum(
+        math.prod(shape) * DTYPE_BYTES[tag] for tag, shape in shapes.values() if tag != _TORCH_TAGS.get(dtype)
+    )
+    return model + converted
+
+
+def _meminfo_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.split()[1:2]}
+    except (OSError, ValueError, IndexError):
+        return None
+    if "MemAvailable" not in fields:
+        return None
+    return fields["MemAvailable"] + fields.get("SwapFree", 0)
+
+
+def _cgroup_available() -> int | None:
+    """Room left under a cgroup memory limit (containers; v2, else v1), None without one."""
+    for limit_file, used_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
+        try:
+            with open(limit_file) as f:
+                limit = f.read().strip()
+            with open(used_file) as f:
+                used = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit == "max" or int(limit) >= 2**60:  # v1 writes a huge number for "no limit"
+            return None
+        return max(0, int(limit) - used)
+    return None
+
+
+def _address_space_available() -> int | None:
+    """Room left under this process's RLIMIT_AS (ulimit -v), None without one."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft == resource.RLIM_INFINITY:
+            return None
+        with open("/proc/self/status") as f:
+            vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+        return max(0, soft - vm)
+    except (ImportError, OSError, ValueError, StopIteration):
+        return None
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still allocate: free RAM plus free swap, within its cgroup's memory limit
+    and its address-space limit; None when the platform does not say."""
+    free = None
+    try:
+        import psutil  # ComfyUI installs it; it also knows Windows and macOS
+
+        free = psutil.virtual_memory().available + psutil.swap_memory().free
+    except (ImportError, OSError, RuntimeError):
+        free = _meminfo_available()
+    if free is None and hasattr(os, "sysconf"):
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError):
+            free = None
+    limits = [v for v in (free, _cgroup_available(), _address_space_available()) if v is not None]
+    return min(limits) if limits else None
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:,.1f} GiB"
+
+
+def check_memory(path, need: int, dtype: torch.dtype) -> None:
+    """Refuse a load that cannot fit: ``need`` bytes against the available memory less a reserve."""
+    available = available_memory()
+    if available is None:
+        return
+    reserve = max(MEMORY_RESERVE_MIN, int(available * MEMORY_RESERVE_FRACTION))
+    logger.debug("%s: loading needs about %s, %s available", path, _gib(need), _gib(available))
+    if need > available - reserve:
+        smaller = "" if dtype in (torch.float16, torch.bfloat16) else ", load it as fp16 (half the memory)"
+        raise CheckpointError(
+            f"{path} needs about {_gib(need)} of memory to load as {str(dtype).replace('torch.', '')} but "
+            f"{_gib(available)} is available and {_gib(reserve)} stays free for generating: close other "
+            f"programs{smaller}, or use a smaller model"
+        )
 
 
 TEXT_PREFIX = "text_model."  # CLIPTextModel keys: transformers 4.x has this level, 5.x does not
@@ -180,25 +384,8 @@ def _load_into(module: torch.nn.Module, tensors: dict[str, torch.Tensor], what: 
     if what == "text_encoder":
         tensors = _match_text_keys(tensors, expected)
     ignorable = {k for k in expected if k.endswith("position_ids")}
-    missing = sorted(set(expected) - set(tensors) - ignorable)
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(tensors) if tuple(expected[k].shape) != tuple(tensors[k].shape))
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
-        if wrong:
-            k = wrong[0]
-            parts.append(
-                f"{len(wrong)} with wrong shapes (e.g. {k}: file {tuple(tensors[k].shape)}, "
-                f"config {tuple(expected[k].shape)})"
-            )
-        raise CheckpointError(
-            f"{path}: the {what} tensors do not match the config stored in the file ({'; '.join(parts)}): "
-            "the file is damaged or was edited; re-export it from the trainer or `python -m layerdiff convert`"
-        )
+    present = {k: tuple(v.shape) for k, v in tensors.items()}
+    _compare(path, what, {k: tuple(v.shape) for k, v in expected.items() if k not in ignorable or k in tensors}, present)
     for k in ignorable - set(tensors):
         tensors[k] = expected[k] if not expected[k].is_meta else torch.arange(expected[k].shape[-1])[None]
     module.load_state_dict(tensors, strict=True, assign=True)
@@ -230,19 +417,20 @@ def load_layerdiff(
     """Load a LayerDiff file; the VAE/text encoder come from the file or from ``base``
     (an SD 1.5 single-file checkpoint or a diffusers folder) when the file has none."""
     path = Path(path)
-    config = read_layerdiff_header(path)
+    config, meta, shapes = check_layerdiff_file(path)  # the whole header, before a byte of data is read
+    check_memory(path, load_memory_bytes(meta, shapes, dtype), dtype)
     tensors, _ = read_safetensors(path)
     tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-    unet = LayerDiffUNet.from_config(config, device="meta")
+    unet = meta["unet"]
     _load_into(unet, {k: v for k, v in tensors.items() if k.split(".", 1)[0] in CORE}, "UNet", path)
     have = {name for name in OPTIONAL if any(k.startswith(name + ".") for k in tensors)}
     parts = {}
     need = tuple(n for n in OPTIONAL if n not in have)
     if base is not None and need:
         parts = load_base_components(base, dtype=dtype, components=need, config=config)
-    for name, builder in (("vae", build_vae), ("text_encoder", build_text_encoder)):
+    for name in OPTIONAL:
         if name in have:
-            module = builder(config, device="meta")
+            module = meta[name]
             _load_into(module, _split(tensors, name), name, path)
             parts[name] = module
         elif name not in parts:
@@ -322,6 +510,9 @@ def load_model(
     tokenizer_dirs: list[str] | None = None,
 ) -> LayerDiffModel:
     """A built-in model by name (``layerdiff-toy``, ``tiny``, ``toy-random``) or a LayerDiff file."""
+    from layerdiff.limits import check_load_args
+
+    device, dtype = check_load_args(device, dtype, base)  # one line naming a bad device, dtype or base
     name = str(name_or_path or DEFAULT_MODEL)
     path = model_file(name)
     require_model_libraries()  # one line naming the fix when diffusers/transformers cannot be imported
@@ -349,7 +540,7 @@ def model_file(name_or_path: str | Path | None) -> Path | None:
             )
         return file
     path = Path(name).expanduser()
-    if not path.exists() and path.suffix == "" and "/" not in name and "\\" not in name:
+    if not path_exists(path) and path.suffix == "" and "/" not in name and "\\" not in name:
         raise CheckpointError(
             f"unknown model {name!r}: use a built-in name ({', '.join(builtin_names())}) or a path to a "
             "LayerDiff .safetensors file"
@@ -357,11 +548,13 @@ def model_file(name_or_path: str | Path | None) -> Path | None:
     return path
 
 
-def check_model(name_or_path: str | Path | None) -> None:
-    """Refuse an unknown name, a missing file or a file that is not a LayerDiff model, from headers only."""
+def check_model(name_or_path: str | Path | None, dtype: torch.dtype = torch.float32) -> None:
+    """Refuse an unknown name, a missing file, a file that is not a valid LayerDiff model and one too large
+    to load at ``dtype`` here, from headers only."""
     path = model_file(name_or_path)
     if path is not None:
-        read_layerdiff_header(path)
+        _, meta, shapes = check_layerdiff_file(path)
+        check_memory(path, load_memory_bytes(meta, shapes, dtype), dtype)
 
 
 def describe_file(path: str | Path) -> dict:
@@ -377,14 +570,15 @@ def describe_file(path: str | Path) -> dict:
             size *= int(d)
         n += size
     info = {"file": str(path), "architecture": arch, "tensors": len(shapes), "parameters": n}
-    if metadata.get("format") == FORMAT:
-        config = read_config(metadata, path)
+    if metadata.get("format") == FORMAT or arch == "layerdiff":
+        config, meta, shapes = check_layerdiff_file(path)  # a file is called valid only once it would load
+        info["load_memory_bytes"] = load_memory_bytes(meta, shapes, torch.float32)
         info["layerdiff_config"] = {
             "name": config.name,
             "max_layers": config.max_layers,
             "image_size": config.image_size,
-            "components": metadata.get("components", ""),
+            "components": ",".join(c for c in CORE + OPTIONAL if any(k.startswith(c + ".") for k in shapes)),
             "block_out_channels": config.unet.get("block_out_channels"),
         }
-        info["layerdiff_version"] = metadata.get("layerdiff_version", "")
+        info["layerdiff_version"] = " ".join(metadata.get("layerdiff_version", "").split())[:40]
     return info

@@ -23,7 +23,7 @@ def register(sub) -> None:
 
 
 def run_info(args) -> int:
-    from layerdiff.io.checkpoint import describe_file
+    from layerdiff.io.checkpoint import available_memory, describe_file
 
     info = describe_file(args.file)
     if args.json:
@@ -34,8 +34,11 @@ def run_info(args) -> int:
         c = info["layerdiff_config"]
         line += (
             f"; LayerDiff config {c['name']!r}: max_layers {c['max_layers']}, image size {c['image_size']}, "
-            f"components {c['components']}"
+            f"components {c['components']}; loading as fp32 needs about {info['load_memory_bytes'] / 2**30:,.2f} GiB"
         )
+        available = available_memory()
+        if available is not None and info["load_memory_bytes"] > available:
+            line += f", more than the {available / 2**30:,.1f} GiB available here"
     elif info["architecture"] == "sd15":
         line += (
             "; an SD 1.5 checkpoint: use it as --base, or build a LayerDiff from it with "

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from layerdiff.config import parse_json
 from layerdiff.errors import CheckpointError, LayerDiffError
 
 logger = logging.getLogger("layerdiff.io")
@@ -25,8 +26,11 @@ logger = logging.getLogger("layerdiff.io")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save since 1.6 writes a zip archive of pickles
 _MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
+_HEADER_DEPTH = 3  # {name: {"shape": [...]}}; anything deeper is not a safetensors header
+_MAX_RANK = 8  # dimensions of one tensor (weights have at most 5)
+_ENTRY_KEYS = {"dtype", "shape", "data_offsets"}
 # Bytes per element of each safetensors dtype tag; used to check offsets against shapes.
-_DTYPE_BYTES = {
+DTYPE_BYTES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
     "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
     "I32": 4, "U32": 4, "F32": 4,
@@ -61,13 +65,27 @@ def _not_found(path: Path) -> CheckpointError:
     )
 
 
+def path_exists(p: Path) -> bool:
+    """``p.exists()`` that names an unusable path (too long, say) in one line instead of raising OSError."""
+    try:
+        return p.exists()
+    except (OSError, ValueError) as e:
+        shown = str(p) if len(str(p)) <= 120 else str(p)[:117] + "..."
+        raise CheckpointError(
+            f"model path {shown!r} cannot be used ({getattr(e, 'strerror', None) or e}): pass the path of a "
+            ".safetensors file"
+        ) from None
+
+
 def _check_path(path: str | os.PathLike) -> Path:
     """Resolve ``path`` and refuse what is not a regular file or is a pickle by its suffix."""
     p = Path(path).expanduser()
-    if not p.exists():
+    if not path_exists(p):
         raise _not_found(p)
     if p.is_dir():
         raise CheckpointError(f"{p} is a folder, not a model file: pass the .safetensors file inside it")
+    if not p.is_file():  # a FIFO or device would block or never end
+        raise CheckpointError(f"{p} is not a regular file (a pipe, socket or device): pass a .safetensors file")
     if p.suffix.lower() in PICKLE_SUFFIXES:
         raise _pickle_refusal(p)
     return p
@@ -77,44 +95,101 @@ def _corrupt(path: Path, why: str) -> CheckpointError:
     return CheckpointError(f"{path} is truncated or corrupt ({why}): download or export it again")
 
 
+def _name(name: str) -> str:
+    """A tensor name for a one-line message (names are untrusted text)."""
+    shown = json.dumps(name)
+    return shown if len(shown) <= 80 else shown[:77] + '..."'
+
+
+def _show(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _is_int(value) -> bool:
+    return type(value) is int  # JSON true/false are not sizes
+
+
+def _check_entry(p: Path, name: str, entry, data_bytes: int) -> tuple[int, int]:
+    """Check one tensor entry of a header; returns its (begin, end) in the data section."""
+    where = f"tensor {_name(name)}"
+    if not isinstance(entry, dict):
+        raise _corrupt(p, f"{where} is described by {_show(entry)}, not by a JSON object")
+    if set(entry) != _ENTRY_KEYS:
+        missing, extra = sorted(_ENTRY_KEYS - set(entry)), sorted(set(entry) - _ENTRY_KEYS)
+        raise _corrupt(p, f"{where} has keys {_show(sorted(entry)[:5])}: " + (
+            f"{', '.join(missing)} missing" if missing else f"unknown key {_name(extra[0])}"))
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
+        raise CheckpointError(
+            f"{p}: {where} has dtype {_show(dtype)}, which LayerDiff cannot read (it reads "
+            f"{', '.join(DTYPE_BYTES)}): convert the file with safetensors' own tools"
+        )
+    if not isinstance(shape, list) or len(shape) > _MAX_RANK or not all(_is_int(d) and d >= 0 for d in shape):
+        raise _corrupt(p, f"{where} has shape {_show(shape)}; a shape is a list of at most {_MAX_RANK} "
+                          "non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+        raise _corrupt(p, f"{where} has data_offsets {_show(offsets)}; they are two integers [begin, end]")
+    begin, end = offsets
+    if not 0 <= begin <= end <= data_bytes:
+        raise _corrupt(p, f"{where} spans bytes {begin}..{end} but the file has {data_bytes} data bytes")
+    expected = math.prod(shape) * DTYPE_BYTES[dtype]
+    if end - begin != expected:
+        raise _corrupt(p, f"{where} holds {end - begin} bytes, its shape needs {expected}")
+    return begin, end
+
+
 def _read_header(p: Path) -> tuple[dict, dict[str, str]]:
-    """Parse and validate the JSON header of the safetensors file ``p``; returns (entries, metadata)."""
-    size = p.stat().st_size
-    with open(p, "rb") as f:
-        head = f.read(9)
-        n = struct.unpack("<Q", head[:8])[0] if len(head) >= 8 else 0
-        looks_safetensors = len(head) == 9 and n <= size - 8 and head[8:9] == b"{"
-        # A zip (torch.save) or raw pickle (PROTO 0x80 + protocol 2..5) is refused before it is parsed.
-        # The header length of a real safetensors file can start with those bytes too, so the JSON
-        # brace after it decides first.
-        is_pickle = head.startswith(_ZIP_MAGIC) or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
-        if is_pickle and not looks_safetensors:
-            raise _pickle_refusal(p)
-        if len(head) < 9:
-            raise _corrupt(p, f"only {size} bytes")
-        if n > _MAX_HEADER_BYTES or n > size - 8:
-            raise _corrupt(p, f"header of {n} bytes in a file of {size} bytes")
-        raw = head[8:] + f.read(n - 1)
+    """Parse and validate the JSON header of the safetensors file ``p``; returns (entries, metadata).
+
+    Everything is checked before any of it is used: the header length against the file, the JSON's
+    nesting, every entry's dtype, shape and offsets, and that the tensors tile the data section
+    exactly (no overlaps, no gaps), as safetensors itself requires.
+    """
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _corrupt(p, f"bad JSON header: {e}") from None
+        size = p.stat().st_size
+        with open(p, "rb") as f:
+            head = f.read(9)
+            n = struct.unpack("<Q", head[:8])[0] if len(head) >= 8 else 0
+            looks_safetensors = len(head) == 9 and n <= size - 8 and head[8:9] == b"{"
+            # A zip (torch.save) or raw pickle (PROTO 0x80 + protocol 2..5) is refused before it is parsed.
+            # The header length of a real safetensors file can start with those bytes too, so the JSON
+            # brace after it decides first.
+            is_pickle = head.startswith(_ZIP_MAGIC) or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
+            if is_pickle and not looks_safetensors:
+                raise _pickle_refusal(p)
+            if len(head) < 9:
+                raise _corrupt(p, f"only {size} bytes")
+            if n < 2 or n > _MAX_HEADER_BYTES or n > size - 8:
+                raise _corrupt(p, f"header of {n} bytes in a file of {size} bytes")
+            raw = head[8:] + f.read(n - 1)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {p} ({e.strerror or e}): check that the file is readable") from None
+    if len(raw) != n:
+        raise _corrupt(p, f"the header ends after {len(raw)} of {n} bytes")
+    try:
+        header = parse_json(raw.decode("utf-8"), max_depth=_HEADER_DEPTH)
+    except UnicodeDecodeError as e:
+        raise _corrupt(p, f"header is not UTF-8 text at byte {e.start}") from None
+    except ValueError as e:
+        raise _corrupt(p, f"bad JSON header: {' '.join(str(e).split())}") from None
     if not isinstance(header, dict):
-        raise _corrupt(p, "header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
+        raise _corrupt(p, f"header is {_show(header)}, not a JSON object")
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise _corrupt(p, "__metadata__ is not a map of strings")
+        raise _corrupt(p, "__metadata__ is not a map of strings to strings")
     data_bytes = size - 8 - n
-    for name, entry in header.items():
-        try:
-            dtype, shape, (start, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-            expected = math.prod(shape) * _DTYPE_BYTES[dtype]
-        except (KeyError, TypeError, ValueError):
-            raise _corrupt(p, f"bad header entry for tensor {name!r}") from None
-        if not 0 <= start <= end <= data_bytes:
-            raise _corrupt(p, f"tensor {name!r} ends at byte {end} but the file has {data_bytes} data bytes")
-        if end - start != expected:
-            raise _corrupt(p, f"tensor {name!r} holds {end - start} bytes, its shape needs {expected}")
+    spans = sorted((*_check_entry(p, name, entry, data_bytes), name) for name, entry in header.items())
+    position, previous = 0, None
+    for begin, end, name in spans:  # tensors in file order must tile the data section exactly
+        if begin < position:
+            raise _corrupt(p, f"tensor {_name(name)} overlaps tensor {_name(previous)} (bytes {begin}..{position})")
+        if begin > position:
+            raise _corrupt(p, f"bytes {position}..{begin} of the data section belong to no tensor")
+        position, previous = end, name
+    if position != data_bytes:
+        raise _corrupt(p, f"the data section has {data_bytes} bytes but its tensors end at byte {position}")
     return header, metadata
 
 
