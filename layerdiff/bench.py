@@ -187,24 +187,55 @@ def bench_one(
     }
 
 
-def run(args) -> int:
+def check_args(args) -> tuple[torch.device, list[int], list[str]]:
+    """Every flag checked before a model is built: ranges (limits.RANGES), device, layers and layouts."""
+    from layerdiff import limits
     from layerdiff.errors import LayerDiffError
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise LayerDiffError("--device cuda but torch sees no CUDA device: use --device cpu")
+    for key in ("batch", "steps", "rounds", "threads"):
+        limits.check_int(getattr(args, key), limits.cli_name(key), key, optional=key == "threads")
+    device = limits.check_device(args.device, "--device")
     if device.type == "cpu" and args.dtype == "fp16":
         raise LayerDiffError("--dtype fp16 is not supported on the CPU: use fp32 or bf16")
     try:
-        layers = [int(x) for x in args.layers.split(",") if x]
+        layers = [int(x) for x in args.layers.split(",") if x.strip()]
     except ValueError:
         raise LayerDiffError(f"--layers {args.layers!r} must be comma-separated integers, e.g. 2,3,4") from None
+    if not layers:
+        raise LayerDiffError(f"--layers {args.layers!r} names no layer count: give e.g. 2,3,4")
+    for n in layers:
+        limits.check_int(n, "--layers", "layers")
     layouts = [x for x in args.layout.split(",") if x]
     bad = [x for x in layouts if x not in LAYOUTS]
     if bad or not layouts:
         raise LayerDiffError(f"--layout {args.layout!r}: use preset, paper or 'preset,paper'")
+    return device, layers, layouts
+
+
+def check_memory(preset: str, layers: int, batch: int, size: int | None, device, dtype) -> None:
+    """Refuse a configuration the device cannot hold: both UNets' weights and the sampling activations."""
+    from layerdiff import limits
+    from layerdiff.config import get_preset
+    from layerdiff.model.unet import LayerDiffUNet
+
+    config = get_preset(preset, max_layers=max(4, layers))
+    size = config.image_size if size is None else size
+    limits.check_size(size, size, config.vae_scale_factor, names=("--size", "--size"))
+    limits.check_run_size(size, size, layers, batch, names=("--layers", "--batch"))
+    params = sum(p.numel() for p in LayerDiffUNet.from_config(config, device="meta").parameters())
+    f = config.vae_scale_factor
+    need = 2 * params * torch.empty((), dtype=dtype, device="meta").element_size()
+    need += limits.sampling_bytes(config, batch, layers, size // f, size // f, dtype)
+    limits.check_memory(need, device, f"bench of {preset} with {layers} layers x {batch} image(s) at {size}x{size}")
+
+
+def run(args) -> int:
+    device, layers, layouts = check_args(args)
+    for preset in [p for p in args.preset.split(",") if p]:
+        for L in layers:
+            check_memory(preset, L, args.batch, args.size, device, DTYPES[args.dtype])
+    if args.threads:
+        torch.set_num_threads(args.threads)
     results = []
     for preset in [p for p in args.preset.split(",") if p]:
         for L in layers:

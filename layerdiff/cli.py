@@ -43,8 +43,16 @@ def _register_all(sub, table) -> None:
         getattr(module, attr)(sub)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line (the usage itself is one --help away); sub-command
+    parsers are made with the same class."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m layerdiff", description="LayerDiff: layered image generation.")
+    parser = _Parser(prog="python -m layerdiff", description="LayerDiff: layered image generation.")
     parser.add_argument("--version", action="version", version=f"layerdiff {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details on stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -67,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except (LayerDiffError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except MemoryError:
+        print("error: out of memory: lower --batch, --width/--height or the number of layers", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
+import numbers
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,17 +23,19 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from layerdiff import limits
 from layerdiff.errors import LayerDiffError
 from layerdiff.model.bundle import LayerDiffModel
 from layerdiff.pipeline import (
     LayerPrompts,
+    check_model,
     check_size,
     default_name,
     describe_scene,
     encode_prompts,
     sampler_kwargs,
 )
-from layerdiff.sampling import Callback, Lock, sample
+from layerdiff.sampling import SCHEDULERS, Callback, Lock, sample
 from layerdiff.stack import LayerStack
 
 logger = logging.getLogger("layerdiff.edit")
@@ -53,7 +55,7 @@ class EditDefaults:
     style_strength: float = 0.5  # 0 keeps the layer, 1 regenerates its image from noise
     harmonize_strength: float = 0.0  # 0 = no harmonisation pass after a transform; try 0.2..0.3
     inpaint_grow: int = 1  # latent pixels the inpaint region is dilated by (seams)
-    inpaint_grow_max: int = 16
+    inpaint_grow_max: int = limits.RANGES["grow"].high
     region_threshold: float = 0.5  # region mask pixels above this are inside
 
 
@@ -73,29 +75,43 @@ class SamplerSettings:
     layout_cleanup: float | None = None
     negative_prompt: str = ""
 
+    def __post_init__(self):
+        for name in ("steps", "cfg", "background_cfg", "mask_guidance", "mask_guidance_start", "layout_cleanup"):
+            limits.check_number(getattr(self, name), name, optional=True)
+        if self.scheduler is not None:
+            limits.check_choice(self.scheduler, "scheduler", SCHEDULERS)
+        limits.check_text(self.negative_prompt, "negative_prompt")
+
 
 # ---------------------------------------------------------------------------- checks
 
 
 def _index(stack: LayerStack, index, what: str = "layer_index") -> int:
     n = stack.num_layers
-    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < n:
+    if isinstance(index, bool) or not isinstance(index, numbers.Integral) or not 0 <= index < n:
         raise LayerDiffError(
-            f"{what} {index!r} is out of range for a stack of {n} layers: use 0..{n - 1} (0 is the background, "
+            f"{what} {limits.show(index)} is out of range for a stack of {n} layers: use 0..{n - 1} (0 is the background, "
             "1.. the foregrounds back to front)"
         )
-    return index
+    return int(index)
 
 
 def _check_strength(strength, what: str = "strength") -> float:
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
-        raise LayerDiffError(
-            f"{what} {strength!r} is outside 0..1: 0 keeps the layers unchanged, 1 regenerates them from noise"
-        )
-    return float(strength)
+    return limits.check_float(strength, what)
+
+
+def _check_common(seed, settings, callback, global_prompt=None) -> int:
+    """The arguments every edit shares; returns the seed as an int."""
+    if settings is not None and not isinstance(settings, SamplerSettings):
+        raise LayerDiffError(f"settings {limits.show(settings)} is not a SamplerSettings: give "
+                             "SamplerSettings(steps=..., cfg=...) or None")
+    limits.check_callback(callback)
+    limits.check_text(global_prompt, "global_prompt", optional=True)
+    return limits.check_int(seed, "seed")
 
 
 def _check_model_fits(model: LayerDiffModel, stack: LayerStack) -> None:
+    check_model(model)
     if not isinstance(stack, LayerStack):
         raise LayerDiffError(f"expected a LayerStack (LAYERDIFF_LAYERS), got {type(stack).__name__}")
     if stack.num_layers > model.max_layers:
@@ -109,6 +125,10 @@ def _check_model_fits(model: LayerDiffModel, stack: LayerStack) -> None:
         check_size(stack.width, stack.height, f)
     except LayerDiffError as exc:
         raise LayerDiffError(f"the layers are {stack.width}x{stack.height} (WxH): {exc}; resize them first") from None
+    limits.check_run_size(stack.width, stack.height, stack.num_layers, stack.batch_size,
+                          names=("the stack's layer count", "the stack's batch"))
+    limits.check_run_memory(model.config, stack.batch_size, stack.num_layers, stack.height, stack.width,
+                            model.dtype, model.device)
 
 
 def _check_prompt(prompt, what: str = "prompt") -> str:
@@ -211,7 +231,7 @@ def _resample(
     B = stack.batch_size
     cond = encode_prompts(model, prompts).repeat(B)
     out = sample(
-        model.unet, cond, lat.shape[-2], lat.shape[-1], [int(seed) + b for b in range(B)],
+        model.unet, cond, lat.shape[-2], lat.shape[-1], limits.batch_seeds(seed, B),
         **sampler_kwargs(model, steps=s.steps, cfg=s.cfg, background_cfg=s.background_cfg, scheduler=s.scheduler,
                          mask_guidance=s.mask_guidance, mask_guidance_start=s.mask_guidance_start,
                          layout_cleanup=s.layout_cleanup),
@@ -287,8 +307,7 @@ def region_to_latent(region: torch.Tensor, stack: LayerStack, factor: int, grow:
             f"region mask has shape {tuple(region.shape)} but the layers need ({B}, {H}, {W}) or (1, {H}, {W}) "
             f"(B, H, W): give a mask of the layers' size {W}x{H} (resize or crop the mask)"
         )
-    if isinstance(grow, bool) or not isinstance(grow, int) or not 0 <= grow <= EDIT_DEFAULTS.inpaint_grow_max:
-        raise LayerDiffError(f"grow {grow!r} must be a whole number of latent pixels in 0..{EDIT_DEFAULTS.inpaint_grow_max}")
+    grow = limits.check_int(grow, "grow")
     inside = (r > EDIT_DEFAULTS.region_threshold).float().expand(B, H, W).to("cpu")
     cells = F.max_pool2d(inside[:, None], factor, factor)  # (B, 1, h, w): any pixel inside
     if grow:
@@ -300,7 +319,8 @@ def _edit(model, stack, index, prompt, seed, regenerate, region, grow, global_pr
     _check_model_fits(model, stack)
     i = _index(stack, index)
     prompt = _check_prompt(prompt)
-    if regenerate not in REGENERATE:
+    seed = _check_common(seed, settings, callback, global_prompt)
+    if not isinstance(regenerate, str) or regenerate not in REGENERATE:
         raise LayerDiffError(f"regenerate {regenerate!r} is unknown: choose one of {', '.join(map(repr, REGENERATE))}")
     channels = REGENERATE[regenerate]
     if i == 0:
@@ -371,6 +391,7 @@ def style_layers(
     if not isinstance(style, str):
         raise LayerDiffError(f"style must be a text such as 'watercolor style', got {style!r}")
     _check_model_fits(model, stack)
+    seed = _check_common(seed, settings, callback)
     chosen = _style_indices(stack, layers)
     if strength == 0.0:
         return stack
@@ -417,14 +438,20 @@ def transform_layer(
     harmonize = _check_strength(harmonize, "harmonize")
     if not isinstance(stack, LayerStack):
         raise LayerDiffError(f"expected a LayerStack (LAYERDIFF_LAYERS), got {type(stack).__name__}")
-    if _index(stack, index) == 0:
+    index = _index(stack, index)
+    if index == 0:
         raise LayerDiffError(
             "layer_index 0 is the background, which cannot be moved, scaled, reordered or removed: "
             f"choose a foreground (1..{stack.num_layers - 1})" if stack.num_layers > 1 else
             "layer_index 0 is the background and the stack has no foreground to transform"
         )
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-        raise LayerDiffError(f"scale {scale!r} must be a number > 0 (1 keeps the size, 0.5 halves, 2 doubles)")
+    dx, dy = limits.check_int(dx, "dx"), limits.check_int(dy, "dy")
+    scale = limits.check_float(scale, "scale")
+    move_to = limits.check_int(move_to, "move_to", optional=True)
+    remove = limits.check_flag(remove, "remove")
+    seed = _check_common(seed, settings, callback)
+    if model is not None:
+        check_model(model)
     if harmonize > 0 and model is None:
         raise LayerDiffError("harmonize > 0 needs a model: connect the LayerDiff model, or set harmonize to 0")
     if remove:

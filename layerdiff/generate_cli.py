@@ -52,30 +52,79 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def run(args) -> int:
+# flags checked against limits.RANGES (None: the model's default)
+NUMBER_FLAGS = ("seed", "steps", "cfg", "mask_guidance", "mask_guidance_start", "background_cfg", "layout_cleanup",
+                "empty_layer_retries", "batch")
+
+
+def check_args(args):
+    """Every flag checked before a file is read or written: ranges (limits.RANGES, under the flag's
+    name), the device, and the --base file. Returns the prompts."""
+    from layerdiff import limits
     from layerdiff.errors import LayerDiffError
-    from layerdiff.io.export import layer_set_files, sample_dir, write_layer_sets
-    from layerdiff.pipeline import LayerPrompts, check_prompts, check_size
+    from layerdiff.pipeline import LayerPrompts, check_prompts
 
     prompts = LayerPrompts(args.prompt, tuple(args.layer), args.negative)
     if not args.layer:
         raise LayerDiffError("no --layer given: add --layer \"background prompt\" and one --layer per foreground")
-    check_prompts(prompts, max_layers=64)  # the model's own limit is checked once it is loaded
-    for name in ("width", "height"):
-        v = getattr(args, name)
-        if v is not None:
-            check_size(v if name == "width" else 8, v if name == "height" else 8)
-    if args.batch < 1:
-        raise LayerDiffError(f"--batch {args.batch} must be at least 1")
-    if args.layout_cleanup is not None and not 0.0 <= args.layout_cleanup <= 1.0:
-        raise LayerDiffError(f"--layout-cleanup {args.layout_cleanup} must be within 0..1 (0 disables it)")
-    if args.empty_layer_retries is not None and args.empty_layer_retries < 0:
-        raise LayerDiffError(f"--empty-layer-retries {args.empty_layer_retries} must be 0 or more (0 disables it)")
+    check_prompts(prompts, max_layers=limits.LAYERS_MAX)  # the model's own limit is checked once it is loaded
+    for key in NUMBER_FLAGS:
+        limits.check_number(getattr(args, key), limits.cli_name(key), key, optional=True)
+    if args.width is not None or args.height is not None:
+        limits.check_size(limits.SIZE_MULTIPLE if args.width is None else args.width,
+                          limits.SIZE_MULTIPLE if args.height is None else args.height, names=("--width", "--height"))
+    limits.check_device(args.device, "--device")
+    if args.base is not None and not Path(args.base).exists():
+        raise LayerDiffError(f"--base {args.base}: no such file: give an SD 1.5 checkpoint (.safetensors) or "
+                             "diffusers folder, or leave --base out")
+    return prompts
+
+
+def check_against_model(args, prompts) -> None:
+    """From the model's header, before --out is made: the layer count and the size this model takes,
+    and the memory of the run (weights + sampling + decoding) against what the device has free."""
+    import torch
+
+    from layerdiff import limits
+    from layerdiff.config import get_preset
+    from layerdiff.io.checkpoint import (
+        DEFAULT_MODEL,
+        RANDOM_PRESETS,
+        check_layerdiff_file,
+        load_memory_bytes,
+        model_file,
+    )
+    from layerdiff.pipeline import check_prompts
+
+    path = model_file(args.model)
+    if path is None:
+        config, weights = get_preset(RANDOM_PRESETS[str(args.model or DEFAULT_MODEL)]), 0
+    else:
+        config, parts, shapes = check_layerdiff_file(path)
+        weights = load_memory_bytes(parts, shapes, torch.float32)
+    check_prompts(prompts, config.max_layers)
+    width = config.image_size if args.width is None else args.width
+    height = config.image_size if args.height is None else args.height
+    layers = len(prompts.layers)
+    limits.check_size(width, height, config.vae_scale_factor, names=("--width", "--height"))
+    limits.check_run_size(width, height, layers, args.batch, names=("--layer count", "--batch"))
+    limits.check_run_memory(config, args.batch, layers, height, width, torch.float32, args.device, extra=weights)
+
+
+def run(args) -> int:
+    from layerdiff.errors import LayerDiffError
+    from layerdiff.io.export import layer_set_files, sample_dir, write_layer_sets
+
+    prompts = check_args(args)
     from layerdiff.io.checkpoint import check_model
 
     check_model(args.model)  # headers only: a wrong --model fails before --out is made and the load starts
+    check_against_model(args, prompts)
     out = Path(args.out)
     _check_writable(out)
+    from layerdiff.io.resultset import clean_stale
+
+    clean_stale(out)  # what a killed or failed earlier run left in --out (never a live run's)
     if not args.overwrite:  # refuse before the (slow) generation, not after
         dirs = [out] if args.batch == 1 else [sample_dir(out, b) for b in range(args.batch)]
         taken = [str(f) for d in dirs for f in _expected_files(d, len(args.layer), not args.no_psd, layer_set_files)
@@ -101,7 +150,7 @@ def run(args) -> int:
         "layer_prompts": list(args.layer),
         "negative_prompt": args.negative,
         "seed": args.seed,
-        "steps": args.steps or d.steps,
+        "steps": d.steps if args.steps is None else args.steps,
         "scheduler": args.scheduler or d.scheduler,
         "cfg": d.cfg if args.cfg is None else args.cfg,
         "background_cfg": next(v for v in (args.background_cfg, d.background_cfg, args.cfg, d.cfg) if v is not None),

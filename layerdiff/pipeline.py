@@ -11,11 +11,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from layerdiff import limits
 from layerdiff.config import trained_words
 from layerdiff.errors import LayerDiffError
 from layerdiff.model.bundle import LayerDiffModel
 from layerdiff.model.text import unknown_words
-from layerdiff.sampling import Callback, LayerConditioning, Lock, sample
+from layerdiff.sampling import SCHEDULERS, Callback, LayerConditioning, Lock, sample
 from layerdiff.stack import LayerStack
 
 logger = logging.getLogger("layerdiff.pipeline")
@@ -32,6 +33,14 @@ class LayerPrompts:
     layers: tuple[str, ...] = ()
     negative: str = ""
     names: tuple[str, ...] = field(default=())
+
+    def __post_init__(self):
+        # a string for ``layers`` would otherwise be one layer per letter; lists become tuples (hashable)
+        set_ = object.__setattr__
+        set_(self, "global_prompt", limits.check_text(self.global_prompt, "global_prompt"))
+        set_(self, "layers", limits.check_texts(self.layers, "layers"))
+        set_(self, "negative", limits.check_text(self.negative, "negative"))
+        set_(self, "names", limits.check_texts(self.names, "names", "('background', 'star')"))
 
     def add_layer(self, prompt: str, name: str = "") -> LayerPrompts:
         names = tuple(self.names) + ("",) * (len(self.layers) - len(self.names))
@@ -69,12 +78,28 @@ def check_prompts(prompts: LayerPrompts, max_layers: int) -> None:
 
 
 def check_size(width: int, height: int, multiple: int = 8) -> None:
-    for name, v in (("width", width), ("height", height)):
-        if v < multiple or v % multiple:
-            lo = max(multiple, v // multiple * multiple)
-            hi = lo + multiple if lo <= v else lo
-            nearest = f"{lo} or {hi}" if lo != hi and lo < v else f"{hi}"
-            raise LayerDiffError(f"{name} {v} is not a multiple of {multiple}: use {nearest}")
+    """Whole numbers of pixels, multiples of ``multiple``, within limits.RANGES (8..4096)."""
+    limits.check_size(width, height, multiple)
+
+
+PROMPTS_EXAMPLE = "LayerPrompts('a red star in front of a brick wall', ('a brick wall', 'a red star'))"
+
+
+def check_model(model) -> LayerDiffModel:
+    if not isinstance(model, LayerDiffModel):
+        raise LayerDiffError(f"model {limits.show(model)} is not a LayerDiff model: load one with "
+                             "layerdiff.io.checkpoint.load_model('layerdiff-toy')")
+    return model
+
+
+def check_prompt_sets(prompts) -> list[LayerPrompts]:
+    """One LayerPrompts, or a non-empty list of them, as a list."""
+    if isinstance(prompts, LayerPrompts):
+        return [prompts]
+    if isinstance(prompts, (list, tuple)) and prompts and all(isinstance(p, LayerPrompts) for p in prompts):
+        return list(prompts)
+    raise LayerDiffError(f"prompts {limits.show(prompts)} is not a LayerPrompts (or a list of them): give e.g. "
+                         f"{PROMPTS_EXAMPLE}")
 
 
 VOCABULARY_HINT = "the built-in model's words: README 'Built-in model vocabulary'"
@@ -127,9 +152,8 @@ def encode_prompts(model: LayerDiffModel, prompts: LayerPrompts | list[LayerProm
     global prompt and for every layer, as in training's prompt dropout. Words the tokenizer does not
     know are logged as one warning (:func:`unknown_words_warning`).
     """
-    sets = [prompts] if isinstance(prompts, LayerPrompts) else list(prompts)
-    if not sets:
-        raise LayerDiffError("no prompts given")
+    check_model(model)
+    sets = check_prompt_sets(prompts)
     for p in sets:
         check_prompts(p, model.max_layers)
     warning = unknown_words_warning(model, sets)
@@ -194,16 +218,24 @@ def sampler_kwargs(
 ) -> dict:
     """Keyword arguments of :func:`layerdiff.sampling.sample` for this model: every None takes the
     model's default (``config.sampling``), and the latents that self-mask guidance and layout
-    cleanup read come along when they are on."""
+    cleanup read come along when they are on. Given values are checked against limits.RANGES first."""
+    check_model(model)
+    for name, value in (("steps", steps), ("cfg", cfg), ("background_cfg", background_cfg),
+                        ("mask_guidance", mask_guidance), ("mask_guidance_start", mask_guidance_start),
+                        ("layout_cleanup", layout_cleanup), ("layout_cleanup_start", layout_cleanup_start),
+                        ("empty_layer_retries", empty_layer_retries)):
+        limits.check_number(value, name, optional=True)
+    if scheduler is not None:
+        limits.check_choice(scheduler, "scheduler", SCHEDULERS)
     d = model.config.sampling
     smg = d.mask_guidance if mask_guidance is None else mask_guidance
     cleanup = d.layout_cleanup if layout_cleanup is None else layout_cleanup
     retries = d.empty_layer_retries if empty_layer_retries is None else empty_layer_retries
     return {
-        "steps": steps or d.steps,
+        "steps": d.steps if steps is None else steps,
         "cfg": d.cfg if cfg is None else cfg,
         "background_cfg": d.background_cfg if background_cfg is None else background_cfg,
-        "scheduler": scheduler or d.scheduler,
+        "scheduler": d.scheduler if scheduler is None else scheduler,
         "scheduler_config": model.config.scheduler,
         "mask_guidance": smg,
         "mask_guidance_start": d.mask_guidance_start if mask_guidance_start is None else mask_guidance_start,
@@ -240,25 +272,38 @@ def generate(
     strength: float = 1.0,
     empty_layer_retries: int | None = None,
 ) -> LayerStack:
-    """Generate ``batch`` composable images; sample b uses seed ``seed + b``. Defaults (None): the
-    model config's sampling settings."""
-    width = width or model.config.image_size
-    height = height or model.config.image_size
+    """Generate ``batch`` composable images; sample b uses seed ``seed + b`` (mod 2**64). Defaults (None):
+    the model config's sampling settings. Every argument is checked (limits.RANGES) before any work,
+    and a run that cannot fit the device's memory is refused before sampling."""
+    check_model(model)
+    if not isinstance(prompts, LayerPrompts):
+        raise LayerDiffError(f"prompts {limits.show(prompts)} is not a LayerPrompts: give e.g. {PROMPTS_EXAMPLE}")
+    if conditioning is None:
+        check_prompts(prompts, model.max_layers)
+    elif not isinstance(conditioning, LayerConditioning):
+        raise LayerDiffError(f"conditioning {limits.show(conditioning)} is not a LayerConditioning: give the output "
+                             "of encode_prompts, or None")
+    width = model.config.image_size if width is None else width
+    height = model.config.image_size if height is None else height
     check_size(width, height, model.vae_scale_factor)
-    if batch < 1:
-        raise LayerDiffError(f"batch {batch} must be at least 1")
+    seed = limits.check_int(seed, "seed")
+    batch = limits.check_int(batch, "batch")
+    layers = conditioning.num_layers if conditioning is not None else len(prompts.layers)
+    limits.check_run_size(width, height, layers, batch)
+    kwargs = sampler_kwargs(model, steps=steps, cfg=cfg, background_cfg=background_cfg, scheduler=scheduler,
+                            mask_guidance=mask_guidance, mask_guidance_start=mask_guidance_start,
+                            layout_cleanup=layout_cleanup, empty_layer_retries=empty_layer_retries)
+    strength = limits.check_float(strength, "strength")
+    limits.check_callback(callback)
+    limits.check_run_memory(model.config, batch, layers, height, width, model.dtype, model.device)
     cond = conditioning if conditioning is not None else encode_prompts(model, prompts)
     if cond.batch_size == 1 and batch > 1:
         cond = cond.repeat(batch)
     elif cond.batch_size != batch:
         raise LayerDiffError(f"conditioning holds {cond.batch_size} prompt sets but batch is {batch}")
     f = model.vae_scale_factor
-    seeds = [int(seed) + b for b in range(batch)]
     latents = sample(
-        model.unet, cond, height // f, width // f, seeds,
-        **sampler_kwargs(model, steps=steps, cfg=cfg, background_cfg=background_cfg, scheduler=scheduler,
-                         mask_guidance=mask_guidance, mask_guidance_start=mask_guidance_start,
-                         layout_cleanup=layout_cleanup, empty_layer_retries=empty_layer_retries),
+        model.unet, cond, height // f, width // f, limits.batch_seeds(seed, batch), **kwargs,
         lock=lock, init_latents=init_latents, strength=strength, callback=callback,
     )
     return decode_stack(

@@ -12,13 +12,15 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-from collections.abc import Callable
+import numbers
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from layerdiff import limits
 from layerdiff.errors import Interrupted, LayerDiffError
 
 logger = logging.getLogger("layerdiff.sampling")
@@ -330,30 +332,44 @@ def sample(
     comes from a stream of each sample's own seed, so results stay deterministic; other layers
     keep their noise. It needs ``mask_axis``, and it is off for partial starts (``strength`` < 1).
     """
+    if not isinstance(cond, LayerConditioning):
+        raise LayerDiffError(f"cond {limits.show(cond)} is not a LayerConditioning: give the output of "
+                             "layerdiff.pipeline.encode_prompts")
     B, L = cond.batch_size, cond.num_layers
+    for name, value in (("height", height), ("width", width)):  # latent sizes
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= limits.SIZE_MAX:
+            raise LayerDiffError(f"{name} {limits.show(value)} must be a whole number of latent pixels in "
+                                 f"1..{limits.SIZE_MAX} (the image size divided by the VAE's factor)")
+    if isinstance(seeds, (str, bytes, dict)) or not isinstance(seeds, Iterable) or not hasattr(seeds, "__len__"):
+        raise LayerDiffError(f"seeds {limits.show(seeds)} is not a list: give one seed per sample, e.g. [0, 1]")
     if len(seeds) != B:
         raise LayerDiffError(f"got {len(seeds)} seeds for a batch of {B}: give one seed per sample")
-    if steps < 1:
-        raise LayerDiffError(f"steps {steps} must be at least 1")
-    if not 0.0 <= strength <= 1.0:
-        raise LayerDiffError(f"strength {strength} must be within 0..1")
+    seeds = [limits.check_int(s, f"seeds[{b}]", "seed") for b, s in enumerate(seeds)]
+    steps = limits.check_int(steps, "steps")
+    for name, value in (("cfg", cfg), ("mask_guidance", mask_guidance), ("mask_guidance_start", mask_guidance_start),
+                        ("mask_guidance_blur", mask_guidance_blur), ("layout_cleanup", layout_cleanup),
+                        ("layout_cleanup_start", layout_cleanup_start), ("strength", strength), ("eta", eta),
+                        ("empty_layer_check", empty_layer_check)):
+        limits.check_float(value, name)
+    limits.check_float(background_cfg, "background_cfg", optional=True)
+    limits.check_int(mask_guidance_erode, "mask_guidance_erode")
+    limits.check_int(empty_layer_retries, "empty_layer_retries")
+    limits.check_int(max_batch, "max_batch", optional=True)
+    limits.check_choice(scheduler, "scheduler", SCHEDULERS)
+    if scheduler_config is not None and not isinstance(scheduler_config, dict):
+        raise LayerDiffError(f"scheduler_config {limits.show(scheduler_config)} is not a dict: give the model's "
+                             "config.scheduler, or None")
+    limits.check_callback(callback)
+    if lock is not None and not isinstance(lock, Lock):
+        raise LayerDiffError(f"lock {limits.show(lock)} is not a Lock: give Lock(latents, mask), or None")
+    if init_latents is not None and not isinstance(init_latents, torch.Tensor):
+        raise LayerDiffError(f"init_latents {limits.show(init_latents)} is not a tensor (B, L, 8, h, w), or None")
+    config = getattr(unet, "config", None)
+    if hasattr(config, "unet") and hasattr(unet, "device"):
+        limits.check_memory(limits.sampling_bytes(config, B, L, height, width, unet.dtype), unet.device,
+                            f"sampling {L} layers x {B} image(s) at latent size {width}x{height}")
     if mask_guidance and mask_axis is None:
         raise LayerDiffError("self-mask guidance needs mask_axis (the model bundle's mask_axis())")
-    if (isinstance(mask_guidance_erode, bool) or not isinstance(mask_guidance_erode, (int, float))
-            or mask_guidance_erode != int(mask_guidance_erode) or mask_guidance_erode < 0):
-        raise LayerDiffError(f"mask_guidance_erode {mask_guidance_erode!r} must be a whole number of latent pixels, 0 or "
-                             "more (0: self-mask guidance uses the whole predicted mask)")
-    if not 0.0 <= layout_cleanup <= 1.0:
-        raise LayerDiffError(f"layout_cleanup {layout_cleanup} must be within 0..1 (0 disables it)")
-    if not 0.0 <= layout_cleanup_start <= 1.0:
-        raise LayerDiffError(f"layout_cleanup_start {layout_cleanup_start} must be within 0..1 (a fraction of the steps)")
-    if (isinstance(empty_layer_retries, bool) or not isinstance(empty_layer_retries, int)
-            or empty_layer_retries < 0):
-        raise LayerDiffError(f"empty_layer_retries {empty_layer_retries!r} must be a whole number, 0 or more (0 "
-                             "disables redrawing empty foregrounds)")
-    if not 0.0 <= empty_layer_check < 1.0:
-        raise LayerDiffError(f"empty_layer_check {empty_layer_check} must be within 0..1 (a fraction of the steps, "
-                             "below 1)")
     if empty_layer_retries and mask_axis is None:
         raise LayerDiffError("redrawing empty foregrounds needs mask_axis (the model bundle's mask_axis())")
     if layout_cleanup and (mask_axis is None or empty_latent is None):
@@ -464,7 +480,7 @@ def sample(
             if bool(gone.any()):
                 tries += 1
                 if retry_gens is None:
-                    retry_gens = [torch.Generator("cpu").manual_seed(int(s) + 0x5EED) for s in seeds]
+                    retry_gens = [torch.Generator("cpu").manual_seed((int(s) + 0x5EED) % (limits.SEED_MAX + 1)) for s in seeds]
                 for b, k in gone.nonzero().tolist():
                     replaced[(b, k + 1)] = torch.randn(shape[2:], generator=retry_gens[b], dtype=torch.float32)
                 logger.info("%d empty foreground(s) after step %d of %d: new noise for them, try %d of %d",

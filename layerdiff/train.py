@@ -23,6 +23,7 @@ names the newest.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import logging
 import math
@@ -82,21 +83,29 @@ class TrainConfig:
     # pure noise then keeps the noise's near-zero mean: flat backgrounds come out grey.
     offset_noise: float = 0.0
 
+    def __post_init__(self):
+        check_settings({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, TRAIN_SETTINGS)
+        self.layer_weights = {int(k): float(v) for k, v in self.layer_weights.items()}
+        if self.size % 8:
+            raise LayerDiffError(f"size {self.size} is not a multiple of 8: use e.g. {self.size // 8 * 8 or 8}")
+        if self.drop_all + self.drop_layers > 1:
+            raise LayerDiffError(f"drop_all {self.drop_all} + drop_layers {self.drop_layers} is above 1: they are "
+                                 "shares of the batch, e.g. 0.1 and 0.05")
+
     @classmethod
-    def from_dict(cls, data: dict) -> TrainConfig:
+    def from_dict(cls, data: dict, where: str = "") -> TrainConfig:
+        """Settings from JSON: every key known, every value of its type and in its range (see
+        TRAIN_SETTINGS); ``where`` prefixes the key in messages (e.g. "train.")."""
+        if not isinstance(data, dict):
+            raise LayerDiffError(f"{where.rstrip('.') or 'the training settings'} must be a JSON object of "
+                                 f"settings, got {_show(data)}")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted((k for k in data if k not in known), key=str)
         if unknown:
-            raise LayerDiffError(f"unknown training settings {unknown}: expected some of {sorted(known)}")
-        data = dict(data)
-        if "layer_weights" in data:
-            data["layer_weights"] = {int(k): float(v) for k, v in data["layer_weights"].items()}
-        if data.get("lr_schedule", "constant") not in LR_SCHEDULES:
-            raise LayerDiffError(f"lr_schedule {data['lr_schedule']!r} is not known: use one of {list(LR_SCHEDULES)}")
-        if float(data.get("snr_gamma", 0.0)) < 0:
-            raise LayerDiffError(f"snr_gamma {data['snr_gamma']} must be 0 (off) or positive, e.g. 5")
-        if float(data.get("offset_noise", 0.0)) < 0:
-            raise LayerDiffError(f"offset_noise {data['offset_noise']} must be 0 (off) or positive, e.g. 0.1")
+            close = difflib.get_close_matches(str(unknown[0]), known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise LayerDiffError(f"unknown training setting {where}{unknown[0]!r}{hint}: use some of {sorted(known)}")
+        check_settings(data, TRAIN_SETTINGS, where)
         return cls(**data)
 
     def lr_scale(self, step: int) -> float:
@@ -108,6 +117,115 @@ class TrainConfig:
 
 
 LR_SCHEDULES = ("constant", "cosine")
+MAX_SEED = 2**32 - 1  # accelerate's set_seed seeds numpy, which takes 32 bits
+MAX_STEPS = 100_000_000
+
+
+@dataclass(frozen=True)
+class Setting:
+    """The type and range of one training setting; ``hint`` says what the value means."""
+
+    kind: str  # "int" | "float" | "bool" | "choice" | "weights" | "ints"
+    lo: float | None = None
+    hi: float | None = None
+    choices: tuple = ()
+    hint: str = ""
+    optional: bool = False  # None allowed
+
+
+def _show(value) -> str:
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    text = repr(value) if isinstance(value, (str, int, float)) else json.dumps(value, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _number_ok(value, kind: str) -> bool:
+    if kind == "int":
+        return type(value) is int  # true/false are not counts
+    return type(value) in (int, float) and math.isfinite(value)
+
+
+def _limit(x) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}"
+
+
+def check_setting(key: str, value, rule: Setting, where: str = "") -> None:
+    """Raise LayerDiffError naming ``where + key``, the value and what is allowed."""
+    name = f"{where}{key} {_show(value)}"
+    hint = f" ({rule.hint})" if rule.hint else ""
+    span = f"{_limit(rule.lo)} to {_limit(rule.hi)}" if rule.lo is not None else ""
+    if value is None and rule.optional:
+        return
+    if rule.kind == "bool":
+        if type(value) is not bool:
+            raise LayerDiffError(f"{name} must be true or false{hint}")
+    elif rule.kind == "choice":
+        if value not in rule.choices or not isinstance(value, str):
+            raise LayerDiffError(f"{name} is not known: use {' or '.join(rule.choices)}{hint}")
+    elif rule.kind in ("int", "float"):
+        extra = f"; {rule.hint}" if rule.hint else ""
+        if not _number_ok(value, rule.kind):
+            what = "an integer" if rule.kind == "int" else "a finite number"
+            raise LayerDiffError(f"{name} must be {what} from {span}{hint}")
+        if value < rule.lo:
+            raise LayerDiffError(f"{name} must be {_limit(rule.lo)} or more ({span}{extra})")
+        if value > rule.hi:
+            raise LayerDiffError(f"{name} must be {_limit(rule.hi)} or less ({span}{extra})")
+    elif rule.kind == "ints":
+        if not (isinstance(value, (list, tuple)) and len(value) <= 16
+                and all(type(v) is int and rule.lo <= v <= rule.hi for v in value)):
+            raise LayerDiffError(f"{name} must be a list of up to 16 integers from {span}{hint}")
+    elif rule.kind == "weights":
+        def layer_count(k) -> bool:
+            digits = isinstance(k, str) and k.isascii() and k.isdigit() and len(k) <= 3
+            return (type(k) is int or digits) and rule.lo <= int(k) <= rule.hi
+
+        if not (isinstance(value, dict) and value and all(layer_count(k) for k in value)
+                and all(_number_ok(v, "float") and 0 <= v <= 100 for v in value.values())):
+            raise LayerDiffError(f"{name} must map layer counts {span} to weights from 0 to 100{hint}")
+
+
+def check_settings(values: dict, rules: dict[str, Setting], where: str = "") -> None:
+    """:func:`check_setting` for every key of ``values`` that ``rules`` knows."""
+    for key, value in values.items():
+        if key in rules:
+            check_setting(key, value, rules[key], where)
+
+
+# The range of every TrainConfig field: wide enough for any sensible run, narrow enough that a typo
+# (a sign, a few digits too many, a string) is refused before anything loads.
+TRAIN_SETTINGS = {
+    "steps": Setting("int", 1, MAX_STEPS, hint="optimizer steps"),
+    "batch_size": Setting("int", 1, 1024, hint="samples per step"),
+    "lr_base": Setting("float", 0.0, 1.0, hint="learning rate of the SD weights, e.g. 1e-5"),
+    "lr_new": Setting("float", 0.0, 1.0, hint="learning rate of the new modules, e.g. 1e-4"),
+    "lr_text": Setting("float", 0.0, 1.0, hint="learning rate of the text encoder; 0 = frozen"),
+    "warmup_steps": Setting("int", 0, MAX_STEPS),
+    "weight_decay": Setting("float", 0.0, 10.0, hint="e.g. 0.01"),
+    "grad_clip": Setting("float", 0.0, 1e6, hint="0 = off, e.g. 1"),
+    "ema_decay": Setting("float", 0.0, 0.999999, hint="0 = off, e.g. 0.999"),
+    "freeze_base": Setting("bool"),
+    "drop_all": Setting("float", 0.0, 1.0, hint="share of samples with all prompts dropped, e.g. 0.1"),
+    "drop_layers": Setting("float", 0.0, 1.0, hint="share of samples with layer prompts dropped, e.g. 0.05"),
+    "layer_weights": Setting("weights", 1, 16, hint='e.g. {"2": 1, "3": 2, "4": 3}'),
+    "mixed_precision": Setting("choice", choices=("no", "fp16", "bf16")),
+    "size": Setting("int", 8, 2048, hint="training resolution in pixels, a multiple of 8"),
+    "seed": Setting("int", 0, MAX_SEED),
+    "log_every": Setting("int", 1, MAX_STEPS),
+    "checkpoint_every": Setting("int", 1, MAX_STEPS),
+    "keep_checkpoints": Setting("int", 1, 1000),
+    "sample_every": Setting("int", 0, MAX_STEPS, hint="0 = no sample grids"),
+    "num_workers": Setting("int", 0, 64, hint="data loader processes"),
+    "cache_latents": Setting("bool"),
+    "bucket_layers": Setting("bool"),
+    "snr_gamma": Setting("float", 0.0, 1000.0, hint="0 = off, e.g. 5"),
+    "lr_schedule": Setting("choice", choices=LR_SCHEDULES),
+    "intra_gate_init": Setting("float", -10.0, 10.0, hint="null keeps the gates shut, e.g. 1.0", optional=True),
+    "offset_noise": Setting("float", 0.0, 10.0, hint="0 = off, e.g. 0.1"),
+}
 
 
 def cosine_scale(frac: float) -> float:
@@ -234,7 +352,7 @@ class LatentCache:
 
     @classmethod
     def build(cls, model: LayerDiffModel, data, size: int, path: Path, max_layers: int, batch_size: int = 32):
-        from layerdiff.data.format import read_shard
+        from layerdiff.data.format import DamageCount, read_samples
         from layerdiff.data.reader import resolve_shards, sample_to_tensors
 
         if path.exists():
@@ -276,17 +394,23 @@ class LatentCache:
 
         # the encoder's convolutions run about 1.5x faster in channels-last layout on CPU
         model.vae.to(memory_format=torch.channels_last)
+        damage = DamageCount()  # damaged samples are skipped and counted, as the streaming reader does
         try:
-            for shard in resolve_shards(data):
-                for sample in read_shard(shard):
-                    if sample.num_layers > max_layers:
-                        continue
-                    buf.append(sample_to_tensors(sample, size))
-                    if len(buf) == batch_size:
-                        flush()
+            for sample in read_samples(resolve_shards(data), damage):
+                if sample.num_layers > max_layers:
+                    continue
+                buf.append(sample_to_tensors(sample, size))
+                if len(buf) == batch_size:
+                    flush()
             flush()
         finally:
             model.vae.to(memory_format=torch.contiguous_format)
+        if not lat_all:
+            why = f"; {damage.describe()}" if damage else ""
+            raise LayerDiffError(f"no sample of {max_layers} layers or fewer in {data}{why}: "
+                                 "check the data with python -m layerdiff data inspect DIR")
+        if damage:
+            logger.warning("latent cache: %s", damage.describe())
         cache = cls(torch.cat(lat_all), torch.cat(valid_all), gp, lp)
         save_safetensors_atomic(
             {"latents": cache.latents, "valid": cache.valid.to(torch.uint8)},

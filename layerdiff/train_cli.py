@@ -81,22 +81,59 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+MAX_TOY_SAMPLES = 10_000_000
+_RECIPE_KEYS = ("model", "samples", "train", "vae", "decoder", "unet", "calibration")  # --preset toy's --config
+_CONFIG_DEPTH = 8  # {"train": {"layer_weights": {...}}} is 3 deep
+
+
+def _check_args(args) -> None:
+    """Every number on the command line in its range, before anything loads or is written."""
+    from layerdiff.errors import LayerDiffError
+    from layerdiff.train import MAX_SEED, MAX_STEPS
+
+    for flag, value, lo, hi in (("--steps", args.steps, 1, MAX_STEPS), ("--vae-steps", args.vae_steps, 1, MAX_STEPS),
+                                ("--samples", args.samples, 1, MAX_TOY_SAMPLES), ("--batch-size", args.batch_size, 1, 1024),
+                                ("--seed", args.seed, 0, MAX_SEED), ("--threads", args.threads, 1, 1024)):
+        if value is not None and not lo <= value <= hi:
+            raise LayerDiffError(f"{flag} {value} is out of range: use a whole number from {lo} to {hi}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise LayerDiffError(f"--out {str(out)!r} is a file: give a folder for checkpoints, logs and the model")
+
+
+def read_config(path) -> dict:
+    """The ``--config`` JSON object: a regular file of at most 1 MiB, valid JSON, an object."""
+    from layerdiff.data.input_files import InputFileError, parse_untrusted_json, read_regular_file
+    from layerdiff.errors import LayerDiffError
+
+    try:
+        raw = read_regular_file(Path(path), 2**20)
+    except InputFileError as exc:
+        raise LayerDiffError(f"--config {exc}: give a JSON file of training settings") from None
+    try:
+        settings = parse_untrusted_json(raw, _CONFIG_DEPTH)
+    except ValueError as exc:
+        raise LayerDiffError(f"--config {str(path)!r} is {exc}: fix the file") from None
+    if not isinstance(settings, dict):
+        raise LayerDiffError(f"--config {str(path)!r} holds {type(settings).__name__ if settings is not None else 'null'}, "
+                             'not a JSON object of settings such as {"steps": 1000, "batch_size": 8}')
+    model = settings.get("model")
+    if model is not None and not isinstance(model, str):
+        raise LayerDiffError(f"--config {str(path)!r}: \"model\" is {json.dumps(model)[:40]}, not a preset name "
+                             "such as \"tiny\" or \"sd15\"")
+    return settings
+
+
 def run(args) -> int:
     import torch
 
     from layerdiff.errors import LayerDiffError
     from layerdiff.train import TrainConfig
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    settings = {}
-    preset = args.preset
-    if args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            raise LayerDiffError(f"--config {path} not found: give a JSON file of training settings")
-        settings = json.loads(path.read_text())
-        preset = preset or settings.pop("model", None)
+    _check_args(args)
+    settings = read_config(args.config) if args.config else {}
+    model_name = settings.pop("model", None)
+    preset = args.preset or model_name
     if preset == "toy" and not args.init:
         return run_toy_recipe(args, settings)
     if not preset and not args.init:
@@ -106,9 +143,16 @@ def run(args) -> int:
     from layerdiff.io.checkpoint import build_random_model, load_layerdiff
     from layerdiff.train import train
 
+    sections = sorted((k for k in settings if k in _RECIPE_KEYS), key=str)
+    if sections:
+        raise LayerDiffError(f"--config: {sections[0]!r} is a section of --preset toy's recipe; for --preset "
+                             f"{preset or '(from --init)'} give the training settings at the top level, e.g. "
+                             '{"steps": 1000, "batch_size": 8}')
     cfg = TrainConfig.from_dict({**settings, **_overrides(args)})  # bad settings fail before any loading
     preset_config = get_preset(preset) if not args.init else None  # an unknown preset too
     resolve_shards(args.data)  # a missing or empty data folder too
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.init:
         model = load_layerdiff(args.init, base=args.base)
     else:
@@ -171,16 +215,26 @@ def _vae_stage(vae, data, file: Path, run_dir: Path, settings: dict, seed: int) 
 _LATENT_STATS = ("latents_mean", "latents_std")  # per-channel latent scaling (VaeTrainConfig.latent_stats)
 
 
-def run_toy_recipe(args, settings: dict) -> int:
-    """data -> VAE -> decoder fine-tuning -> LayerDiff for the built-in toy model; every stage resumable."""
-    import torch
+def _toy_recipe(args, settings: dict) -> tuple[dict, int]:
+    """The toy recipe with ``settings`` (the --config file) and the command line's overrides
+    applied, every stage's settings checked; (recipe, number of toy samples)."""
+    from layerdiff.errors import LayerDiffError
+    from layerdiff.train import TrainConfig
+    from layerdiff.train_vae import VaeTrainConfig
 
-    from layerdiff.config import get_preset
-    from layerdiff.data.format import list_shards
-    from layerdiff.io.checkpoint import build_random_model
-    from layerdiff.pipeline import LayerPrompts
-    from layerdiff.train import TrainConfig, train
-
+    unknown = sorted((k for k in settings if k not in _RECIPE_KEYS), key=str)
+    if unknown:
+        raise LayerDiffError(f"--config: key {unknown[0]!r} is unknown for --preset toy: use some of "
+                             f"{list(_RECIPE_KEYS)} (training settings go under \"train\", e.g. "
+                             '{"train": {"steps": 1000}})')
+    for key in ("train", "vae", "calibration", "unet", "decoder"):
+        value = settings.get(key)
+        if key in settings and not isinstance(value, dict) and not (key == "decoder" and value is None):
+            raise LayerDiffError(f"--config: the \"{key}\" setting is {json.dumps(value)[:40]}, not an object of settings")
+    samples = settings.get("samples", TOY_RECIPE["samples"])
+    if type(samples) is not int or not 1 <= samples <= MAX_TOY_SAMPLES:
+        raise LayerDiffError(f"--config: samples {json.dumps(samples)[:40]} must be a whole number from 1 to "
+                             f"{MAX_TOY_SAMPLES} (toy samples to generate)")
     recipe = json.loads(json.dumps(TOY_RECIPE))
     recipe["train"].update(settings.get("train", {}))
     recipe["vae"].update(settings.get("vae", {}))
@@ -195,7 +249,35 @@ def run_toy_recipe(args, settings: dict) -> int:
         recipe["train"]["batch_size"] = args.batch_size
     if args.vae_steps is not None:
         recipe["vae"]["steps"] = args.vae_steps
-    samples = args.samples or settings.get("samples", recipe["samples"])
+    TrainConfig.from_dict({**recipe["train"], "seed": args.seed}, where="train.")
+    VaeTrainConfig.from_dict(recipe["vae"], "vae.", seed=args.seed)
+    if recipe.get("decoder"):
+        VaeTrainConfig.from_dict(recipe["decoder"], "decoder.", seed=args.seed)
+    return recipe, args.samples or samples
+
+
+def run_toy_recipe(args, settings: dict) -> int:
+    """data -> VAE -> decoder fine-tuning -> LayerDiff for the built-in toy model; every stage resumable."""
+    import torch
+
+    from layerdiff.config import get_preset
+    from layerdiff.data.format import list_shards
+    from layerdiff.errors import LayerDiffError
+    from layerdiff.io.checkpoint import build_random_model
+    from layerdiff.pipeline import LayerPrompts
+    from layerdiff.train import TrainConfig, train
+
+    recipe, samples = _toy_recipe(args, settings)  # every setting checked before any work
+    config = get_preset("toy")
+    try:
+        if recipe.get("unet"):
+            config = config.replace(unet={**config.unet, **recipe["unet"]})
+        model = build_random_model(config, seed=args.seed)
+    except LayerDiffError:
+        raise
+    except (TypeError, ValueError, KeyError) as exc:  # diffusers refusing the recipe's "unet" values
+        raise LayerDiffError(f"the recipe's \"unet\" setting does not make a UNet ({type(exc).__name__}: "
+                             f"{' '.join(str(exc).split())[:160]}): fix its values") from None
     out, data = Path(args.out), Path(args.data)
     out.mkdir(parents=True, exist_ok=True)
     timings = {}
@@ -206,11 +288,6 @@ def run_toy_recipe(args, settings: dict) -> int:
         logger.warning("generating %d toy samples in %s", samples, data)
         generate_toy_dataset(data, samples, seed=args.seed, size=128, resume=data.is_dir())
     timings["data_s"] = round(time.time() - t, 1)
-
-    config = get_preset("toy")
-    if recipe.get("unet"):
-        config = config.replace(unet={**config.unet, **recipe["unet"]})
-    model = build_random_model(config, seed=args.seed)
     t = time.time()
     _vae_stage(model.vae, data, out / "vae.safetensors", out / "vae_run", recipe["vae"], args.seed)
     timings["vae_s"] = round(time.time() - t, 1)
@@ -265,19 +342,20 @@ def _calibration_settings(value: dict) -> dict:
                              '"foreground_candidates" (foreground guidance scales; [] keeps the preset\'s)')
     samples, cands = value["samples"], value["candidates"]
     fg = value.get("foreground_candidates", [])
-    if not isinstance(samples, int) or isinstance(samples, bool) or not (samples == 0 or samples >= 3):
+    if not isinstance(samples, int) or isinstance(samples, bool) or not (samples == 0 or 3 <= samples <= 10_000):
         raise LayerDiffError(f"the recipe's calibration samples {samples!r} must be 0 (keep the preset's background "
-                             "guidance) or at least 3 (one scene per layer count)")
+                             "guidance) or from 3 (one scene per layer count) to 10000")
 
     def scales(c) -> bool:
-        return isinstance(c, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in c)
+        return isinstance(c, list) and len(c) <= 32 and all(
+            type(x) in (int, float) and 0 < x <= 100 for x in c)  # NaN fails the comparison
 
     if not scales(cands) or not cands:
-        raise LayerDiffError(f"the recipe's calibration candidates {cands!r} must be a list of guidance scales above 0, "
-                             "e.g. [7.5, 10, 14]")
+        raise LayerDiffError(f"the recipe's calibration candidates {cands!r} must be a list of up to 32 guidance "
+                             "scales above 0 and at most 100, e.g. [7.5, 10, 14]")
     if not scales(fg):
-        raise LayerDiffError(f"the recipe's calibration foreground_candidates {fg!r} must be a list of guidance scales "
-                             "above 0, e.g. [2, 3, 4.5, 7.5] ([] keeps the preset's foreground guidance)")
+        raise LayerDiffError(f"the recipe's calibration foreground_candidates {fg!r} must be a list of up to 32 "
+                             "guidance scales above 0 and at most 100, e.g. [2, 3, 4.5] ([] keeps the preset's)")
     return {"samples": samples, "candidates": [float(c) for c in cands], "foreground_candidates": [float(c) for c in fg]}
 
 

@@ -8,6 +8,9 @@ latent scaling factor is set to 1 / std of the latents, as SD's 0.18215 was chos
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -19,6 +22,7 @@ import torch.nn.functional as F
 
 from layerdiff.errors import LayerDiffError
 from layerdiff.model.bundle import latent_affine
+from layerdiff.train import LR_SCHEDULES, MAX_SEED, MAX_STEPS, Setting, check_settings
 
 logger = logging.getLogger("layerdiff.train")
 
@@ -77,24 +81,68 @@ class VaeTrainConfig:
     # crop's latent size pools to one latent pixel, whose decoding must be the crop's mean colour.
     scale_equivariance_factors: tuple[int, ...] = (2,)
 
+    def __post_init__(self):
+        check_settings({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, VAE_SETTINGS, "VAE ")
+        if self.crop % 8:
+            raise LayerDiffError(f"VAE crop {self.crop} is not a multiple of 8: use e.g. {self.crop // 8 * 8 or 8}")
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "vae.", **fixed) -> VaeTrainConfig:
+        """Settings from JSON (the recipe's "vae" or "decoder"): every key known, every value of its
+        type and in its range; ``fixed`` adds settings that are not the user's (the seed)."""
+        if not isinstance(data, dict):
+            raise LayerDiffError(f"{where.rstrip('.')} must be a JSON object of VAE settings, got {json.dumps(data)[:40]}")
+        known = {f.name for f in dataclasses.fields(cls)} - set(fixed)
+        unknown = sorted((k for k in data if k not in known), key=str)
+        if unknown and unknown[0] in fixed:
+            raise LayerDiffError(f"{where}{unknown[0]} cannot be set here: the command line sets it (--{unknown[0]})")
+        if unknown:
+            close = difflib.get_close_matches(str(unknown[0]), known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise LayerDiffError(f"unknown VAE setting {where}{unknown[0]!r}{hint}: use some of {sorted(known)}")
+        check_settings(data, VAE_SETTINGS, where)
+        return cls(**data, **fixed)
+
+
+VAE_SETTINGS = {
+    "steps": Setting("int", 1, MAX_STEPS, hint="optimizer steps"),
+    "batch_size": Setting("int", 1, 1024, hint="crops per step"),
+    "crop": Setting("int", 8, 2048, hint="crop side in pixels, a multiple of 8"),
+    "lr": Setting("float", 0.0, 1.0, hint="e.g. 5e-4"),
+    "kl_weight": Setting("float", 0.0, 1000.0, hint="e.g. 1e-6"),
+    "seed": Setting("int", 0, MAX_SEED),
+    "checkpoint_every": Setting("int", 1, MAX_STEPS),
+    "log_every": Setting("int", 1, MAX_STEPS),
+    "images": Setting("int", 1, 50_000, hint="data-set images held in memory for crops"),
+    "focus": Setting("float", 0.0, 1.0, hint="chance a crop is centred on an object"),
+    "object_weight": Setting("float", 0.0, 10_000.0, hint="1 = no extra weight"),
+    "edge_weight": Setting("float", 0.0, 10_000.0, hint="1 = no extra weight"),
+    "sample_posterior": Setting("bool"),
+    "lr_schedule": Setting("choice", choices=LR_SCHEDULES),
+    "decoder_only": Setting("bool"),
+    "latent_noise": Setting("float", 0.0, 100.0, hint="0 = off, e.g. 0.6"),
+    "latent_stats": Setting("choice", choices=("global", "channel")),
+    "scale_equivariance": Setting("float", 0.0, 10_000.0, hint="0 = off, e.g. 1"),
+    "scale_equivariance_factors": Setting("ints", 1, 1024, hint="pooling factors, e.g. [2, 4]"),
+}
+
 
 def _image_pool(data, count: int, size: int, seed: int) -> torch.Tensor:
     """Up to ``count`` layer and mask images (N, 3, S, S) in [-1, 1] from the shards."""
-    from layerdiff.data.format import read_shard
+    from layerdiff.data.format import DamageCount, read_samples
     from layerdiff.data.reader import resolve_shards, sample_to_tensors
 
     pool = []
-    for shard in resolve_shards(data):
-        for sample in read_shard(shard):
-            t = sample_to_tensors(sample, size)
-            pool.extend(t["images"])  # background + foregrounds (grey outside their masks)
-            pool.extend(m.expand(3, -1, -1) * 2 - 1 for m in t["masks"][1:])  # masks as images
-            if len(pool) >= count:
-                break
+    damage = DamageCount()  # damaged samples are skipped and counted
+    for sample in read_samples(resolve_shards(data), damage):
+        t = sample_to_tensors(sample, size)
+        pool.extend(t["images"])  # background + foregrounds (grey outside their masks)
+        pool.extend(m.expand(3, -1, -1) * 2 - 1 for m in t["masks"][1:])  # masks as images
         if len(pool) >= count:
             break
     if not pool:
-        raise LayerDiffError(f"no images found in {data}: generate the toy data first")
+        why = f" ({damage.describe()})" if damage else ""
+        raise LayerDiffError(f"no images found in {data}{why}: generate the toy data first")
     return torch.stack(pool[:count])
 
 
@@ -176,6 +224,8 @@ def train_vae(vae, data, out: str | Path, config: VaeTrainConfig, size: int = 12
             raise LayerDiffError(f"VAE {name} {getattr(config, name)} must be 0 or more (1 = no extra weight)")
     if config.scale_equivariance < 0:
         raise LayerDiffError(f"VAE scale_equivariance {config.scale_equivariance} must be 0 or more (0 = off)")
+    if config.crop > size:
+        raise LayerDiffError(f"VAE crop {config.crop} is larger than the training images ({size} px): use {size} or less")
     latent_crop = config.crop // (2 ** (len(vae.config.block_out_channels) - 1))
     factors = tuple(int(f) for f in config.scale_equivariance_factors)
     if config.scale_equivariance > 0 and (not factors or any(f < 2 or latent_crop % f for f in factors)):

@@ -231,13 +231,12 @@ def free_memory(required_bytes: int, device: torch.device) -> None:
 
 
 def sampling_memory(model, batch: int, layers: int, height: int, width: int) -> int:
-    """Rough bytes needed to sample: the model's own minimum plus activations that grow with the
-    UNet batch (batch x layers x up to 3 guidance passes) and the latent area (a heuristic)."""
-    f = model.vae_scale_factor
-    items = batch * layers * 3
-    per_item = (height // f) * (width // f) * 320 * 12 * torch.finfo(model.dtype).bits // 8
+    """Rough bytes needed to sample and decode (layerdiff.limits.run_bytes, the estimate the library
+    refuses a run by) plus ComfyUI's own minimum for inference."""
+    from layerdiff.limits import run_bytes
+
     base = model_management.minimum_inference_memory() if IN_COMFYUI else 0
-    return int(base + items * per_item)
+    return int(base + run_bytes(model.config, batch, layers, height, width, model.dtype))
 
 
 # ---------------------------------------------------------------------------- progress

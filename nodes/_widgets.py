@@ -1,16 +1,19 @@
-"""Widget specs shared by the nodes. Defaults come from layerdiff.config / layerdiff.edit; the
-ranges are UI limits (the library checks what it can run)."""
+"""Widget specs shared by the nodes. Defaults come from layerdiff.config / layerdiff.edit; the ranges
+from layerdiff.limits, the table the library and the command line check too, so VALIDATE_INPUTS
+refuses what the library would, with the library's words."""
 
 from __future__ import annotations
 
+from layerdiff import limits
 from layerdiff.config import LayerDiffConfig, SamplingDefaults, get_preset
 from layerdiff.edit import REGENERATE
+from layerdiff.errors import LayerDiffError
 from layerdiff.pipeline import check_size
 from layerdiff.sampling import SCHEDULERS
 
 SAMPLING = SamplingDefaults()
-MAX_LAYERS = 64  # LayerDiffConfig.max_layers limit; a model's own limit is checked when it runs
-SIZE_MIN, SIZE_MAX, SIZE_STEP = 64, 4096, 8
+MAX_LAYERS = limits.LAYERS_MAX  # a model's own limit is checked when it runs
+SIZE_MIN, SIZE_MAX, SIZE_STEP = limits.RANGES["width"].low, limits.SIZE_MAX, limits.SIZE_MULTIPLE
 # Default size: the built-in default model (layerdiff-toy, a "toy" preset model) is trained at
 # this size; SD 1.5 models use LayerDiffConfig.image_size (512).
 DEFAULT_SIZE = get_preset("toy").image_size
@@ -18,48 +21,54 @@ DEFAULT_SIZE = get_preset("toy").image_size
 # nodes keep SamplingDefaults' 7.5, unmeasured at 3)
 BUILTIN_CFG = get_preset("toy").sampling.cfg
 SD_SIZE = LayerDiffConfig.__dataclass_fields__["image_size"].default
-SEED_MAX = 0xFFFFFFFFFFFFFFFF
-# DDIM with SD's schedule (steps_offset 1) indexes past the 1000 training timesteps at 1000 steps
-STEPS_MAX = 500
+SEED_MAX = limits.SEED_MAX
+STEPS_MAX = limits.RANGES["steps"].high
+
+
+def ranged(key: str, **options) -> dict:
+    """Widget options with min/max from limits.RANGES[key]."""
+    return {**options, **limits.RANGES[key].widget()}
 
 
 def seed(tooltip: str = "Random seed; sample b of a batch uses seed + b. Same seed, same result.") -> tuple:
-    return ("INT", {"default": 0, "min": 0, "max": SEED_MAX, "control_after_generate": True, "tooltip": tooltip})
+    return ("INT", ranged("seed", default=0, control_after_generate=True, tooltip=tooltip))
 
 
 def steps(default: int = SAMPLING.steps) -> tuple:
-    return ("INT", {"default": default, "min": 1, "max": STEPS_MAX,
-                    "tooltip": "Denoising steps. More is slower and usually cleaner."})
+    return ("INT", ranged("steps", default=default, tooltip="Denoising steps. More is slower and usually cleaner."))
 
 
 def cfg(default: float = SAMPLING.cfg) -> tuple:
-    return ("FLOAT", {"default": default, "min": 0.0, "max": 30.0, "step": 0.1, "round": 0.01,
+    return ("FLOAT", {"default": default, **limits.RANGES["cfg"].widget(), "step": 0.1, "round": 0.01,
                       "tooltip": "Classifier-free guidance scale over the global and layer prompts; 1 turns it off. The "
                                  f"built-in model draws its best masks at {BUILTIN_CFG:g} (its calibrated setting); "
                                  "SD 1.5 models: about 7.5."})
 
 
 def mask_guidance() -> tuple:
-    return ("FLOAT", {"default": SAMPLING.mask_guidance, "min": 0.0, "max": 5.0, "step": 0.05, "round": 0.01,
+    return ("FLOAT", {"default": SAMPLING.mask_guidance, **limits.RANGES["mask_guidance"].widget(), "step": 0.05,
+                      "round": 0.01,
                       "tooltip": "Self-mask guidance scale: sharpens each layer inside its own predicted mask. "
                                  "0 turns it off (faster: one model pass fewer per step)."})
 
 
 def mask_guidance_start() -> tuple:
-    return ("FLOAT", {"default": SAMPLING.mask_guidance_start, "min": 0.0, "max": 1.0, "step": 0.01,
+    return ("FLOAT", {"default": SAMPLING.mask_guidance_start, **limits.RANGES["mask_guidance_start"].widget(),
+                      "step": 0.01,
                       "tooltip": "Fraction of the steps before self-mask guidance switches on (early masks "
                                  "are noise)."})
 
 
 def background_cfg() -> tuple:
-    return ("FLOAT", {"default": 0.0, "min": 0.0, "max": 30.0, "step": 0.1, "round": 0.01,
+    return ("FLOAT", {"default": 0.0, **limits.RANGES["background_cfg"].widget(), "step": 0.1, "round": 0.01,
                       "tooltip": "Guidance scale of the background layer alone. 0 = the model's own setting (the "
                                  "built-in model: 7.5, picked on validation scenes when it was trained; a "
                                  "model without one: the cfg above)."})
 
 
 def layout_cleanup() -> tuple:
-    return ("FLOAT", {"default": SAMPLING.layout_cleanup, "min": 0.0, "max": 1.0, "step": 0.05, "round": 0.01,
+    return ("FLOAT", {"default": SAMPLING.layout_cleanup, **limits.RANGES["layout_cleanup"].widget(), "step": 0.05,
+                      "round": 0.01,
                       "tooltip": "Layout cleanup while sampling: each foreground layer keeps one object and "
                                  "foregrounds stay apart (no overlaps). 1 = full, 0 turns it off (e.g. for a layer "
                                  "that should hold several things)."})
@@ -77,7 +86,7 @@ def size(name: str) -> tuple:
 
 
 def layer_index(default: int = 1, minimum: int = 0, what: str = "The layer") -> tuple:
-    return ("INT", {"default": default, "min": minimum, "max": MAX_LAYERS - 1,
+    return ("INT", {"default": default, **limits.RANGES["layer_index"].widget(), "min": minimum,
                     "tooltip": f"{what}: 0 is the background, 1, 2, ... the foregrounds back to front."})
 
 
@@ -103,20 +112,31 @@ def optional_prompts() -> dict:
     }
 
 
-def validate_size(width, height) -> bool | str:
-    """VALIDATE_INPUTS helper: range and multiple of 8 (None = a linked input, checked at run)."""
-    for name, v in (("width", width), ("height", height)):
-        if v is not None and not SIZE_MIN <= int(v) <= SIZE_MAX:
-            return f"{name} {v} is outside {SIZE_MIN}..{SIZE_MAX}: use a size in that range"
+# input name -> limits.RANGES key, where they differ
+_KEYS = {"batch_size": "batch"}
+
+
+def validate(**values) -> bool | str:
+    """VALIDATE_INPUTS helper: each value (None = a linked input, checked when the node runs) within its
+    range of limits.RANGES, with the library's message; width and height also as a pair (multiple of 8,
+    and width x height x batch within one run's pixels)."""
     try:
-        check_size(int(width or SIZE_MIN), int(height or SIZE_MIN), SIZE_STEP)
-    except ValueError as exc:
+        for name, value in values.items():
+            if value is None or name in ("width", "height"):
+                continue
+            limits.check_number(value, name, _KEYS.get(name, name))
+        width, height = values.get("width"), values.get("height")
+        if width is not None or height is not None:
+            check_size(SIZE_MIN if width is None else width, SIZE_MIN if height is None else height, SIZE_STEP)
+            if width is not None and height is not None and values.get("batch_size") is not None:
+                limits.check_run_size(width, height, 1, values["batch_size"], names=("layers", "batch_size"))
+    except LayerDiffError as exc:
         return str(exc)
     return True
 
 
-def validate_strength(value, name: str = "strength") -> bool | str:
-    if value is not None and not 0.0 <= float(value) <= 1.0:
-        return f"{name} {value} is outside 0..1: 0 keeps the layers unchanged, 1 regenerates them from noise"
-    return True
-
+def require(answer: bool | str) -> None:
+    """A node's run refuses what its VALIDATE_INPUTS refuses (a linked input is not validated before it
+    runs), before it asks ComfyUI to free memory for the work."""
+    if answer is not True:
+        raise LayerDiffError(answer)

@@ -12,10 +12,12 @@ Nothing here writes into a tensor it was given.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 
 import torch
 
 from layerdiff.errors import LayerDiffError
+from layerdiff.limits import show
 from layerdiff.sampling import LayerConditioning
 from layerdiff.stack import LayerStack
 
@@ -141,11 +143,11 @@ def flat_layers(stack: LayerStack) -> tuple[torch.Tensor, torch.Tensor]:
 def one_layer(stack: LayerStack, index: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Layer ``index`` of every sample -> RGBA IMAGE (B, H, W, 4) and MASK (B, H, W)."""
     n = stack.num_layers
-    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < n:
+    if isinstance(index, bool) or not isinstance(index, numbers.Integral) or not 0 <= index < n:
         raise LayerDiffError(
-            f"layer_index {index!r} is out of range for a stack of {n} layers: use 0..{n - 1} (0 = background)"
+            f"layer_index {show(index)} is out of range for a stack of {n} layers: use 0..{n - 1} (0 = background)"
         )
-    rgba = stack.layer_rgba(index).float()  # (B, H, W, 4)
+    rgba = stack.layer_rgba(int(index)).float()  # (B, H, W, 4)
     return rgba, rgba[..., 3].clone()
 
 

@@ -60,8 +60,13 @@ class LayerDiffLayerEdit:
             "optional": _widgets.optional_prompts(),
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, layer_index, seed, steps, cfg):
+        return _widgets.validate(layer_index=layer_index, seed=seed, steps=steps, cfg=cfg)
+
     def edit(self, model, layers, layer_index, prompt, seed, regenerate, steps, cfg, scheduler,
              global_prompt="", negative_prompt=""):
+        _widgets.require(self.VALIDATE_INPUTS(layer_index, seed, steps, cfg))
         return _run(model, layers, steps, edit_layer, layer_index, prompt, seed, regenerate=regenerate,
                     global_prompt=global_prompt, settings=_settings(steps, cfg, scheduler, negative_prompt))
 
@@ -90,8 +95,8 @@ class LayerDiffLayerInpaint:
                     "layers. One mask for every sample, or one per sample.")}),
                 "prompt": _widgets.edit_prompt(),
                 "seed": _widgets.seed(),
-                "grow": ("INT", {"default": EDIT_DEFAULTS.inpaint_grow, "min": 0, "max": EDIT_DEFAULTS.inpaint_grow_max,
-                                 "tooltip": "Grow the region by this many latent cells (8 px each) to hide seams."}),
+                "grow": ("INT", _widgets.ranged("grow", default=EDIT_DEFAULTS.inpaint_grow, tooltip=(
+                    "Grow the region by this many latent cells (8 px each) to hide seams."))),
                 "regenerate": _widgets.regenerate(),
                 "steps": _widgets.steps(),
                 "cfg": _widgets.cfg(),
@@ -100,8 +105,13 @@ class LayerDiffLayerInpaint:
             "optional": _widgets.optional_prompts(),
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, layer_index, seed, grow, steps, cfg):
+        return _widgets.validate(layer_index=layer_index, seed=seed, grow=grow, steps=steps, cfg=cfg)
+
     def inpaint(self, model, layers, layer_index, region, prompt, seed, grow, regenerate, steps, cfg, scheduler,
                 global_prompt="", negative_prompt=""):
+        _widgets.require(self.VALIDATE_INPUTS(layer_index, seed, grow, steps, cfg))
         mask = convert.region_mask(region, convert.require_stack(layers))
         return _run(model, layers, steps, inpaint_layer, layer_index, mask, prompt, seed, grow=grow,
                     regenerate=regenerate, global_prompt=global_prompt,
@@ -129,8 +139,9 @@ class LayerDiffLayerStyle:
                 "style": ("STRING", {"multiline": False, "default": "watercolor style", "tooltip": (
                     "Style phrase added to the chosen layers' prompts. Empty: a plain re-noise (variation). The "
                     "built-in model was trained on no style words: with it every phrase gives a variation.")}),
-                "strength": ("FLOAT", {"default": EDIT_DEFAULTS.style_strength, "min": 0.0, "max": 1.0, "step": 0.01,
-                                       "tooltip": "How much changes: 0 nothing, 1 the whole image regenerated."}),
+                "strength": ("FLOAT", _widgets.ranged("strength", default=EDIT_DEFAULTS.style_strength, step=0.01,
+                                                      tooltip="How much changes: 0 nothing, 1 the whole image "
+                                                              "regenerated.")),
                 "layers_to_style": ("STRING", {"default": "all", "tooltip": (
                     "'all', or layer indices such as '1' or '0, 2' (0 = background).")}),
                 "seed": _widgets.seed(),
@@ -142,10 +153,11 @@ class LayerDiffLayerStyle:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, strength):
-        return _widgets.validate_strength(strength)
+    def VALIDATE_INPUTS(cls, strength, seed=None, steps=None, cfg=None):
+        return _widgets.validate(strength=strength, seed=seed, steps=steps, cfg=cfg)
 
     def style(self, model, layers, style, strength, layers_to_style, seed, steps, cfg, scheduler, negative_prompt=""):
+        _widgets.require(self.VALIDATE_INPUTS(strength, seed, steps, cfg))
         chosen = convert.layer_list(layers_to_style, "layers_to_style")
         if strength == 0:
             return (layers,)  # unchanged, the same object
@@ -171,15 +183,15 @@ class LayerDiffTransformLayer:
             "required": {
                 "layers": LAYERS_IN,
                 "layer_index": _widgets.layer_index(1, minimum=1, what="The foreground to transform (1..K)"),
-                "dx": ("INT", {"default": 0, "min": -4096, "max": 4096, "tooltip": "Shift right (negative: left), pixels."}),
-                "dy": ("INT", {"default": 0, "min": -4096, "max": 4096, "tooltip": "Shift down (negative: up), pixels."}),
-                "scale": ("FLOAT", {"default": 1.0, "min": 0.05, "max": 8.0, "step": 0.05, "tooltip": (
-                    "Scale about the layer's mask centre (applied before the shift); 1 keeps the size.")}),
-                "move_to": ("INT", {"default": 0, "min": 0, "max": _widgets.MAX_LAYERS - 1, "tooltip": (
-                    "New position back to front (1 = just in front of the background); 0 keeps the position.")}),
+                "dx": ("INT", _widgets.ranged("dx", default=0, tooltip="Shift right (negative: left), pixels.")),
+                "dy": ("INT", _widgets.ranged("dy", default=0, tooltip="Shift down (negative: up), pixels.")),
+                "scale": ("FLOAT", _widgets.ranged("scale", default=1.0, step=0.05, tooltip=(
+                    "Scale about the layer's mask centre (applied before the shift); 1 keeps the size."))),
+                "move_to": ("INT", _widgets.ranged("move_to", default=0, tooltip=(
+                    "New position back to front (1 = just in front of the background); 0 keeps the position."))),
                 "remove": ("BOOLEAN", {"default": False, "tooltip": "Remove the layer (the other settings are ignored)."}),
-                "harmonize": ("FLOAT", {"default": EDIT_DEFAULTS.harmonize_strength, "min": 0.0, "max": 1.0, "step": 0.01,
-                                        "tooltip": (
+                "harmonize": ("FLOAT", {"default": EDIT_DEFAULTS.harmonize_strength,
+                                        **_widgets.ranged("harmonize"), "step": 0.01, "tooltip": (
                     "Strength of a style pass without a style phrase on the transformed layer (after a removal: on "
                     "every layer), masks kept. 0 = off; 0.2-0.3 blends a moved layer in. Needs the model.")}),
                 "seed": _widgets.seed("Seed of the harmonisation pass."),
@@ -190,10 +202,12 @@ class LayerDiffTransformLayer:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, harmonize):
-        return _widgets.validate_strength(harmonize, "harmonize")
+    def VALIDATE_INPUTS(cls, harmonize, layer_index=None, dx=None, dy=None, scale=None, move_to=None, seed=None):
+        return _widgets.validate(harmonize=harmonize, layer_index=layer_index, dx=dx, dy=dy, scale=scale,
+                                 move_to=move_to, seed=seed)
 
     def transform(self, layers, layer_index, dx, dy, scale, move_to, remove, harmonize, seed, model=None):
+        _widgets.require(self.VALIDATE_INPUTS(harmonize, layer_index, dx, dy, scale, move_to, seed))
         layers = convert.require_stack(layers)
         callback = None
         if harmonize > 0 and model is not None:

@@ -57,6 +57,10 @@ class LayerDiffSplitLayers:
             "layer_index": _widgets.layer_index(1, what="The layer for the 'layer' outputs"),
         }}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, layer_index):
+        return _widgets.validate(layer_index=layer_index)
+
     def split(self, layers, layer_index):
         stack = convert.require_stack(layers)
         rgba, masks = convert.flat_layers(stack)

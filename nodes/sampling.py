@@ -43,8 +43,8 @@ class LayerDiffKSampler:
                 "scheduler": _widgets.scheduler(),
                 "width": _widgets.size("width"),
                 "height": _widgets.size("height"),
-                "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": (
-                    "Layered images generated at once (seeds seed, seed + 1, ...).")}),
+                "batch_size": ("INT", _widgets.ranged("batch", default=1, tooltip=(
+                    "Layered images generated at once (seeds seed, seed + 1, ...)."))),
             },
             "optional": {
                 "background_cfg": _widgets.background_cfg(),
@@ -53,11 +53,18 @@ class LayerDiffKSampler:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, width, height):
-        return _widgets.validate_size(width, height)
+    def VALIDATE_INPUTS(cls, width, height, seed=None, steps=None, cfg=None, mask_guidance=None,
+                        mask_guidance_start=None, batch_size=None, background_cfg=None, layout_cleanup=None):
+        return _widgets.validate(width=width, height=height, seed=seed, steps=steps, cfg=cfg, mask_guidance=mask_guidance,
+                                 mask_guidance_start=mask_guidance_start, batch_size=batch_size,
+                                 background_cfg=background_cfg, layout_cleanup=layout_cleanup)
 
     def sample(self, model, conditioning, seed, steps, cfg, mask_guidance, mask_guidance_start, scheduler,
                width, height, batch_size=1, background_cfg=0.0, layout_cleanup=None):
+        _widgets.require(self.VALIDATE_INPUTS(
+            width, height, seed=seed, steps=steps, cfg=cfg, mask_guidance=mask_guidance,
+            mask_guidance_start=mask_guidance_start, batch_size=batch_size, background_cfg=background_cfg,
+            layout_cleanup=layout_cleanup))
         cond = convert.conditioning_to(conditioning, model.device)
         prompts = LayerPrompts(cond.global_prompts[0], cond.layer_prompts[0], cond.negative_prompt)
         prepare(model, batch_size, cond.num_layers, height, width)

@@ -389,3 +389,29 @@ def test_hostile_model_files_and_prompts_fail_cleanly_and_the_server_lives_on(se
     finally:
         for path in [*made.values(), folder / f"{server.run_id}_good.safetensors"]:
             path.unlink(missing_ok=True)
+
+
+def test_hostile_numbers_are_refused_and_the_server_keeps_running(server):
+    """Issue 25, class 2: NaN, infinities and out-of-range widget values are refused at validation (400) with
+    the library's words; a NaN that arrives through a link (which skips VALIDATE_INPUTS) fails the run with the
+    same words instead of a black "success"; then a good prompt still succeeds on the same server."""
+    cases = [("cfg", float("nan"), "cfg nan is not a finite number"), ("cfg", float("inf"), "cfg inf"),
+             ("seed", 2**64, "seed 18446744073709551616 is outside"), ("steps", 0, "steps 0 is outside 1..500"),
+             ("height", 100000, "height 100000 is outside 8..4096"), ("batch_size", 1000, "batch_size 1000"),
+             ("mask_guidance", -100.0, "mask_guidance -100.0 is outside 0..5"),
+             ("mask_guidance_start", -0.5, "mask_guidance_start -0.5")]
+    for name, value, words in cases:
+        status, answer = server.http("POST", "/prompt", {"prompt": main_graph(server.run_id, **{name: value})})
+        assert status == 400 and words in json.dumps(answer["node_errors"]["6"]), (name, answer)
+    graph = main_graph(server.run_id)
+    graph["7"]["inputs"]["steps"] = 0
+    status, answer = server.http("POST", "/prompt", {"prompt": graph})
+    assert status == 400 and "steps 0 is outside 1..500" in json.dumps(answer["node_errors"]["7"])
+    graph = main_graph(server.run_id)
+    graph["20"] = {"class_type": "PrimitiveFloat", "inputs": {"value": float("nan")}}
+    graph["6"]["inputs"]["cfg"] = ["20", 0]
+    entry, _ = server.run(graph)
+    errors = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
+    assert errors and "cfg nan is not a finite number" in errors[0]["exception_message"], entry["status"]
+    entry, _ = server.run(main_graph(server.run_id))
+    assert entry["status"]["status_str"] == "success"

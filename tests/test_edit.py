@@ -184,7 +184,7 @@ def test_transform_is_plain_stack_ops_and_harmonize_keeps_others(model, stack):
         (lambda m, s: transform_layer(s, 0, dx=3), "layer_index 0 is the background"),
         (lambda m, s: transform_layer(s, 1, harmonize=0.2), "harmonize > 0 needs a model"),
         (lambda m, s: transform_layer(s, 1, harmonize=-0.1, model=m), "harmonize -0.1 is outside 0..1"),
-        (lambda m, s: transform_layer(s, 1, scale=0), "scale 0 must be a number > 0"),
+        (lambda m, s: transform_layer(s, 1, scale=0), "scale 0 is outside 0.05..8"),
     ],
 )
 def test_bad_input_is_named(model, stack, call, message):

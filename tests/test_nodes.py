@@ -324,7 +324,7 @@ def test_validate_inputs():
     ks = NODES["LayerDiffKSampler"]
     assert ks.VALIDATE_INPUTS(64, 72) is True and ks.VALIDATE_INPUTS(None, 64) is True
     assert ks.VALIDATE_INPUTS(100, 64) == "width 100 is not a multiple of 8: use 96 or 104"
-    assert "height 8 is outside 64..4096" in ks.VALIDATE_INPUTS(64, 8)
+    assert "height 4104 is outside 8..4096" in ks.VALIDATE_INPUTS(64, 4104)
     assert "prompt is empty" in NODES["LayerDiffLayerPrompt"].VALIDATE_INPUTS("  ")
     assert "strength 1.5 is outside 0..1" in NODES["LayerDiffLayerStyle"].VALIDATE_INPUTS(1.5)
     assert "harmonize -1" in NODES["LayerDiffTransformLayer"].VALIDATE_INPUTS(-1)

@@ -95,7 +95,7 @@ def test_generate_batch_writes_subfolders(tmp_path):
         (["--layer", ""], "layer 3 (foreground 3) is empty"),
         (["--batch", "0"], "--batch 0"),
         (["--layer", "x", "--layer", "y"], "at most 4 layers"),
-        (["--layout-cleanup", "1.5"], "--layout-cleanup 1.5 must be within 0..1"),
+        (["--layout-cleanup", "1.5"], "--layout-cleanup 1.5 is outside 0..1"),
     ],
 )
 def test_bad_input_gives_one_clear_line(tmp_path, capsys, extra, message):

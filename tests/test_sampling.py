@@ -283,9 +283,9 @@ def test_sampler_layout_cleanup(trained_like_tiny_model):
     a = _sample(model, cond, layout_cleanup=1.0, layout_cleanup_start=0.0, empty_latent=empty)
     b = _sample(model, cond, layout_cleanup=1.0, layout_cleanup_start=0.0, empty_latent=empty)
     assert torch.equal(a, b) and torch.isfinite(a).all()
-    with pytest.raises(LayerDiffError, match="layout_cleanup 1.5 must be within 0..1"):
+    with pytest.raises(LayerDiffError, match="layout_cleanup 1.5 is outside 0..1"):
         _sample(model, cond, layout_cleanup=1.5, empty_latent=empty)
-    with pytest.raises(LayerDiffError, match="layout_cleanup_start -0.1 must be within 0..1"):
+    with pytest.raises(LayerDiffError, match="layout_cleanup_start -0.1 is outside 0..1"):
         _sample(model, cond, layout_cleanup=1.0, layout_cleanup_start=-0.1, empty_latent=empty)
     with pytest.raises(LayerDiffError, match="layout cleanup needs mask_axis and empty_latent"):
         _sample(model, cond, layout_cleanup=1.0)

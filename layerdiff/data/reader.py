@@ -22,7 +22,13 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from layerdiff.data.format import LayeredSample, decode_record, iter_shard_records, list_shards, record_meta
+from layerdiff.data.format import (
+    DamageCount,
+    LayeredSample,
+    decode_record,
+    iter_readable_records,
+    list_shards,
+)
 from layerdiff.errors import LayerDiffError
 
 logger = logging.getLogger("layerdiff.data")
@@ -144,41 +150,51 @@ class LayeredShardDataset(IterableDataset):
             whole += int(u < frac)
         return whole
 
-    def _records(self, epoch: int) -> Iterator[tuple[str, dict, Path]]:
+    def _records(self, epoch: int, damage: DamageCount) -> Iterator[tuple[str, dict, dict, Path]]:
         slot, readers = self._reader_slot()
         shards = list(self.shards)
         if self.shuffle_buffer > 0:  # same order on every reader, so the split stays a partition
             np.random.default_rng([self.seed, epoch]).shuffle(shards)
         if len(shards) >= readers:
-            for path in shards[slot::readers]:
-                for key, members in iter_shard_records(path):
-                    yield key, members, path
+            yield from iter_readable_records(shards[slot::readers], damage)
         else:
             if epoch == self.epoch and slot == 0:
                 logger.warning("%d shards for %d readers: each reader scans every shard; write more shards",
                                len(shards), readers)
-            n = 0
-            for path in shards:
-                for key, members in iter_shard_records(path):
-                    if n % readers == slot:
-                        yield key, members, path
-                    n += 1
+            for n, record in enumerate(iter_readable_records(shards, damage)):
+                if n % readers == slot:
+                    yield record
 
     def _samples(self, epoch: int) -> Iterator[dict]:
-        skipped = 0
-        for key, members, path in self._records(epoch):
-            num_layers = record_meta(key, members, path)["num_layers"]  # decide before decoding PNGs
+        skipped, usable = 0, 0
+        damage = DamageCount()
+        for key, members, meta, path in self._records(epoch, damage):
+            num_layers = meta["num_layers"]  # decide before decoding PNGs
             if num_layers > self.max_layers:
                 skipped += 1
                 continue
+            usable += 1
             copies = self._copies(key, num_layers, epoch)
             if copies == 0:
                 continue
-            item = sample_to_tensors(decode_record(key, members, path), self.size, self.resize)
+            try:
+                sample = decode_record(key, members, path)
+            except LayerDiffError as exc:  # one damaged sample: the stream goes on without it
+                damage.add(exc)
+                usable -= 1
+                continue
+            item = sample_to_tensors(sample, self.size, self.resize)
             for _ in range(copies):
                 yield dict(item)
         if skipped:
             logger.info("skipped %d samples with more than %d layers", skipped, self.max_layers)
+        if damage:
+            logger.warning("epoch %d: %s", epoch, damage.describe())
+        if not usable and self.repeat:  # an endless stream of nothing would spin for ever
+            why = f"; {damage.describe()}" if damage else ""
+            raise LayerDiffError(
+                f"no usable samples in {len(self.shards)} shards for this reader ({skipped} with more than "
+                f"{self.max_layers} layers{why}): check the data with python -m layerdiff data inspect DIR")
 
     def _shuffled(self, items: Iterator[dict], epoch: int) -> Iterator[dict]:
         if self.shuffle_buffer <= 1:

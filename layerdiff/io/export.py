@@ -294,7 +294,10 @@ def write_layer_sets(
     """Write every sample: B == 1 directly into out_dir, B > 1 into out_dir/sample_000, sample_001,
     ... (see write_layer_set). All targets are checked before anything is written, and every file
     is written before the first set is moved into place."""
+    from layerdiff.limits import check_write_args
+
     check_export_args(stack, 0)
+    check_write_args(out_dir, meta, overwrite, psd)  # overwrite='no' must not read as True
     if stack.batch_size == 1:
         return write_layer_set(stack, out_dir, meta, 0, overwrite, psd)
     metas = [_check_set_args(stack, meta, b, psd) for b in range(stack.batch_size)]

@@ -23,31 +23,27 @@ import os
 import re
 import tempfile
 import time
-import warnings
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from layerdiff.data.format import LayeredSample, read_shard_meta, write_shard
+from layerdiff.data.input_files import InputFileError, parse_untrusted_json, read_regular_file
 from layerdiff.data.mlcid import pipeline as P
-from layerdiff.data.mlcid.phrases import parse_phrase_list
-from layerdiff.data.mlcid.stages import Detection
+from layerdiff.data.mlcid.inputs import BAD_SIDECAR, SIDECAR_DEPTH, list_inputs, load_image, read_sidecar
+from layerdiff.data.record_checks import MAX_SIDE
 from layerdiff.errors import LayerDiffError
 
 logger = logging.getLogger("layerdiff.data.mlcid")
 
 PREFIX = "mlcid"
-SIDECAR_SUFFIXES = (".json", ".txt")
 _SHARD_NAME = re.compile(r"^mlcid-(\d{3,})of(\d{3,})-(\d{6})\.tar$")
 
-# why an input gives no image (counted under "unreadable")
-MISSING = "missing"
-NOT_AN_IMAGE = "not_an_image"
-CORRUPT = "corrupt"
-BAD_SIDECAR = "bad_sidecar"
+MAX_PROCESSES = 100_000  # N of --shard i/N
+MAX_STATS_BYTES = 2**20
 IMAGE_TOO_SMALL = "image_too_small"  # counted under "rejected"
 
 
@@ -66,104 +62,29 @@ class BuildConfig:
         i, n = self.shard
         if n < 1 or not 1 <= i <= n:
             raise LayerDiffError(f"--shard {i}/{n} is not valid: use i/N with 1 <= i <= N, e.g. 1/4")
-        if self.samples_per_shard < 1:
-            raise LayerDiffError(f"--samples-per-shard {self.samples_per_shard} must be at least 1")
-        if self.batch_size < 1:
-            raise LayerDiffError(f"--batch-size {self.batch_size} must be at least 1")
+        if not 1 <= self.samples_per_shard <= 1_000_000:
+            raise LayerDiffError(f"--samples-per-shard {self.samples_per_shard} must be from 1 to 1000000")
+        if not 1 <= self.batch_size <= 1024:
+            raise LayerDiffError(f"--batch-size {self.batch_size} must be from 1 to 1024")
+        if not 1 <= self.min_side <= MAX_SIDE:
+            raise LayerDiffError(f"--min-side {self.min_side} must be from 1 to {MAX_SIDE} pixels (default 32)")
+        if not 0 <= self.max_side <= MAX_SIDE:
+            raise LayerDiffError(f"--max-side {self.max_side} must be from 0 (keep sizes) to {MAX_SIDE} pixels")
         if self.max_side and self.max_side < self.min_side:
             raise LayerDiffError(f"--max-side {self.max_side} is below --min-side {self.min_side}: raise it, or 0 to keep sizes")
 
 
 def parse_shard(text: str) -> tuple[int, int]:
     """"2/8" -> (2, 8)."""
-    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
-    if not m or int(m.group(2)) < 1 or not 1 <= int(m.group(1)) <= int(m.group(2)):
-        raise LayerDiffError(f"--shard {text!r} is not valid: use i/N with 1 <= i <= N, e.g. 1/4 (this is process 1 of 4)")
+    m = re.fullmatch(r"\s*(\d{1,9})\s*/\s*(\d{1,9})\s*", str(text))
+    if not m or not 1 <= int(m.group(2)) <= MAX_PROCESSES or not 1 <= int(m.group(1)) <= int(m.group(2)):
+        raise LayerDiffError(f"--shard {text!r} is not valid: use i/N with 1 <= i <= N <= {MAX_PROCESSES}, e.g. 1/4 "
+                             "(this is process 1 of 4)")
     return int(m.group(1)), int(m.group(2))
 
 
 # ---------------------------------------------------------------------------------------------
-# inputs
-
-
-def list_inputs(images) -> list[tuple[str, Path]]:
-    """Sorted ``(relative name, path)`` of every input: a folder's files or a ``.txt`` list's lines."""
-    root = Path(images)
-    if root.is_dir():
-        found = []
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            for name in filenames:
-                if name.startswith(".") or name.lower().endswith(SIDECAR_SUFFIXES):
-                    continue
-                path = Path(dirpath) / name
-                found.append((path.relative_to(root).as_posix(), path))
-        return sorted(found)
-    if root.is_file() and root.suffix.lower() == ".txt":
-        lines = root.read_text(encoding="utf-8", errors="replace").splitlines()
-        entries = {}
-        for line in lines:
-            line = line.strip()
-            if line and not line.startswith("#"):
-                path = Path(line) if Path(line).is_absolute() else root.parent / line
-                entries[Path(line).as_posix()] = path
-        return sorted(entries.items())
-    if root.exists():
-        raise LayerDiffError(f"--images {str(root)!r} is a file but not a .txt list: give a folder of images or a .txt with one path per line")
-    raise LayerDiffError(f"--images {str(root)!r} does not exist: give a folder of images or a .txt list of image paths")
-
-
-def read_sidecar(image_path: Path, scale: float = 1.0) -> P.Sidecar:
-    """``IMAGE.json`` ({"caption", "phrases", "objects": [{"phrase", "box"}], "background_prompt"})
-    or ``IMAGE.txt`` (phrases, one per line or comma-separated); boxes scale with the image."""
-    js, txt = image_path.with_suffix(".json"), image_path.with_suffix(".txt")
-    if js.is_file():
-        data = json.loads(js.read_text(encoding="utf-8"))
-        if not isinstance(data, dict):
-            raise ValueError("the top level must be an object")
-        phrases = data.get("phrases", [])
-        phrases = parse_phrase_list(phrases) if isinstance(phrases, str) else [str(p).strip() for p in phrases if str(p).strip()]
-        objects = []
-        for obj in data.get("objects", []):
-            box = [float(v) * scale for v in obj["box"]]
-            if len(box) != 4:
-                raise ValueError(f"box {obj['box']} must be [x0, y0, x1, y1]")
-            objects.append(Detection(tuple(box), float(obj.get("score", 1.0)), str(obj.get("phrase", "object"))))
-        caption = data.get("caption")
-        bg = data.get("background_prompt")
-        return P.Sidecar(caption=str(caption) if caption else None, phrases=phrases, objects=objects,
-                         background_prompt=str(bg) if bg else None)
-    if txt.is_file():
-        return P.Sidecar(phrases=parse_phrase_list(txt.read_text(encoding="utf-8", errors="replace")))
-    return P.Sidecar()
-
-
-def load_image(path: Path, max_side: int = 1024) -> tuple[Image.Image | None, float, str]:
-    """(RGB image or None, scale applied, reason when None). Transparent pixels go on white."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # EXIF and palette notes
-            with Image.open(path) as im:
-                im.load()
-                im = ImageOps.exif_transpose(im)
-                if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                    rgba = im.convert("RGBA")
-                    flat = Image.new("RGB", rgba.size, (255, 255, 255))
-                    flat.paste(rgba, mask=rgba.getchannel("A"))
-                    img = flat
-                else:
-                    img = im.convert("RGB")
-    except FileNotFoundError:
-        return None, 1.0, MISSING
-    except UnidentifiedImageError:
-        return None, 1.0, NOT_AN_IMAGE
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, EOFError):
-        return None, 1.0, CORRUPT
-    scale = 1.0
-    if max_side and max(img.size) > max_side:
-        scale = max_side / max(img.size)
-        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.LANCZOS)
-    return img, scale, ""
+# keys
 
 
 def sample_key(rel: str) -> str:
@@ -246,9 +167,30 @@ def _chunks(config: BuildConfig, inputs: list[tuple[str, Path]]) -> list[_Chunk]
     return out
 
 
-def _check_layout(config: BuildConfig, chunks: list[_Chunk], fingerprint: str) -> list[_Chunk]:
+def _valid_counts(data) -> bool:
+    """True when ``data`` is the "counts" object this builder writes (so :class:`Counts` can read it)."""
+    if not isinstance(data, dict):
+        return False
+    if any(type(data.get(k)) is not int or data[k] < 0 for k in ("images_seen", "kept")):
+        return False
+    tables = [data.get(k, {}) for k in ("unreadable", "rejected", "dropped_detections", "samples_by_layers")]
+    return all(isinstance(t, dict) and all(type(v) is int and v >= 0 for v in t.values()) for t in tables)
+
+
+def _read_stats(path: Path) -> dict | None:
+    """A chunk's ``.stats.json``; None when it is damaged or not one this builder wrote."""
+    try:
+        stats = parse_untrusted_json(read_regular_file(path, MAX_STATS_BYTES), SIDECAR_DEPTH)
+    except (InputFileError, ValueError):
+        return None
+    if not isinstance(stats, dict) or not _valid_counts(stats.get("counts")):
+        return None
+    return stats
+
+
+def _check_layout(config: BuildConfig, chunks: list[_Chunk], fingerprint: str) -> tuple[list[_Chunk], dict[int, Counts]]:
     """Refuse to touch shards of another split, inputs or settings unless ``overwrite``; return
-    the chunks still to build."""
+    the chunks still to build and the counts of the finished ones."""
     i, n = config.shard
     hint = "pass --overwrite to rebuild them, or give another --out"
     if not config.overwrite:
@@ -259,15 +201,17 @@ def _check_layout(config: BuildConfig, chunks: list[_Chunk], fingerprint: str) -
                     f"--out {str(config.out)!r} already holds {p.name}, built with --shard x/{int(m.group(2))}, "
                     f"not x/{n}: use the same N as before, or {hint}"
                 )
-    todo = []
+    todo, finished = [], {}
     for ch in chunks:
         if ch.stats.is_file() and ch.tar.is_file():
-            try:
-                stats = json.loads(ch.stats.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError):
-                stats = {}
+            stats = _read_stats(ch.stats)
+            if stats is None and not config.overwrite:
+                raise LayerDiffError(f"--out {str(config.out)!r}: {ch.stats.name} is damaged or was not written by "
+                                     f"this builder, so shard {ch.tar.name} cannot be trusted: {hint}")
+            stats = stats or {}
             same = stats.get("inputs_sha") == ch.inputs_sha and stats.get("settings_sha") == fingerprint
             if same and not config.overwrite:
+                finished[ch.index] = Counts(stats["counts"])
                 continue
             if not same and not config.overwrite:
                 what = "inputs" if stats.get("inputs_sha") != ch.inputs_sha else "settings (models or thresholds)"
@@ -275,7 +219,7 @@ def _check_layout(config: BuildConfig, chunks: list[_Chunk], fingerprint: str) -
         elif ch.tar.is_file() and not config.overwrite and not _is_own_unfinished(ch, fingerprint):
             raise LayerDiffError(f"--out {str(config.out)!r} already holds {ch.tar.name}, not from this build: {hint}")
         todo.append(ch)
-    return todo
+    return todo, finished
 
 
 def _is_own_unfinished(ch: _Chunk, fingerprint: str) -> bool:
@@ -284,8 +228,8 @@ def _is_own_unfinished(ch: _Chunk, fingerprint: str) -> bool:
     sources = {rel for rel, _ in ch.inputs}
     try:
         for meta in read_shard_meta(ch.tar):
-            mlcid = (meta.get("extra") or {}).get("mlcid") or {}
-            if meta.get("source") not in sources or mlcid.get("settings") != fingerprint:
+            mlcid = meta["extra"].get("mlcid")
+            if meta["source"] not in sources or not isinstance(mlcid, dict) or mlcid.get("settings") != fingerprint:
                 return False
     except LayerDiffError:
         return False
@@ -337,7 +281,7 @@ def build(config: BuildConfig, pipe: P.MLCIDPipeline) -> dict:
     config.out.mkdir(parents=True, exist_ok=True)
     fingerprint, settings = pipe.fingerprint()
     chunks = _chunks(config, inputs)
-    todo = _check_layout(config, chunks, fingerprint)
+    todo, finished = _check_layout(config, chunks, fingerprint)
     todo_ids = {ch.index for ch in todo}
     i, n = config.shard
     logger.info("MLCID: %d inputs, %d chunks for shard %d/%d, %d to build", len(inputs), len(chunks), i, n, len(todo))
@@ -346,7 +290,7 @@ def build(config: BuildConfig, pipe: P.MLCIDPipeline) -> dict:
     t0 = time.perf_counter()
     for ch in chunks:
         if ch.index not in todo_ids:
-            total.add(Counts(json.loads(ch.stats.read_text(encoding="utf-8"))["counts"]))
+            total.add(finished[ch.index])
             logger.info("MLCID: %s is finished; skipped", ch.tar.name)
             continue
         counts = Counts()

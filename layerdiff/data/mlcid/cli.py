@@ -81,14 +81,19 @@ def register(subparsers) -> None:
 
 
 def _phrases(text: str) -> tuple[str, ...]:
+    from layerdiff.data.input_files import InputFileError, read_regular_file
     from layerdiff.data.mlcid.phrases import parse_phrase_list
 
     if text.startswith("@"):
-        path = Path(text[1:])
-        if not path.is_file():
-            raise LayerDiffError(f"--phrases {text!r}: no such file: give @FILE with one phrase per line, or 'cat, dog'")
-        text = path.read_text(encoding="utf-8")
-    return tuple(parse_phrase_list(text))
+        try:
+            raw = read_regular_file(Path(text[1:]), 2**20)
+        except InputFileError as exc:
+            raise LayerDiffError(f"--phrases {exc}: give @FILE with one phrase per line, or 'cat, dog'") from None
+        text = raw.decode("utf-8", errors="replace")
+    phrases = tuple(parse_phrase_list(text))
+    if len(phrases) > 1000:
+        raise LayerDiffError(f"--phrases lists {len(phrases)} phrases: give at most 1000 (each one is searched for in every image)")
+    return phrases
 
 
 def run(args) -> int:
@@ -108,7 +113,15 @@ def run(args) -> int:
         min_side=args.min_side,
         overwrite=args.overwrite,
     )
-    builder.list_inputs(config.images)  # the --images error before minutes of model loading
+    inputs = builder.list_inputs(config.images)  # the --images error before minutes of model loading
+    if not inputs:
+        raise LayerDiffError(f"--images {str(config.images)!r} lists no files: give a folder of images "
+                             "(searched recursively) or a .txt list of image paths")
+    chunks = -(-len(inputs) // config.samples_per_shard)
+    if config.shard[0] > chunks:
+        raise LayerDiffError(f"--shard {config.shard[0]}/{config.shard[1]} gets no work: {len(inputs)} images make "
+                             f"{chunks} chunks of --samples-per-shard {config.samples_per_shard}; use at most "
+                             f"{chunks} processes, or a smaller --samples-per-shard")
     pconf = PipelineConfig(
         filters=FilterConfig(min_area=args.min_area, max_area=args.max_area, max_foregrounds=args.max_foregrounds,
                              max_overlap=args.max_overlap, duplicate_iou=args.duplicate_iou),
@@ -117,8 +130,6 @@ def run(args) -> int:
         dilate=args.dilate,
         nms_iou=0.5,
     )
-    if args.detector_threshold < 0 or args.detector_threshold > 1:
-        raise LayerDiffError(f"--detector-threshold {args.detector_threshold} must be a score in 0..1, e.g. 0.2")
     specs = StageSpecs.all_fallbacks() if args.no_models else StageSpecs(
         captioner=args.captioner, detector=args.detector, segmenter=args.segmenter, depth=args.depth, inpainter=args.inpainter
     )
@@ -137,11 +148,38 @@ def run(args) -> int:
     pipe = MLCIDPipeline(make_stages(specs, options), pconf)
     summary = builder.build(config, pipe)
     print(_report(summary, config))
-    errors = summary["rejected"].get("error", 0)
-    if errors and errors == summary["images_seen"] - summary["unreadable_total"]:
-        logger.error("every readable image failed inside a stage: see the errors logged above")
-        return 1
+    if not summary["kept"]:
+        raise LayerDiffError(_nothing_kept(summary, pipe, args))
     return 0
+
+
+def _nothing_kept(s: dict, pipe, args) -> str:
+    """One line: why no image gave a sample, and what to change."""
+    reasons = {**s["unreadable"], **s["rejected"]}
+    top = max(reasons, key=reasons.get) if reasons else ""
+    stages = pipe.stages
+    if top == "no_phrases":
+        if stages.captioner is None:
+            fix = ("there is no captioner (--no-models or --captioner none), so phrases must be given: "
+                   "--phrases 'person, dog' (or @FILE), or IMAGE.txt / IMAGE.json sidecars beside the images")
+        else:
+            fix = "the captions named no objects: give --phrases 'person, dog' (or @FILE) or IMAGE.txt sidecars"
+    elif top == "no_detections":
+        fix = (f"the detector found nothing: lower --detector-threshold (now {args.detector_threshold}), "
+               "or give boxes in IMAGE.json sidecars")
+        if stages.detector is None:
+            fix = "there is no detector (--detector none): give boxes in IMAGE.json sidecars, or a detector"
+    elif top == "no_foregrounds":
+        fix = (f"every detection was filtered out ({json.dumps(s['dropped_detections'])}): widen --min-area "
+               f"{args.min_area} / --max-area {args.max_area} or raise --max-overlap {args.max_overlap}")
+    elif top == "image_too_small":
+        fix = f"the images are smaller than --min-side {args.min_side}: lower it"
+    elif top == "error":
+        fix = "a stage failed on every readable image: see the errors logged above"
+    else:
+        fix = f"no image could be read: check --images {args.images}"
+    counts = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1]))
+    return f"nothing kept: none of {s['images_seen']} images gave a sample ({counts}): {fix}"
 
 
 def _report(s: dict, config) -> str:

@@ -6,6 +6,7 @@ local folders or the Hugging Face cache only; ``allow_download=True`` lets them 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -61,6 +62,30 @@ class StageOptions:
     inpaint_resolution: int = 512
     seed: int = 0
     classical_backend: str | None = None  # "cv2" | "skimage" | None (whichever is installed)
+
+    def __post_init__(self):
+        _in_range("--batch-size", self.batch_size, 1, 1024)
+        _in_range("--detector-threshold", self.detector_threshold, 0.0, 1.0, "a score, e.g. 0.2")
+        _in_range("--max-detections", self.max_detections, 1, 1000)
+        _in_range("nms_iou", self.nms_iou, 0.0, 1.0)
+        _in_range("--inpaint-steps", self.inpaint_steps, 1, 1000, "e.g. 25")
+        _in_range("--inpaint-resolution", self.inpaint_resolution, 64, 4096, "e.g. 512")
+        if self.inpaint_resolution % 8:
+            raise LayerDiffError(f"--inpaint-resolution {self.inpaint_resolution} is not a multiple of 8: use e.g. 512")
+        _in_range("--seed", self.seed, 0, 2**32 - 1)
+        if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|mps|(cuda|xpu)(:\d{1,3})?", self.device):
+            raise LayerDiffError(f"--device {self.device!r} is not a device: use auto, cpu, cuda, cuda:1, mps or xpu")
+        if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
+            raise LayerDiffError(f"--dtype {self.dtype!r} is unknown: use auto, float32, float16 or bfloat16")
+
+
+def _in_range(flag: str, value, lo, hi, example: str = "") -> None:
+    """Refuse a number of the wrong type, NaN, or outside ``lo``..``hi``, naming the flag and the range."""
+    want = int if isinstance(lo, int) else (int, float)
+    ok = isinstance(value, want) and not isinstance(value, bool) and lo <= value <= hi  # NaN fails the comparison
+    if not ok:
+        kind = "an integer" if want is int else "a number"
+        raise LayerDiffError(f"{flag} {value!r} must be {kind} from {lo} to {hi}" + (f" ({example})" if example else ""))
 
 
 def _kind(stage: str, spec: str) -> str:

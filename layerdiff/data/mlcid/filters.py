@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from layerdiff.data.mlcid.stages import Box, Detection
+from layerdiff.data.record_checks import MAX_LAYERS
 from layerdiff.errors import LayerDiffError
 
 # reasons a detection is dropped (the summary counts them by these names)
@@ -42,8 +43,9 @@ class FilterConfig:
                 f"--min-area {self.min_area} / --max-area {self.max_area}: need 0 <= min-area < max-area <= 1 "
                 "(fractions of the image, e.g. 0.01 and 0.6)"
             )
-        if self.max_foregrounds < 1:
-            raise LayerDiffError(f"--max-foregrounds {self.max_foregrounds} must be at least 1 (the paper uses 3)")
+        if not 1 <= self.max_foregrounds <= MAX_LAYERS - 1:
+            raise LayerDiffError(f"--max-foregrounds {self.max_foregrounds} must be from 1 to {MAX_LAYERS - 1} "
+                                 "(the paper uses 3)")
         if not 0.0 <= self.max_overlap <= 1.0:
             raise LayerDiffError(f"--max-overlap {self.max_overlap} must be a fraction in 0..1, e.g. 0.2")
         if not 0.0 < self.duplicate_iou <= 1.0:
