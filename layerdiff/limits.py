@@ -190,12 +190,24 @@ def check_run_size(width: int, height: int, layers: int, batch: int, names: tupl
 
 
 # ---------------------------------------------------------------------------- texts, flags, callables
+def _check_unicode(text: str, name: str) -> str:
+    """Lone surrogates (what Python makes of non-UTF-8 bytes on a command line) reach no tokenizer."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise LayerDiffError(
+            f"{name} {show(text)} holds a character that is not valid Unicode at position {exc.start} (a byte "
+            "that is not UTF-8, from a terminal or file in another encoding?): write the text in UTF-8"
+        ) from None
+    return text
+
+
 def check_text(value, name: str, *, optional: bool = False) -> str | None:
     if value is None and optional:
         return None
     if not isinstance(value, str):
         raise LayerDiffError(f"{name} {show(value)} is {_kind(value)}, not a text: give a string")
-    return value
+    return _check_unicode(value, name)
 
 
 def check_texts(value, name: str, example: str = "('a brick wall', 'a red star')") -> tuple[str, ...]:
@@ -210,6 +222,7 @@ def check_texts(value, name: str, example: str = "('a brick wall', 'a red star')
         if not isinstance(item, str):
             raise LayerDiffError(f"{name}[{i}] {show(item)} is {_kind(item)}, not a text: every entry of {name} "
                                  "must be a string")
+        _check_unicode(item, f"{name}[{i}]")
     return tuple(value)
 
 

@@ -611,3 +611,28 @@ def test_command_line_refuses_hostile_numbers_up_front(tmp_path):
             failures.append(f"{name}: exit {code}, stderr {err[-600:]!r}")
     assert not failures, "\n".join(failures)
     assert max(PEAK_RSS.values()) < MEMORY_LIMIT
+
+
+# ---------------------------------------------------------------------------- text that is not Unicode
+NOT_UNICODE = ["a red star \udcff", "\udc80", "a \ud800 lone high surrogate", "emoji ok 🌟 then \udfff"]
+
+
+@pytest.mark.parametrize("text", NOT_UNICODE)
+def test_prompts_with_characters_no_tokenizer_reads_are_refused_by_name(text):
+    with pytest.raises(LayerDiffError, match=r"global_prompt .* not valid Unicode .* UTF-8"):
+        LayerPrompts(text, ("a brick wall", "a red star"))
+    with pytest.raises(LayerDiffError, match=r"layers\[1\] .* not valid Unicode"):
+        LayerPrompts("a red star", ("a brick wall", text))
+    assert LayerPrompts("a red star 🌟 звезда 星", ("a brick wall", "a red star 🌟")).layers[1] == "a red star 🌟"
+
+
+def test_non_utf8_bytes_on_the_command_line_give_one_line(tmp_path):
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-m", "layerdiff", "generate", "--model", "tiny", "--steps", "1", "--prompt",
+         b"a red \xff star", "--layer", "a brick wall", "--layer", b"a \xfe star", "--out", str(out)],
+        cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and len(lines) == 1 and "not valid Unicode" in lines[0], done.stderr
+    assert "Traceback" not in done.stderr and not out.exists()
