@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     say(f"ready: diffusers {after['dists'].get('diffusers')}, transformers {after['dists'].get('transformers')}, "
         f"huggingface-hub {after['dists'].get('huggingface-hub')}, torch {after['dists'].get('torch')}; "
-        "restart ComfyUI")
+        "restart ComfyUI if it is running")
     return 0
 
 
