@@ -35,3 +35,12 @@ def trained_like_tiny_model(tiny_config):
             if name.startswith("unet.conv_in.weight") or name.startswith("unet.conv_out"):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     return model
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module (fuzz suites: many tiny runs, no thread start-up per case)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

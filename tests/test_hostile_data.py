@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fuzz_report import print_fuzz_report
 from PIL import Image
 
 from layerdiff.data.format import (
@@ -71,15 +72,7 @@ IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 @pytest.fixture(scope="module", autouse=True)
 def report():
     yield
-    if os.environ.get("LAYERDIFF_FUZZ_REPORT"):
-        for name, c in sorted(COUNTS.items()):
-            print(f"\n{name}: {sum(c.values())} cases, {dict(c)}")
-        by_command = collections.defaultdict(int)
-        for case, rss in PEAK_RSS.items():
-            command = case.split(":")[0]
-            by_command[command] = max(by_command[command], rss)
-        for command, rss in sorted(by_command.items()):
-            print(f"\nlargest peak RSS of a command-line run, {command}: {rss / 2**20:.0f} MiB")
+    print_fuzz_report(COUNTS, PEAK_RSS)
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import torch
+from fuzz_report import print_fuzz_report
 
 from layerdiff.config import LayerDiffConfig, get_preset
 from layerdiff.errors import CheckpointError, LayerDiffError
@@ -53,23 +53,12 @@ PEAK_RSS: dict[str, int] = {}
 @pytest.fixture(scope="module", autouse=True)
 def report():
     yield
-    if os.environ.get("LAYERDIFF_FUZZ_REPORT"):
-        for name, c in sorted(COUNTS.items()):
-            print(f"\n{name}: {sum(c.values())} cases, {dict(c)}")
-        hostile = {k: v for k, v in PEAK_RSS.items() if "good file" not in k}
-        if hostile:
-            worst = max(hostile, key=hostile.get)
-            print(f"\nlargest peak RSS of a hostile command-line run: {hostile[worst] / 2**20:.0f} MiB ({worst})")
-            for k in sorted(set(PEAK_RSS) - set(hostile)):
-                print(f"peak RSS of {k}: {PEAK_RSS[k] / 2**20:.0f} MiB")
+    print_fuzz_report(COUNTS, PEAK_RSS)
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------- building files

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fuzz_report import print_fuzz_report
 
 import nodes
 from layerdiff import limits
@@ -58,20 +59,12 @@ PEAK_RSS: dict[str, int] = {}
 @pytest.fixture(scope="module", autouse=True)
 def report():
     yield
-    if os.environ.get("LAYERDIFF_FUZZ_REPORT"):
-        for name, c in sorted(COUNTS.items()):
-            print(f"\n{name}: {sum(c.values())} cases, {dict(c)}")
-        if PEAK_RSS:
-            worst = max(PEAK_RSS, key=PEAK_RSS.get)
-            print(f"\nlargest peak RSS of a command-line run: {PEAK_RSS[worst] / 2**20:.0f} MiB ({worst})")
+    print_fuzz_report(COUNTS, PEAK_RSS)
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

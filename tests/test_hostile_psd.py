@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fuzz_report import print_fuzz_report
 
 import nodes
 from layerdiff.errors import LayerDiffError
@@ -68,19 +69,12 @@ SCRIPTS = {
 @pytest.fixture(scope="module", autouse=True)
 def report():
     yield
-    if os.environ.get("LAYERDIFF_FUZZ_REPORT"):
-        for name, c in sorted(COUNTS.items()):
-            print(f"\n{name}: {sum(c.values())} cases, {dict(c)}")
-        for name, rss in sorted(PEAK_RSS.items()):
-            print(f"\npeak RSS {name}: {rss / 2**20:.0f} MiB")
+    print_fuzz_report(COUNTS, PEAK_RSS)
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture()

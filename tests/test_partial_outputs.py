@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fuzz_report import print_fuzz_report
 from PIL import Image
 
 from layerdiff.errors import LayerDiffError
@@ -49,17 +50,12 @@ CLI = ["generate", "--model", "tiny", "--steps", "1", "--prompt", "a red star in
 @pytest.fixture(scope="module", autouse=True)
 def report():
     yield
-    if os.environ.get("LAYERDIFF_FUZZ_REPORT"):
-        for name, c in sorted(COUNTS.items()):
-            print(f"\n{name}: {sum(c.values())} cases, {dict(c)}")
+    print_fuzz_report(COUNTS)
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 def make_stack(batch: int = 1, layers: int = 3, seed: int = 0) -> LayerStack:
