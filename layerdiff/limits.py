@@ -1,5 +1,5 @@
 """Ranges and types of the arguments a user gives: one table for the nodes, the command line and the
-library, and the checks that enforce it before any work starts (issue 25, classes 2 and 6).
+library, and the checks that enforce it before any work starts.
 
 The node widgets take their min/max from :data:`RANGES`, the command line checks its flags with the
 same functions under the flag's name, and the library entry points (generate, sample, the edits,
