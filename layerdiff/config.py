@@ -354,8 +354,6 @@ LATENT_SIZE_MAX = 512  # the UNet's nominal latent size (SD 1.5: 64)
 NORM_GROUPS_MAX = 256  # GroupNorm groups (SD 1.5: 32)
 WORDS_MAX, WORD_CHARS_MAX = 65_536, 64  # a word-level tokenizer's vocabulary (toy: under 100 words)
 TIMESTEPS_MAX = 10_000  # scheduler training timesteps (SD: 1000)
-STEPS_MAX = 500  # default sampling steps (DDIM with SD's schedule needs steps < 1000 - steps_offset)
-GUIDANCE_MAX = 30.0  # default guidance scales (the nodes' cfg range)
 NAME_CHARS_MAX, DESCRIPTION_CHARS_MAX = 100, 1000
 
 ACTIVATIONS = ("silu", "swish", "mish", "gelu")
@@ -760,21 +758,26 @@ def _check_scheduler(f: _Fields) -> None:
 
 
 def _check_sampling(f: _Fields) -> None:
+    """A model's sampling defaults, in the same ranges as the nodes, the command line and the library."""
+    from layerdiff.limits import RANGES
     from layerdiff.sampling import SCHEDULERS
 
+    def bounds(key: str) -> tuple:
+        return RANGES[key].low, RANGES[key].high
+
     d = SamplingDefaults()
-    f.int("steps", 1, STEPS_MAX, default=d.steps)
-    f.number("cfg", 0, GUIDANCE_MAX, default=d.cfg)
-    f.number("background_cfg", 0, GUIDANCE_MAX, default=None, nullable=True)
-    f.number("mask_guidance", 0, 5, default=d.mask_guidance)
-    f.number("mask_guidance_blur_sigma", 0.1, 16, default=d.mask_guidance_blur_sigma)  # a sigma of 0 divides by 0
-    f.int("mask_guidance_erode", 0, 16, default=d.mask_guidance_erode)
+    f.int("steps", *bounds("steps"), default=d.steps)
+    f.number("cfg", *bounds("cfg"), default=d.cfg)
+    f.number("background_cfg", *bounds("background_cfg"), default=None, nullable=True)
+    f.number("mask_guidance", *bounds("mask_guidance"), default=d.mask_guidance)
+    f.number("mask_guidance_blur_sigma", *bounds("mask_guidance_blur"), default=d.mask_guidance_blur_sigma)
+    f.int("mask_guidance_erode", *bounds("mask_guidance_erode"), default=d.mask_guidance_erode)
     for key in ("mask_guidance_start", "layout_cleanup", "layout_cleanup_start", "eta"):
-        f.number(key, 0, 1, default=getattr(d, key))
-    check = f.number("empty_layer_check", 0, 1, default=d.empty_layer_check)
-    if check == 1:
+        f.number(key, *bounds(key), default=getattr(d, key))
+    check = f.number("empty_layer_check", *bounds("empty_layer_check"), default=d.empty_layer_check)
+    if check == RANGES["empty_layer_check"].high:
         f.fail("empty_layer_check", check, "is out of range: use a fraction of the steps below 1")
-    f.int("empty_layer_retries", 0, 10, default=d.empty_layer_retries)
+    f.int("empty_layer_retries", *bounds("empty_layer_retries"), default=d.empty_layer_retries)
     f.choice("scheduler", tuple(SCHEDULERS), default=d.scheduler)
     f.finish()
 
