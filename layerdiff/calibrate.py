@@ -16,13 +16,11 @@ background's and with it: plain CFG at each candidate scale on the same scenes a
 foreground judged from its layer image and mask as ``eval`` judges it. Each foreground scores the
 mean of its colour and shape judgements (right or wrong) and its mask IoU (:func:`foreground_score`
 over all of them), and the pick follows the one-standard-error rule (:func:`pick_within_noise`):
-the smallest scale whose score is within one paired standard error of the best one's. On 48 scenes
-one foreground's shape judgement moves the score by about 0.003, so a bare maximum picks noise:
-``runs/toy12``'s picked 4.5 over 3 by 0.0012, and the two were equal within noise on more scenes
-(192 validation scenes: mask IoU 0.867 at 3 against 0.857; eval's 240: 0.857 against 0.858). Strong
-guidance overshoots the object's outline in the layer image and in its mask differently, so the
-two stop agreeing: on the shipped toy model, plain CFG at foreground guidance 7.5 / 4 / 3 / 2 gave
-mask IoU 0.873 / 0.899 / 0.905 / 0.911 on 96 validation scenes (README, Training).
+the smallest scale whose score is within one paired standard error of the best one's: on a few dozen
+scenes one foreground's judgement moves the score more than neighbouring scales differ, so a bare
+maximum would pick noise. Strong guidance overshoots the object's outline in the layer image and in
+its mask differently, so the two stop agreeing; the measurements behind these choices are in
+docs/training.md and docs/figures.md.
 """
 
 from __future__ import annotations

@@ -35,8 +35,7 @@ TOY_RECIPE = {
                 "object_weight": 4.0, "edge_weight": 16.0, "sample_posterior": False, "decoder_only": True,
                 "latent_noise": 0.6},
     "train": {
-        # 7,000 fell short of the targets (runs/toy11); 8,400 missed 4-layer mask IoU by 0.001 (runs/toy12)
-        "steps": 8800,
+        "steps": 8800,  # the fewest that met every eval target (docs/training.md)
         "batch_size": 8,
         "lr_base": 3e-4,
         "lr_new": 3e-4,
@@ -56,10 +55,8 @@ TOY_RECIPE = {
     },
     # the background guidance, then the foregrounds' guidance, written into the model file's sampling
     # defaults, picked on fresh validation scenes (layerdiff.calibrate): by background accuracy, then by
-    # foreground colour, shape and mask IoU; 0 samples keeps the preset's. (Background 20 was the
-    # worst of these on runs/toy9 and runs/toy10, the same VAE as now: README, Training)
-    # Foreground 7.5 is not a candidate: the 8,400-step runs/toy12 scored it below 3 and 4.5 (0.927 against
-    # 0.932 / 0.933), and on the shipped model it gave the worst mask IoU (0.886 against 0.915 at 3)
+    # foreground colour, shape and mask IoU; 0 samples keeps the preset's. The candidate lists leave out
+    # scales that scored worst in earlier runs (docs/training.md)
     "calibration": {"samples": 48, "candidates": [7.5, 10.0, 14.0], "foreground_candidates": [2.0, 3.0, 4.5]},
 }
 

@@ -26,18 +26,14 @@ import signal
 import socket
 import stat
 import struct
-import subprocess
-import sys
 import tarfile
-import threading
-import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
-from fuzz_report import print_fuzz_report
+from fuzz_support import print_fuzz_report, run_limited_cli
 from PIL import Image
 
 from layerdiff.data.format import (
@@ -556,37 +552,9 @@ def test_python_api_refuses_what_the_json_refuses():
 
 
 # ---------------------------------------------------------------------------- the command line
-_serial = itertools.count()
-
-
-def _limit_memory():
-    import resource
-
-    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
-
-
 def run_cli(args: list[str], cwd: Path) -> tuple[int, str, str, int, float]:
-    """(exit code, stdout, stderr, peak RSS in bytes, seconds) of ``python -m layerdiff ARGS`` under
-    the limits; a negative exit code is the signal that ended it."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "LAYERDIFF_FUZZ_REPORT": ""}
-    n = next(_serial)
-    out, err = cwd / f"cli-out-{n}.txt", cwd / f"cli-err-{n}.txt"
-    t0 = time.monotonic()
-    with open(out, "wb") as fo, open(err, "wb") as fe:
-        proc = subprocess.Popen([sys.executable, "-m", "layerdiff", *args], cwd=cwd, env=env, stdout=fo,
-                                stderr=fe, stdin=subprocess.DEVNULL, preexec_fn=_limit_memory)
-        timer = threading.Timer(TIMEOUT_S, proc.kill)
-        timer.start()
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            timer.cancel()
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    seconds = time.monotonic() - t0
-    text = out.read_text(errors="replace"), err.read_text(errors="replace")
-    out.unlink()
-    err.unlink()
-    return proc.returncode, *text, usage.ru_maxrss * 1024, seconds
+    """(exit code, stdout, stderr, peak RSS in bytes, seconds) of ``python -m layerdiff ARGS`` under the limits."""
+    return run_limited_cli(args, cwd, MEMORY_LIMIT, TIMEOUT_S)
 
 
 def snapshot(folder: Path, skip: tuple[Path, ...] = ()) -> dict[str, tuple]:

@@ -16,14 +16,11 @@ import json
 import math
 import os
 import struct
-import subprocess
-import sys
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from fuzz_report import print_fuzz_report
+from fuzz_support import print_fuzz_report, run_limited_cli
 
 from layerdiff.config import LayerDiffConfig, get_preset
 from layerdiff.errors import CheckpointError, LayerDiffError
@@ -530,28 +527,9 @@ def test_load_layerdiff_node_refuses_hostile_files(tmp_path):
 
 
 # ---------------------------------------------------------------------------- the command line
-def _limit_memory():
-    import resource
-
-    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
-
-
 def run_cli(args: list[str], cwd: Path) -> tuple[int, str, str, int]:
-    """(exit code, stdout, stderr, peak RSS in bytes) of ``python -m layerdiff ARGS`` under the limits;
-    a negative exit code is the signal that ended it."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "LAYERDIFF_FUZZ_REPORT": ""}
-    out, err = cwd / f"out-{next(_serial)}.txt", cwd / f"err-{next(_serial)}.txt"
-    with open(out, "wb") as fo, open(err, "wb") as fe:
-        proc = subprocess.Popen([sys.executable, "-m", "layerdiff", *args], cwd=cwd, env=env, stdout=fo,
-                                stderr=fe, stdin=subprocess.DEVNULL, preexec_fn=_limit_memory)
-        timer = threading.Timer(TIMEOUT_S, proc.kill)
-        timer.start()
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            timer.cancel()
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, out.read_text(errors="replace"), err.read_text(errors="replace"), usage.ru_maxrss * 1024
+    """(exit code, stdout, stderr, peak RSS in bytes) of ``python -m layerdiff ARGS`` under the limits."""
+    return run_limited_cli(args, cwd, MEMORY_LIMIT, TIMEOUT_S)[:4]
 
 
 def _cli_cases(good: bytes, folder: Path) -> dict[str, Path]:

@@ -12,13 +12,11 @@ and the largest memory a command-line run reached.
 from __future__ import annotations
 
 import collections
-import itertools
 import math
 import numbers
 import os
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fuzz_report import print_fuzz_report
+from fuzz_support import print_fuzz_report, run_limited_cli
 
 import nodes
 from layerdiff import limits
@@ -510,32 +508,9 @@ def test_node_functions_refuse_values_that_bypass_validation(model, node_cond, s
 
 
 # ---------------------------------------------------------------------------- the command line
-_serial = itertools.count()
-
-
-def _limit_memory():
-    import resource
-
-    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
-
-
 def run_cli(args: list[str], cwd: Path) -> tuple[int, str, str, int]:
-    """(exit code, stdout, stderr, peak RSS in bytes) of ``python -m layerdiff ARGS`` under the limits;
-    a negative exit code is the signal that ended it."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "LAYERDIFF_FUZZ_REPORT": ""}
-    n = next(_serial)
-    out, err = cwd.parent / f"stdout-{n}.txt", cwd.parent / f"stderr-{n}.txt"
-    with open(out, "wb") as fo, open(err, "wb") as fe:
-        proc = subprocess.Popen([sys.executable, "-m", "layerdiff", *args], cwd=cwd, env=env, stdout=fo,
-                                stderr=fe, stdin=subprocess.DEVNULL, preexec_fn=_limit_memory)
-        timer = threading.Timer(TIMEOUT_S, proc.kill)
-        timer.start()
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            timer.cancel()
-    code = os.waitstatus_to_exitcode(status)
-    return code, out.read_text(errors="replace"), err.read_text(errors="replace"), usage.ru_maxrss * 1024
+    """(exit code, stdout, stderr, peak RSS in bytes) of ``python -m layerdiff ARGS`` under the limits."""
+    return run_limited_cli(args, cwd, MEMORY_LIMIT, TIMEOUT_S)[:4]
 
 
 GEN = ["generate", "--model", "tiny", "--prompt", "a red star in front of a brick wall", "--layer", "a brick wall",

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fuzz_report import print_fuzz_report
+from fuzz_support import print_fuzz_report
 
 import nodes
 from layerdiff.errors import LayerDiffError
