@@ -99,3 +99,36 @@ def private_server(base: Path, ready_node: str):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
+
+
+# JavaScript put before a test's own node script: `openPage(args, beforeGoto)` starts the headless Chromium
+# (fresh profile, loopback requests only, page and console errors collected in `seen`) and opens the
+# server's page; `beforeGoto(page)` runs first (listeners that must exist before the page loads).
+OPEN_PAGE_JS = r"""
+const { chromium } = require(process.env.PLAYWRIGHT_CORE);
+
+async function openPage(args, beforeGoto) {
+  const context = await chromium.launchPersistentContext(args.profile, {
+    executablePath: args.chromium, headless: true, viewport: { width: 1280, height: 800 },
+    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+           '--disable-background-networking', '--disable-component-update', '--disable-sync'] });
+  const seen = { pageErrors: [], consoleErrors: [], blocked: [] };
+  try {
+    await context.route('**/*', (route) => {  // loopback only
+      const u = new URL(route.request().url());
+      if (u.hostname === '127.0.0.1' || ['data:', 'blob:'].includes(u.protocol)) return route.continue();
+      seen.blocked.push(u.hostname);
+      return route.abort();
+    });
+    const page = context.pages()[0] || await context.newPage();
+    page.on('pageerror', (e) => seen.pageErrors.push(String(e.stack || e)));
+    page.on('console', (m) => { if (m.type() === 'error') seen.consoleErrors.push(m.text()); });
+    if (beforeGoto) beforeGoto(page);
+    await page.goto(args.url, { waitUntil: 'load', timeout: 120000 });
+    return { context, page, seen };
+  } catch (e) {
+    await context.close();
+    throw e;
+  }
+}
+"""

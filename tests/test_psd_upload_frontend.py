@@ -30,7 +30,7 @@ from PIL import Image
 pytestmark = pytest.mark.comfyui
 pytest.importorskip("psd_tools")
 
-from comfy_private import CHROMIUM, PW_DIR, browser_skip_reason, private_server  # noqa: E402
+from comfy_private import CHROMIUM, OPEN_PAGE_JS, PW_DIR, browser_skip_reason, private_server  # noqa: E402
 
 _reason = browser_skip_reason("diffusers, psd_tools, einops")
 if _reason:
@@ -84,29 +84,15 @@ WORKFLOW = {
 BROWSER_JS = r"""
 const fs = require('fs');
 const path = require('path');
-const { chromium } = require(process.env.PLAYWRIGHT_CORE);
 const args = JSON.parse(process.argv[2]);
 const comboValue = () => window.app.graph.getNodeById(1).widgets[0].value;
 
 (async () => {
-  const context = await chromium.launchPersistentContext(args.profile, {
-    executablePath: args.chromium, headless: true, viewport: { width: 1280, height: 800 },
-    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-           '--disable-background-networking', '--disable-component-update', '--disable-sync'] });
-  const seen = { pageErrors: [], consoleErrors: [], blocked: [] };
+  let chooserShown;  // file choosers intercepted from the start: enabled only around the click, interception can come too late
+  const { context, page, seen } = await openPage(args, (p) => {
+    chooserShown = new Promise((resolve) => p.once('filechooser', resolve));
+  });
   try {
-    await context.route('**/*', (route) => {  // loopback only
-      const u = new URL(route.request().url());
-      if (u.hostname === '127.0.0.1' || ['data:', 'blob:'].includes(u.protocol)) return route.continue();
-      seen.blocked.push(u.hostname);
-      return route.abort();
-    });
-    const page = context.pages()[0] || await context.newPage();
-    page.on('pageerror', (e) => seen.pageErrors.push(String(e.stack || e)));
-    page.on('console', (m) => { if (m.type() === 'error') seen.consoleErrors.push(m.text()); });
-    // File choosers intercepted from the start: enabled only around the click, interception can come too late.
-    const chooserShown = new Promise((resolve) => page.once('filechooser', resolve));
-    await page.goto(args.url, { waitUntil: 'load', timeout: 120000 });
     await page.waitForFunction(() => window.app && window.app.graph && window.app.canvas, null, { timeout: 120000 });
     seen.extensions = await page.evaluate(() => window.app.extensions.map((e) => e.name));
 
@@ -191,7 +177,7 @@ def test_psd_upload_button_and_refresh_in_the_frontend(server, tmp_path):
     uploaded = small_psd(sources / "uploaded.psd", seed=3)
     input_dir = server["base"] / "input"
     script = tmp_path / "psd_upload.cjs"
-    script.write_text(BROWSER_JS)
+    script.write_text(OPEN_PAGE_JS + BROWSER_JS)
     args = {"url": server["url"], "chromium": str(CHROMIUM), "profile": str(tmp_path / "profile"),
             "workflow": WORKFLOW, "inputDir": str(input_dir), "copied": str(copied), "dragged": str(dragged),
             "uploaded": str(uploaded), "screenshot": os.environ.get("LAYERDIFF_PSD_UPLOAD_SCREENSHOT", "")}

@@ -22,7 +22,7 @@ import pytest
 
 pytestmark = pytest.mark.comfyui
 
-from comfy_private import CHROMIUM, PW_DIR, browser_skip_reason, private_server  # noqa: E402
+from comfy_private import CHROMIUM, OPEN_PAGE_JS, PW_DIR, browser_skip_reason, private_server  # noqa: E402
 
 _reason = browser_skip_reason("diffusers, einops")
 if _reason:
@@ -62,7 +62,6 @@ KNOWN = text_to_layers("a brick wall", "a red star", "a red star in front of a b
 # read the toasts on screen and the notes on the nodes; between the two, `executed` messages without
 # text or for nodes the graph lacks are fed to the page. Prints one JSON object with what it saw.
 BROWSER_JS = r"""
-const { chromium } = require(process.env.PLAYWRIGHT_CORE);
 const args = JSON.parse(process.argv[2]);
 
 const toastTexts = () => Array.from(document.querySelectorAll('.p-toast-message'), (e) => e.innerText);
@@ -108,22 +107,8 @@ async function run(page, workflow, expectToast) {
 }
 
 (async () => {
-  const context = await chromium.launchPersistentContext(args.profile, {
-    executablePath: args.chromium, headless: true, viewport: { width: 1280, height: 800 },
-    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-           '--disable-background-networking', '--disable-component-update', '--disable-sync'] });
-  const seen = { pageErrors: [], consoleErrors: [], blocked: [] };
+  const { context, page, seen } = await openPage(args);
   try {
-    await context.route('**/*', (route) => {  // loopback only
-      const u = new URL(route.request().url());
-      if (u.hostname === '127.0.0.1' || ['data:', 'blob:'].includes(u.protocol)) return route.continue();
-      seen.blocked.push(u.hostname);
-      return route.abort();
-    });
-    const page = context.pages()[0] || await context.newPage();
-    page.on('pageerror', (e) => seen.pageErrors.push(String(e.stack || e)));
-    page.on('console', (m) => { if (m.type() === 'error') seen.consoleErrors.push(m.text()); });
-    await page.goto(args.url, { waitUntil: 'load', timeout: 120000 });
     await page.waitForFunction(() => window.app && window.app.graph && window.app.canvas && window.app.extensionManager,
                                null, { timeout: 120000 });
     seen.extensions = await page.evaluate(() => window.app.extensions.map((e) => e.name));
@@ -161,7 +146,7 @@ async function run(page, workflow, expectToast) {
 def test_unknown_words_toast_in_the_frontend(server, tmp_path):
     t0 = time.time()
     script = tmp_path / "unknown_words.cjs"
-    script.write_text(BROWSER_JS)
+    script.write_text(OPEN_PAGE_JS + BROWSER_JS)
     args = {"url": server["url"], "chromium": str(CHROMIUM), "profile": str(tmp_path / "profile"),
             "unknown": UNKNOWN, "known": KNOWN, "screenshot": os.environ.get("LAYERDIFF_UNKNOWN_WORDS_SCREENSHOT", "")}
     env = dict(os.environ, PLAYWRIGHT_CORE=str(PW_DIR / "node_modules" / "playwright-core"))
