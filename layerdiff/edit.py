@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import numbers
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -24,27 +23,22 @@ import torch
 import torch.nn.functional as F
 
 from layerdiff import limits
+from layerdiff.conditioning import LayerPrompts, check_model, describe_scene
+from layerdiff.config import IMAGE_CHANNELS, LAYER_CHANNELS
 from layerdiff.errors import LayerDiffError
 from layerdiff.model.bundle import LayerDiffModel
-from layerdiff.pipeline import (
-    LayerPrompts,
-    check_model,
-    check_size,
-    default_name,
-    describe_scene,
-    encode_prompts,
-    sampler_kwargs,
-)
-from layerdiff.sampling import SCHEDULERS, Callback, Lock, sample
-from layerdiff.stack import LayerStack
+from layerdiff.pipeline import check_size, run
+from layerdiff.sampling import Callback, Lock
+from layerdiff.settings import SamplerSettings
+from layerdiff.stack import LayerStack, automatic_name, default_name
 
 logger = logging.getLogger("layerdiff.edit")
 
 # What an edit regenerates of the chosen layer; the rest of that layer is locked.
 REGENERATE = {
-    "image and mask": slice(0, 8),  # a new object (shape and look)
-    "image only": slice(0, 4),  # new look, same shape (mask channels locked)
-    "mask only": slice(4, 8),  # new shape, texture latents kept
+    "image and mask": slice(0, LAYER_CHANNELS),  # a new object (shape and look)
+    "image only": slice(0, IMAGE_CHANNELS),  # new look, same shape (mask channels locked)
+    "mask only": slice(IMAGE_CHANNELS, LAYER_CHANNELS),  # new shape, texture latents kept
 }
 
 
@@ -60,27 +54,6 @@ class EditDefaults:
 
 
 EDIT_DEFAULTS = EditDefaults()
-
-
-@dataclass(frozen=True)
-class SamplerSettings:
-    """Sampler options of an edit; None takes the model's defaults (config.SamplingDefaults)."""
-
-    steps: int | None = None
-    cfg: float | None = None
-    background_cfg: float | None = None
-    scheduler: str | None = None
-    mask_guidance: float | None = None
-    mask_guidance_start: float | None = None
-    layout_cleanup: float | None = None
-    negative_prompt: str = ""
-
-    def __post_init__(self):
-        for name in ("steps", "cfg", "background_cfg", "mask_guidance", "mask_guidance_start", "layout_cleanup"):
-            limits.check_number(getattr(self, name), name, optional=True)
-        if self.scheduler is not None:
-            limits.check_choice(self.scheduler, "scheduler", SCHEDULERS)
-        limits.check_text(self.negative_prompt, "negative_prompt")
 
 
 # ---------------------------------------------------------------------------- checks
@@ -100,13 +73,14 @@ def _check_strength(strength, what: str = "strength") -> float:
     return limits.check_float(strength, what)
 
 
-def _check_common(seed, settings, callback, global_prompt=None) -> int:
+def _check_common(seed, settings, callback, global_prompt=None, negative_prompt="") -> int:
     """The arguments every edit shares; returns the seed as an int."""
     if settings is not None and not isinstance(settings, SamplerSettings):
         raise LayerDiffError(f"settings {limits.show(settings)} is not a SamplerSettings: give "
                              "SamplerSettings(steps=..., cfg=...) or None")
     limits.check_callback(callback)
     limits.check_text(global_prompt, "global_prompt", optional=True)
+    limits.check_text(negative_prompt, "negative_prompt")
     return limits.check_int(seed, "seed")
 
 
@@ -139,19 +113,16 @@ def _check_prompt(prompt, what: str = "prompt") -> str:
 
 # ---------------------------------------------------------------------------- prompts
 
-_AUTO_NAME = re.compile(r"^(background|layer[ _]\d+)(: (?P<prompt>.*))?$")
-
-
 def _prompt_of(stack: LayerStack, i: int) -> str:
     """Layer i's prompt; for stacks without prompts (user images, PSD files) the prompt part of an
     automatic name ('layer 1: a red star'), else the name itself, else a generic word."""
     if stack.prompts[i].strip():
         return stack.prompts[i]
     name = stack.names[i].strip()
-    m = _AUTO_NAME.match(name)
-    if m and m.group("prompt"):
-        return m.group("prompt")
-    if name and not m:
+    automatic, prompt = automatic_name(name)
+    if prompt:
+        return prompt
+    if name and not automatic:
         return name
     return "background" if i == 0 else "object"
 
@@ -179,7 +150,7 @@ def _layer_prompts(
 def _name_for(stack: LayerStack, i: int, prompt: str) -> str:
     """Automatic names follow the new prompt; names a user gave are kept."""
     name = stack.names[i]
-    return default_name(i, prompt) if _AUTO_NAME.match(name.strip()) else name
+    return default_name(i, prompt) if automatic_name(name)[0] else name
 
 
 # ---------------------------------------------------------------------------- latents
@@ -205,11 +176,11 @@ def ensure_latents(model: LayerDiffModel, stack: LayerStack) -> LayerStack:
 def _decode_layer(model: LayerDiffModel, latents: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Layer i of latents (B, L, 8, h, w) -> image (B, H, W, 3) and soft mask (B, H, W) (None for
     the background). Same conversion as LayerDiffModel.decode_layers, for one layer only."""
-    img = model.decode_images(latents[:, i, :4])  # (B, 3, H, W) in [-1, 1]
+    img = model.decode_images(latents[:, i, :IMAGE_CHANNELS])  # (B, 3, H, W) in [-1, 1]
     image = ((img + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).float()  # (B, H, W, 3)
     mask = None
     if i > 0:
-        m = model.decode_images(latents[:, i, 4:]).mean(dim=1)  # (B, H, W): grey of the mask image
+        m = model.decode_images(latents[:, i, IMAGE_CHANNELS:]).mean(dim=1)  # (B, H, W): grey of the mask image
         mask = ((m + 1) / 2).clamp(0, 1).float()
     return image, mask
 
@@ -226,24 +197,16 @@ def _resample(
 ) -> torch.Tensor:
     """Sample with everything where ``keep`` (bool, broadcastable to (B, L, 8, h, w)) is True locked
     to the stack's latents; returns latents (B, L, 8, h, w) on the stack's device, float32."""
-    s = settings or SamplerSettings()
     lat = stack.latents  # (B, L, 8, h, w)
-    B = stack.batch_size
-    cond = encode_prompts(model, prompts).repeat(B)
-    out = sample(
-        model.unet, cond, lat.shape[-2], lat.shape[-1], limits.batch_seeds(seed, B),
-        **sampler_kwargs(model, steps=s.steps, cfg=s.cfg, background_cfg=s.background_cfg, scheduler=s.scheduler,
-                         mask_guidance=s.mask_guidance, mask_guidance_start=s.mask_guidance_start,
-                         layout_cleanup=s.layout_cleanup),
-        lock=Lock(lat, keep.to(lat.device)), init_latents=lat if strength < 1.0 else None, strength=strength,
-        callback=callback,
-    )
+    out = run(model, prompts, settings, seeds=limits.batch_seeds(seed, stack.batch_size), width=stack.width,
+              height=stack.height, lock=Lock(lat, keep.to(lat.device)), init_latents=lat if strength < 1.0 else None,
+              strength=strength, callback=callback, decode=False)
     return out.to(lat.device, torch.float32)
 
 
 def _keep_all(stack: LayerStack, spatial: tuple[int, int] = (1, 1)) -> torch.Tensor:
     """(B, L, 8, *spatial) all True: start of a lock mask."""
-    return torch.ones(stack.batch_size, stack.num_layers, 8, *spatial, dtype=torch.bool)
+    return torch.ones(stack.batch_size, stack.num_layers, LAYER_CHANNELS, *spatial, dtype=torch.bool)
 
 
 def _binary(mask: torch.Tensor) -> torch.Tensor:
@@ -263,6 +226,7 @@ def edit_layer(
     global_prompt: str | None = None,
     settings: SamplerSettings | None = None,
     callback: Callback | None = None,
+    negative_prompt: str = "",
 ) -> LayerStack:
     """Regenerate layer ``index`` with a new prompt and seed; every other layer is locked, so its
     latents, pixels and mask come back bit-identical, and the new layer fits them.
@@ -271,7 +235,7 @@ def edit_layer(
     The background has no mask: it regenerates its image only. Sample b uses seed ``seed + b``.
     """
     return _edit(model, stack, index, prompt, seed, regenerate, None, EDIT_DEFAULTS.inpaint_grow,
-                 global_prompt, settings, callback)
+                 global_prompt, settings, callback, negative_prompt)
 
 
 def inpaint_layer(
@@ -286,12 +250,14 @@ def inpaint_layer(
     global_prompt: str | None = None,
     settings: SamplerSettings | None = None,
     callback: Callback | None = None,
+    negative_prompt: str = "",
 ) -> LayerStack:
     """Regenerate layer ``index`` inside ``region`` (B, H, W) or (H, W), 1 = change, at the layers'
     pixel size. The region is taken to latent cells (a cell is inside if any of its pixels is above
     0.5), grown by ``grow`` cells; outside it the layer is locked too, and its pixels and mask come
     back identical (new pixels are pasted only inside the grown, latent-aligned region)."""
-    return _edit(model, stack, index, prompt, seed, regenerate, region, grow, global_prompt, settings, callback)
+    return _edit(model, stack, index, prompt, seed, regenerate, region, grow, global_prompt, settings, callback,
+                 negative_prompt)
 
 
 def region_to_latent(region: torch.Tensor, stack: LayerStack, factor: int, grow: int) -> torch.Tensor:
@@ -315,11 +281,11 @@ def region_to_latent(region: torch.Tensor, stack: LayerStack, factor: int, grow:
     return cells[:, 0] > 0
 
 
-def _edit(model, stack, index, prompt, seed, regenerate, region, grow, global_prompt, settings, callback):
+def _edit(model, stack, index, prompt, seed, regenerate, region, grow, global_prompt, settings, callback, negative):
     _check_model_fits(model, stack)
     i = _index(stack, index)
     prompt = _check_prompt(prompt)
-    seed = _check_common(seed, settings, callback, global_prompt)
+    seed = _check_common(seed, settings, callback, global_prompt, negative)
     if not isinstance(regenerate, str) or regenerate not in REGENERATE:
         raise LayerDiffError(f"regenerate {regenerate!r} is unknown: choose one of {', '.join(map(repr, REGENERATE))}")
     channels = REGENERATE[regenerate]
@@ -329,7 +295,7 @@ def _edit(model, stack, index, prompt, seed, regenerate, region, grow, global_pr
                 "layer_index 0 is the background, which has no mask to edit: choose a foreground (1..K) or "
                 "regenerate 'image and mask' / 'image only'"
             )
-        channels = slice(0, 4)  # the background's mask slot stays the all-white latent
+        channels = slice(0, IMAGE_CHANNELS)  # the background's mask slot stays the all-white latent
     f = model.vae_scale_factor
     cells = None
     if region is not None:
@@ -345,7 +311,7 @@ def _edit(model, stack, index, prompt, seed, regenerate, region, grow, global_pr
         keep[:, i, channels] = False
     else:
         keep[:, i, channels] = ~cells[:, None]
-    prompts = _layer_prompts(stack, {i: prompt}, global_prompt, settings.negative_prompt if settings else "")
+    prompts = _layer_prompts(stack, {i: prompt}, global_prompt, negative)
     latents = _resample(model, stack, prompts, keep, seed, settings, callback)
     image, soft = _decode_layer(model, latents, i)
     new_image = image if channels.start == 0 else None
@@ -383,6 +349,7 @@ def style_layers(
     seed: int = 0,
     settings: SamplerSettings | None = None,
     callback: Callback | None = None,
+    negative_prompt: str = "",
 ) -> LayerStack:
     """Restyle ``layers`` (None: all): their image channels are noised to ``strength`` and
     denoised with ``", " + style`` added to their prompts; their mask channels stay locked (the
@@ -391,20 +358,20 @@ def style_layers(
     if not isinstance(style, str):
         raise LayerDiffError(f"style must be a text such as 'watercolor style', got {style!r}")
     _check_model_fits(model, stack)
-    seed = _check_common(seed, settings, callback)
+    seed = _check_common(seed, settings, callback, negative_prompt=negative_prompt)
     chosen = _style_indices(stack, layers)
     if strength == 0.0:
         return stack
     stack = ensure_latents(model, stack)
     keep = _keep_all(stack)  # (B, L, 8, 1, 1)
     for j in chosen:
-        keep[:, j, :4] = False
+        keep[:, j, :IMAGE_CHANNELS] = False
     style = style.strip()
     changed = {j: f"{_prompt_of(stack, j)}, {style}" if style else _prompt_of(stack, j) for j in chosen}
     glob = stack.global_prompt.strip() or describe_scene([_prompt_of(stack, i) for i in range(stack.num_layers)])
     if style and len(chosen) == stack.num_layers:  # the whole picture is restyled
         glob = f"{glob}, {style}"
-    prompts = _layer_prompts(stack, changed, glob, settings.negative_prompt if settings else "")
+    prompts = _layer_prompts(stack, changed, glob, negative_prompt)
     latents = _resample(model, stack, prompts, keep, seed, settings, callback, strength=strength)
     out = stack
     for j in chosen:
@@ -430,6 +397,7 @@ def transform_layer(
     seed: int = 0,
     settings: SamplerSettings | None = None,
     callback: Callback | None = None,
+    negative_prompt: str = "",
 ) -> LayerStack:
     """Scale foreground ``index`` (about its mask's centre), shift it by (dx, dy) pixels, then move
     it to position ``move_to`` (1..K, None keeps it); or ``remove`` it. Plain stack operations: the
@@ -449,7 +417,7 @@ def transform_layer(
     scale = limits.check_float(scale, "scale")
     move_to = limits.check_int(move_to, "move_to", optional=True)
     remove = limits.check_flag(remove, "remove")
-    seed = _check_common(seed, settings, callback)
+    seed = _check_common(seed, settings, callback, negative_prompt=negative_prompt)
     if model is not None:
         check_model(model)
     if harmonize > 0 and model is None:
@@ -470,4 +438,4 @@ def transform_layer(
         targets = [new_index]
     if harmonize == 0.0:
         return out
-    return style_layers(model, out, "", harmonize, targets, seed, settings, callback)
+    return style_layers(model, out, "", harmonize, targets, seed, settings, callback, negative_prompt)

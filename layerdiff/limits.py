@@ -325,10 +325,12 @@ def sampling_bytes(config, batch: int, layers: int, height: int, width: int, dty
     first block's width (skip connections, convolution buffers, feed-forward) plus a part that does not
     (attention scores over the prompt tokens, the layer modules), and the float32 latents the sampler
     keeps (x, noise, x0, eps per pass, previous x0). Fitted on the tiny and toy presets, then rounded up."""
+    from layerdiff.config import LAYER_CHANNELS  # here: layerdiff.config imports this module (via settings)
+
     c0 = int((config.unet.get("block_out_channels") or [320])[0])
     items = batch * layers * passes
     unet = items * height * width * (c0 * 24 + 512) * _itemsize(dtype)
-    latents = batch * layers * 8 * height * width * 4 * (8 + 2 * passes)
+    latents = batch * layers * LAYER_CHANNELS * height * width * 4 * (8 + 2 * passes)
     return unet + latents
 
 
@@ -353,6 +355,70 @@ def run_bytes(config, batch: int, layers: int, height: int, width: int, dtype: t
     return max(stages) * 5 // 4
 
 
+def _meminfo_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.split()[1:2]}
+    except (OSError, ValueError, IndexError):
+        return None
+    if "MemAvailable" not in fields:
+        return None
+    return fields["MemAvailable"] + fields.get("SwapFree", 0)
+
+
+def _cgroup_available() -> int | None:
+    """Room left under a cgroup memory limit (containers; v2, else v1), None without one."""
+    for limit_file, used_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
+        try:
+            with open(limit_file) as f:
+                limit = f.read().strip()
+            with open(used_file) as f:
+                used = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit == "max" or int(limit) >= 2**60:  # v1 writes a huge number for "no limit"
+            return None
+        return max(0, int(limit) - used)
+    return None
+
+
+def _address_space_available() -> int | None:
+    """Room left under this process's RLIMIT_AS (ulimit -v), None without one."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft == resource.RLIM_INFINITY:
+            return None
+        with open("/proc/self/status") as f:
+            vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+        return max(0, soft - vm)
+    except (ImportError, OSError, ValueError, StopIteration):
+        return None
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still allocate: free RAM plus free swap, within its cgroup's memory limit
+    and its address-space limit; None when the platform does not say."""
+    free = None
+    try:
+        import psutil  # ComfyUI installs it; it also knows Windows and macOS
+
+        free = psutil.virtual_memory().available + psutil.swap_memory().free
+    except (ImportError, OSError, RuntimeError):
+        free = _meminfo_available()
+    if free is None and hasattr(os, "sysconf"):
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError):
+            free = None
+    limits = [v for v in (free, _cgroup_available(), _address_space_available()) if v is not None]
+    return min(limits) if limits else None
+
+
 def available_bytes(device) -> int | None:
     """Bytes that can still be allocated on ``device``: GPU memory free plus what torch's cache holds
     unused; host memory as the loader counts it (RAM, swap, cgroup and RLIMIT_AS); None if unknown."""
@@ -365,8 +431,6 @@ def available_bytes(device) -> int | None:
             return None
     if d.type != "cpu":
         return None
-    from layerdiff.io.checkpoint import available_memory
-
     return available_memory()
 
 

@@ -4,6 +4,10 @@ Compositing follows METHOD.md section 1: C_0 = B; C_k = M_k * F_k + (1 - M_k) * 
 A stack is immutable: every operation returns a new stack and never writes into a tensor it was
 given (ComfyUI hands the same output object to several nodes). Callers must not write into a
 stack's tensors either.
+
+Why long: one class, whose methods (compositing, layer and batch operations, transforms) are the
+type's whole surface for the nodes, the sampler and the editors; a second module would only hold
+half of them.
 """
 
 from __future__ import annotations
@@ -11,17 +15,18 @@ from __future__ import annotations
 import dataclasses
 import logging
 import operator
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from layerdiff.config import LAYER_CHANNELS
 from layerdiff.errors import LayerDiffError
 
 logger = logging.getLogger("layerdiff.stack")
 
-LATENT_CHANNELS = 8  # 4 image + 4 mask latent channels per layer (METHOD.md section 2)
 EXPOSED_GREY = 0.5  # image value where a transform exposes empty canvas (METHOD.md section 1 choice)
 
 
@@ -70,8 +75,21 @@ def _as_tuple(values, length: int, default, what: str, kind, kind_name: str) -> 
     return values
 
 
-def default_layer_name(index: int) -> str:
-    return "background" if index == 0 else f"layer_{index}"
+def default_name(index: int, prompt: str = "") -> str:
+    """The automatic name of layer ``index``: 'background' / 'layer 1', with its prompt after a colon
+    when it has one ('layer 1: a red star'); 60 characters at most (PSD layer names)."""
+    head = "background" if index == 0 else f"layer {index}"
+    return f"{head}: {prompt}"[:60] if prompt else head
+
+
+# automatic names, also as earlier versions wrote them for unnamed layers ('layer_1')
+_AUTOMATIC = re.compile(r"^(background|layer[ _]\d+)(: (?P<prompt>.*))?$")
+
+
+def automatic_name(name: str) -> tuple[bool, str]:
+    """(whether ``name`` is an automatic name, the prompt it carries or "")."""
+    m = _AUTOMATIC.match(name.strip())
+    return (m is not None, (m.group("prompt") or "") if m else "")
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -106,13 +124,13 @@ class LayerStack:
                 f"LayerStack masks are on {self.masks.device} but images on {im.device}: use one"
             )
         if self.latents is not None:
-            want = (b, n_layers, LATENT_CHANNELS, None, None)
+            want = (b, n_layers, LAYER_CHANNELS, None, None)
             fix = f" for images {_shape(im)}; pass latents=None if there are none"
             _check_tensor(self.latents, "(B, L, 8, h, w)", want, "LayerStack latents", fix)
         if not isinstance(self.global_prompt, str):
             raise LayerDiffError(f"global_prompt must be a string, got {self.global_prompt!r}")
         set_ = object.__setattr__  # frozen dataclass: normalised once, here
-        set_(self, "names", _as_tuple(self.names, n_layers, default_layer_name, "names", str, "str"))
+        set_(self, "names", _as_tuple(self.names, n_layers, default_name, "names", str, "str"))
         set_(self, "prompts", _as_tuple(self.prompts, n_layers, lambda i: "", "prompts", str, "str"))
         seeds = _as_tuple(self.seeds, n_layers, lambda i: None, "seeds", (int, type(None)), "int or None")
         set_(self, "seeds", seeds)

@@ -1,25 +1,33 @@
-"""Widget specs shared by the nodes. Defaults come from layerdiff.config / layerdiff.edit; the ranges
-from layerdiff.limits, the table the library and the command line check too, so VALIDATE_INPUTS
-refuses what the library would, with the library's words."""
+"""Widget specs shared by the nodes. Sampling defaults are the built-in model's own settings (a
+``SamplerSettings`` read from its file), edit defaults come from layerdiff.edit; the ranges from
+layerdiff.limits, the table the library and the command line check too, so VALIDATE_INPUTS refuses
+what the library would, with the library's words."""
 
 from __future__ import annotations
 
 from layerdiff import limits
-from layerdiff.config import LayerDiffConfig, SamplingDefaults, get_preset
+from layerdiff.config import LayerDiffConfig, get_preset
 from layerdiff.edit import REGENERATE
 from layerdiff.errors import LayerDiffError
+from layerdiff.io.checkpoint import DEFAULT_MODEL, model_file, read_layerdiff_header
 from layerdiff.pipeline import check_size
-from layerdiff.sampling import SCHEDULERS
+from layerdiff.settings import SAMPLERS, SCHEDULERS, SamplerSettings
 
-SAMPLING = SamplingDefaults()
+
+def _builtin_sampling() -> SamplerSettings:
+    """The built-in model's sampling settings, from its file's header (the toy preset's without it)."""
+    try:
+        return read_layerdiff_header(model_file(DEFAULT_MODEL)).sampling
+    except (LayerDiffError, OSError):
+        return get_preset("toy").sampling
+
+
+SAMPLING = _builtin_sampling()
 MAX_LAYERS = limits.LAYERS_MAX  # a model's own limit is checked when it runs
 SIZE_MIN, SIZE_MAX, SIZE_STEP = limits.RANGES["width"].low, limits.SIZE_MAX, limits.SIZE_MULTIPLE
 # Default size: the built-in default model (layerdiff-toy, a "toy" preset model) is trained at
 # this size; SD 1.5 models use LayerDiffConfig.image_size (512).
 DEFAULT_SIZE = get_preset("toy").image_size
-# ... and draws its best masks at this foreground guidance (the Layered KSampler's default; the edit
-# nodes keep SamplingDefaults' 7.5, unmeasured at 3)
-BUILTIN_CFG = get_preset("toy").sampling.cfg
 SD_SIZE = LayerDiffConfig.__dataclass_fields__["image_size"].default
 SEED_MAX = limits.SEED_MAX
 STEPS_MAX = limits.RANGES["steps"].high
@@ -40,9 +48,9 @@ def steps(default: int = SAMPLING.steps) -> tuple:
 
 def cfg(default: float = SAMPLING.cfg) -> tuple:
     return ("FLOAT", {"default": default, **limits.RANGES["cfg"].widget(), "step": 0.1, "round": 0.01,
-                      "tooltip": "Classifier-free guidance scale over the global and layer prompts; 1 turns it off. The "
-                                 f"built-in model draws its best masks at {BUILTIN_CFG:g} (its calibrated setting); "
-                                 "SD 1.5 models: about 7.5."})
+                      "tooltip": "Classifier-free guidance scale of the foreground layers over the global and layer "
+                                 f"prompts; 1 turns it off. The built-in model's own setting: {SAMPLING.cfg:g}; SD 1.5 "
+                                 "models: about 7.5."})
 
 
 def mask_guidance() -> tuple:
@@ -62,8 +70,8 @@ def mask_guidance_start() -> tuple:
 def background_cfg() -> tuple:
     return ("FLOAT", {"default": 0.0, **limits.RANGES["background_cfg"].widget(), "step": 0.1, "round": 0.01,
                       "tooltip": "Guidance scale of the background layer alone. 0 = the model's own setting (the "
-                                 "built-in model: 7.5, picked on validation scenes when it was trained; a "
-                                 "model without one: the cfg above)."})
+                                 f"built-in model: {SAMPLING.background_cfg or SAMPLING.cfg:g}, picked on validation "
+                                 "scenes when it was trained; a model without one: the cfg above)."})
 
 
 def layout_cleanup() -> tuple:
@@ -74,9 +82,22 @@ def layout_cleanup() -> tuple:
                                  "that should hold several things)."})
 
 
+def sampler_name() -> tuple:
+    return (list(SAMPLERS), {"default": SAMPLING.sampler, "tooltip": (
+        "Sampler (the solver); ddim is the paper's. The combined names of earlier versions (dpmpp_2m_karras, "
+        "unipc) still load.")})
+
+
 def scheduler() -> tuple:
-    return (list(SCHEDULERS), {"default": SAMPLING.scheduler,
-                               "tooltip": "Sampler/scheduler. ddim is the paper's sampler."})
+    return (list(SCHEDULERS), {"default": SAMPLING.scheduler, "tooltip": (
+        "Scheduler: the spacing of the noise levels. karras works with euler, dpmpp_2m and uni_pc.")})
+
+
+def sampler_settings(steps, cfg, sampler_name, scheduler="normal", **more) -> SamplerSettings:
+    """The node's widgets as settings; 0 for background_cfg and None for the others: the model's own."""
+    if more.get("background_cfg") == 0:
+        more["background_cfg"] = None
+    return SamplerSettings(steps=steps, cfg=cfg, sampler=sampler_name, scheduler=scheduler, **more)
 
 
 def size(name: str) -> tuple:
@@ -122,9 +143,11 @@ def validate(**values) -> bool | str:
     and width x height x batch within one run's pixels)."""
     try:
         for name, value in values.items():
-            if value is None or name in ("width", "height"):
+            if value is None or name in ("width", "height", "sampler_name", "scheduler"):
                 continue
             limits.check_number(value, name, _KEYS.get(name, name))
+        if values.get("sampler_name") is not None or values.get("scheduler") is not None:
+            SamplerSettings(sampler=values.get("sampler_name"), scheduler=values.get("scheduler"))
         width, height = values.get("width"), values.get("height")
         if width is not None or height is not None:
             check_size(SIZE_MIN if width is None else width, SIZE_MIN if height is None else height, SIZE_STEP)

@@ -16,9 +16,9 @@ import numbers
 
 import torch
 
+from layerdiff.conditioning import LayerConditioning
 from layerdiff.errors import LayerDiffError
 from layerdiff.limits import show
-from layerdiff.sampling import LayerConditioning
 from layerdiff.stack import LayerStack
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from layerdiff.edit import (
     EDIT_DEFAULTS,
-    SamplerSettings,
     edit_layer,
     inpaint_layer,
     style_layers,
@@ -18,10 +17,6 @@ from .sampling import prepare, progress
 MODEL = ("LAYERDIFF_MODEL", {"tooltip": "The LayerDiff model (Load LayerDiff)."})
 LAYERS_IN = ("LAYERDIFF_LAYERS", {"tooltip": "The layer stacks to change (they are not modified; a new stack is returned)."})
 LAYERS_OUT = ("The edited layer stacks; every layer not edited is bit-identical to the input.",)
-
-
-def _settings(steps, cfg, scheduler, negative_prompt="") -> SamplerSettings:
-    return SamplerSettings(steps=steps, cfg=cfg, scheduler=scheduler, negative_prompt=negative_prompt or "")
 
 
 def _run(model, layers, steps, function, *args, **kwargs):
@@ -55,20 +50,22 @@ class LayerDiffLayerEdit:
                 "regenerate": _widgets.regenerate(),
                 "steps": _widgets.steps(),
                 "cfg": _widgets.cfg(),
-                "scheduler": _widgets.scheduler(),
+                "sampler_name": _widgets.sampler_name(),
             },
-            "optional": _widgets.optional_prompts(),
+            "optional": {**_widgets.optional_prompts(), "scheduler": _widgets.scheduler()},
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, layer_index, seed, steps, cfg):
-        return _widgets.validate(layer_index=layer_index, seed=seed, steps=steps, cfg=cfg)
+    def VALIDATE_INPUTS(cls, layer_index, seed, steps, cfg, sampler_name=None, scheduler=None):
+        return _widgets.validate(layer_index=layer_index, seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name,
+                                 scheduler=scheduler)
 
-    def edit(self, model, layers, layer_index, prompt, seed, regenerate, steps, cfg, scheduler,
-             global_prompt="", negative_prompt=""):
-        _widgets.require(self.VALIDATE_INPUTS(layer_index, seed, steps, cfg))
+    def edit(self, model, layers, layer_index, prompt, seed, regenerate, steps, cfg, sampler_name,
+             global_prompt="", negative_prompt="", scheduler="normal"):
+        _widgets.require(self.VALIDATE_INPUTS(layer_index, seed, steps, cfg, sampler_name, scheduler))
         return _run(model, layers, steps, edit_layer, layer_index, prompt, seed, regenerate=regenerate,
-                    global_prompt=global_prompt, settings=_settings(steps, cfg, scheduler, negative_prompt))
+                    global_prompt=global_prompt, settings=_widgets.sampler_settings(steps, cfg, sampler_name, scheduler),
+                    negative_prompt=negative_prompt or "")
 
 
 class LayerDiffLayerInpaint:
@@ -100,22 +97,24 @@ class LayerDiffLayerInpaint:
                 "regenerate": _widgets.regenerate(),
                 "steps": _widgets.steps(),
                 "cfg": _widgets.cfg(),
-                "scheduler": _widgets.scheduler(),
+                "sampler_name": _widgets.sampler_name(),
             },
-            "optional": _widgets.optional_prompts(),
+            "optional": {**_widgets.optional_prompts(), "scheduler": _widgets.scheduler()},
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, layer_index, seed, grow, steps, cfg):
-        return _widgets.validate(layer_index=layer_index, seed=seed, grow=grow, steps=steps, cfg=cfg)
+    def VALIDATE_INPUTS(cls, layer_index, seed, grow, steps, cfg, sampler_name=None, scheduler=None):
+        return _widgets.validate(layer_index=layer_index, seed=seed, grow=grow, steps=steps, cfg=cfg,
+                                 sampler_name=sampler_name, scheduler=scheduler)
 
-    def inpaint(self, model, layers, layer_index, region, prompt, seed, grow, regenerate, steps, cfg, scheduler,
-                global_prompt="", negative_prompt=""):
-        _widgets.require(self.VALIDATE_INPUTS(layer_index, seed, grow, steps, cfg))
+    def inpaint(self, model, layers, layer_index, region, prompt, seed, grow, regenerate, steps, cfg, sampler_name,
+                global_prompt="", negative_prompt="", scheduler="normal"):
+        _widgets.require(self.VALIDATE_INPUTS(layer_index, seed, grow, steps, cfg, sampler_name, scheduler))
         mask = convert.region_mask(region, convert.require_stack(layers))
         return _run(model, layers, steps, inpaint_layer, layer_index, mask, prompt, seed, grow=grow,
                     regenerate=regenerate, global_prompt=global_prompt,
-                    settings=_settings(steps, cfg, scheduler, negative_prompt))
+                    settings=_widgets.sampler_settings(steps, cfg, sampler_name, scheduler),
+                    negative_prompt=negative_prompt or "")
 
 
 class LayerDiffLayerStyle:
@@ -147,22 +146,26 @@ class LayerDiffLayerStyle:
                 "seed": _widgets.seed(),
                 "steps": _widgets.steps(),
                 "cfg": _widgets.cfg(),
-                "scheduler": _widgets.scheduler(),
+                "sampler_name": _widgets.sampler_name(),
             },
-            "optional": {"negative_prompt": _widgets.optional_prompts()["negative_prompt"]},
+            "optional": {"negative_prompt": _widgets.optional_prompts()["negative_prompt"],
+                         "scheduler": _widgets.scheduler()},
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, strength, seed=None, steps=None, cfg=None):
-        return _widgets.validate(strength=strength, seed=seed, steps=steps, cfg=cfg)
+    def VALIDATE_INPUTS(cls, strength, seed=None, steps=None, cfg=None, sampler_name=None, scheduler=None):
+        return _widgets.validate(strength=strength, seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name,
+                                 scheduler=scheduler)
 
-    def style(self, model, layers, style, strength, layers_to_style, seed, steps, cfg, scheduler, negative_prompt=""):
-        _widgets.require(self.VALIDATE_INPUTS(strength, seed, steps, cfg))
+    def style(self, model, layers, style, strength, layers_to_style, seed, steps, cfg, sampler_name,
+              negative_prompt="", scheduler="normal"):
+        _widgets.require(self.VALIDATE_INPUTS(strength, seed, steps, cfg, sampler_name, scheduler))
         chosen = convert.layer_list(layers_to_style, "layers_to_style")
         if strength == 0:
             return (layers,)  # unchanged, the same object
         return _run(model, layers, steps, style_layers, style, strength, chosen, seed,
-                    settings=_settings(steps, cfg, scheduler, negative_prompt))
+                    settings=_widgets.sampler_settings(steps, cfg, sampler_name, scheduler),
+                    negative_prompt=negative_prompt or "")
 
 
 class LayerDiffTransformLayer:

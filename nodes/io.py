@@ -7,7 +7,7 @@ import logging
 import os
 
 from layerdiff.errors import LayerDiffError
-from layerdiff.io.export import png_bytes, to_uint8
+from layerdiff.io.writing import png_bytes, to_uint8
 from layerdiff.io.psd import load_psd, save_psd
 from layerdiff.io.resultset import clean_stale_temp_files
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from layerdiff.conditioning import LayerPrompts
 from layerdiff.errors import LayerDiffError
-from layerdiff.pipeline import LayerPrompts
 from layerdiff.stack import LayerStack
 
 from . import _host, _widgets, convert

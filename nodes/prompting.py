@@ -6,8 +6,8 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from layerdiff.conditioning import LayerPrompts, describe_scene, encode_prompts
 from layerdiff.errors import LayerDiffError
-from layerdiff.pipeline import LayerPrompts, describe_scene, encode_prompts
 
 from . import _host, convert
 

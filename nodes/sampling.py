@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from layerdiff.pipeline import LayerPrompts, PreviewDecoder, generate
+from layerdiff.pipeline import generate
 
 from . import _host, _widgets, convert
+from .preview import PreviewDecoder
 
 
 def progress(model, steps: int) -> _host.Progress:
@@ -37,10 +38,10 @@ class LayerDiffKSampler:
                 "conditioning": ("LAYERDIFF_CONDITIONING", {"tooltip": "Encoded prompts (Prompt Enhancer)."}),
                 "seed": _widgets.seed(),
                 "steps": _widgets.steps(),
-                "cfg": _widgets.cfg(_widgets.BUILTIN_CFG),
+                "cfg": _widgets.cfg(),
                 "mask_guidance": _widgets.mask_guidance(),
                 "mask_guidance_start": _widgets.mask_guidance_start(),
-                "scheduler": _widgets.scheduler(),
+                "sampler_name": _widgets.sampler_name(),
                 "width": _widgets.size("width"),
                 "height": _widgets.size("height"),
                 "batch_size": ("INT", _widgets.ranged("batch", default=1, tooltip=(
@@ -49,28 +50,31 @@ class LayerDiffKSampler:
             "optional": {
                 "background_cfg": _widgets.background_cfg(),
                 "layout_cleanup": _widgets.layout_cleanup(),
+                "scheduler": _widgets.scheduler(),
             },
         }
 
     @classmethod
     def VALIDATE_INPUTS(cls, width, height, seed=None, steps=None, cfg=None, mask_guidance=None,
-                        mask_guidance_start=None, batch_size=None, background_cfg=None, layout_cleanup=None):
+                        mask_guidance_start=None, batch_size=None, background_cfg=None, layout_cleanup=None,
+                        sampler_name=None, scheduler=None):
+        # sampler_name is checked here, not by ComfyUI's list: the combined names of earlier versions load
         return _widgets.validate(width=width, height=height, seed=seed, steps=steps, cfg=cfg, mask_guidance=mask_guidance,
                                  mask_guidance_start=mask_guidance_start, batch_size=batch_size,
-                                 background_cfg=background_cfg, layout_cleanup=layout_cleanup)
+                                 background_cfg=background_cfg, layout_cleanup=layout_cleanup,
+                                 sampler_name=sampler_name, scheduler=scheduler)
 
-    def sample(self, model, conditioning, seed, steps, cfg, mask_guidance, mask_guidance_start, scheduler,
-               width, height, batch_size=1, background_cfg=0.0, layout_cleanup=None):
+    def sample(self, model, conditioning, seed, steps, cfg, mask_guidance, mask_guidance_start, sampler_name,
+               width, height, batch_size=1, background_cfg=0.0, layout_cleanup=None, scheduler="normal"):
         _widgets.require(self.VALIDATE_INPUTS(
             width, height, seed=seed, steps=steps, cfg=cfg, mask_guidance=mask_guidance,
             mask_guidance_start=mask_guidance_start, batch_size=batch_size, background_cfg=background_cfg,
-            layout_cleanup=layout_cleanup))
+            layout_cleanup=layout_cleanup, sampler_name=sampler_name, scheduler=scheduler))
+        settings = _widgets.sampler_settings(steps, cfg, sampler_name, scheduler, mask_guidance=mask_guidance,
+                                             mask_guidance_start=mask_guidance_start, background_cfg=background_cfg,
+                                             layout_cleanup=layout_cleanup)
         cond = convert.conditioning_to(conditioning, model.device)
-        prompts = LayerPrompts(cond.global_prompts[0], cond.layer_prompts[0], cond.negative_prompt)
         prepare(model, batch_size, cond.num_layers, height, width)
-        stack = generate(
-            model, prompts, width=width, height=height, seed=seed, batch=batch_size, steps=steps, cfg=cfg,
-            mask_guidance=mask_guidance, mask_guidance_start=mask_guidance_start, scheduler=scheduler,
-            background_cfg=background_cfg or None, layout_cleanup=layout_cleanup, callback=progress(model, steps), conditioning=cond,
-        )
+        stack = generate(model, cond, settings, width=width, height=height, seed=seed, batch=batch_size,
+                         callback=progress(model, steps))
         return (stack.to(_host.intermediate_device()),)

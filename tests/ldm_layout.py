@@ -356,7 +356,7 @@ def sd15_full_size_header(dtype: torch.dtype = torch.float16) -> dict[str, tuple
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from layerdiff.io.sd15 import load_sd15_configs
+    from layerdiff.config import load_sd15_configs
 
     cfg = load_sd15_configs()
     with torch.device("meta"):  # shapes only, no memory

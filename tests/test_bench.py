@@ -41,8 +41,8 @@ def test_bench_builds_both_unets_on_the_requested_device():
     # `bench --device cuda` once built the LayerDiff UNet on the CPU (an outer torch.device context
     # does not reach into LayerDiffUNet.from_config) and failed at its first step on a GPU; the meta
     # device shows the same without one
-    from layerdiff.bench import build_unets
     from layerdiff.config import get_preset
+    from layerdiff.evaluation.bench import build_unets
 
     for preset in ("tiny", "toy"):
         bare, layered = build_unets(get_preset(preset), "meta")

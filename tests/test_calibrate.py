@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from layerdiff import evaluate as ev
-from layerdiff.calibrate import (
+from layerdiff.errors import LayerDiffError
+from layerdiff.evaluation.calibrate import (
     CALIBRATION_SEED,
     calibrate_background_guidance,
     calibrate_foreground_guidance,
@@ -16,8 +16,11 @@ from layerdiff.calibrate import (
     pick_scale,
     pick_within_noise,
 )
-from layerdiff.errors import LayerDiffError
+from layerdiff.evaluation.metrics import summarise
+from layerdiff.evaluation.run import evaluate
+from layerdiff.evaluation.scenes import fresh_items, spec_signature
 from layerdiff.io.checkpoint import load_model
+from layerdiff.settings import SamplerSettings
 
 
 @pytest.fixture(scope="module")
@@ -43,15 +46,15 @@ def test_calibration_judges_what_eval_judges_on_its_own_stream(tiny):
     assert res["samples"] == 6 and res["seed"] == CALIBRATION_SEED
     assert set(res["accuracy"]) == {"2.0", "7.5"}
     assert res["background_cfg"] == pick_scale({float(k): v for k, v in res["accuracy"].items()})
-    items = ev.fresh_items(6, seed=CALIBRATION_SEED)
+    items = fresh_items(6, seed=CALIBRATION_SEED)
     for scale in (2.0, 7.5):
-        out = ev.evaluate(tiny, items, batch=4, background_cfg=scale)
+        out = evaluate(tiny, items, batch=4, settings=SamplerSettings(background_cfg=scale))
         want = np.mean([r["background_ok"] for r in out["records"]["cfg"]])
         assert res["accuracy"][str(scale)] == pytest.approx(want, abs=1e-4), scale
     assert calibrate_background_guidance(tiny, candidates=[2.0, 7.5], samples=6, batch=4)["accuracy"] == res["accuracy"]
-    eval_scenes = {ev.spec_signature(it.spec) for it in ev.fresh_items(6)}
-    assert eval_scenes != {ev.spec_signature(it.spec) for it in items}
-    assert {it.seed for it in items}.isdisjoint({it.seed for it in ev.fresh_items(240)})
+    eval_scenes = {spec_signature(it.spec) for it in fresh_items(6)}
+    assert eval_scenes != {spec_signature(it.spec) for it in items}
+    assert {it.seed for it in items}.isdisjoint({it.seed for it in fresh_items(240)})
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -98,11 +101,11 @@ def test_foreground_calibration_judges_what_eval_judges(tiny):
     res = calibrate_foreground_guidance(tiny, candidates=[1.5, 7.5], samples=6, batch=4, background_cfg=5.0)
     assert res["samples"] == 6 and res["seed"] == CALIBRATION_SEED
     assert set(res["score"]) == set(res["metrics"]) == {"1.5", "7.5"}
-    items = ev.fresh_items(6, seed=CALIBRATION_SEED)
+    items = fresh_items(6, seed=CALIBRATION_SEED)
     per_item = {}
     for scale in (1.5, 7.5):
-        out = ev.evaluate(tiny, items, batch=4, cfg=scale, background_cfg=5.0)
-        want = ev.summarise(out["records"]["cfg"])["all"]
+        out = evaluate(tiny, items, batch=4, settings=SamplerSettings(cfg=scale, background_cfg=5.0))
+        want = summarise(out["records"]["cfg"])["all"]
         got = res["metrics"][str(scale)]
         for metric in ("colour_accuracy", "shape_accuracy", "mask_iou"):
             assert got[metric] == pytest.approx(want[metric], abs=1e-4), (scale, metric)
@@ -113,8 +116,8 @@ def test_foreground_calibration_judges_what_eval_judges(tiny):
     assert res["cfg"] == pick and res["rule"] == "one standard error"
     assert res["stderr"] == {str(c): pytest.approx(v, abs=1e-4) for c, v in stderr.items()}
     # the two scales sample differently (the candidates are really applied)
-    a = ev.evaluate(tiny, items[:1], batch=1, cfg=1.5, background_cfg=5.0, keep=1)["kept"]["cfg"][0]
-    b = ev.evaluate(tiny, items[:1], batch=1, cfg=7.5, background_cfg=5.0, keep=1)["kept"]["cfg"][0]
+    a = evaluate(tiny, items[:1], batch=1, settings=SamplerSettings(cfg=1.5, background_cfg=5.0), keep=1)["kept"]["cfg"][0]
+    b = evaluate(tiny, items[:1], batch=1, settings=SamplerSettings(cfg=7.5, background_cfg=5.0), keep=1)["kept"]["cfg"][0]
     assert not np.allclose(np.asarray(a.images), np.asarray(b.images))
 
 

@@ -22,12 +22,12 @@ from layerdiff.config import get_preset
 from layerdiff.errors import CheckpointError
 from layerdiff.io.checkpoint import (
     build_random_model,
-    convert_sd15,
     describe_file,
     load_layerdiff,
     load_model,
     save_layerdiff,
 )
+from layerdiff.io.convert import convert_sd15
 
 
 @pytest.fixture(scope="module")

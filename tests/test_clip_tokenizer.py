@@ -1,11 +1,11 @@
-"""layerdiff.io.clip_tokenizer: the SD1.5 CLIP tokenizer built offline, and where it is looked for."""
+"""layerdiff.model.clip_tokenizer: the SD1.5 CLIP tokenizer built offline, and where it is looked for."""
 
 import shutil
 
 import pytest
 
 from layerdiff.errors import LayerDiffError
-from layerdiff.io import clip_tokenizer as ct
+from layerdiff.model import clip_tokenizer as ct
 
 
 @pytest.fixture(autouse=True)

@@ -1,15 +1,14 @@
 """The node pack inside a real ComfyUI server (CPU, tiny model, few steps).
 
-Runs when a ComfyUI checkout is configured: COMFYUI_DIR (with COMFY_VENV, default: the venv beside
-it), or comfy_host.sh's default ~/.cache/comfyui-host/ComfyUI with its venv; the server is started
-and stopped through comfy_host.sh (COMFY_HOST_SH, default /work/shared/tools/comfy_host.sh).
-Skipped otherwise. Run with ``pytest -m comfyui -s`` to see the timings.
+The server is private (tests/comfy_private.py): its own base directory with only this pack, a free
+loopback port, COMFY_EXTRA_ARGS appended, plus ``--preview-method auto`` here; started and stopped by
+this module. Needs a ComfyUI checkout with its venv (COMFYUI_DIR / COMFY_VENV, default
+~/.cache/comfyui-host/ComfyUI and the venv beside it); skipped otherwise. Run with
+``pytest -m comfyui -s`` to see the timings.
 """
 
 import json
-import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -23,12 +22,12 @@ from PIL import Image
 
 pytestmark = pytest.mark.comfyui
 
-from comfy_private import host_skip_reason  # noqa: E402
+import comfy_private as harness  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
-COMFY_DIR = Path(os.environ.get("COMFYUI_DIR") or Path.home() / ".cache" / "comfyui-host" / "ComfyUI")
-COMFY_VENV = Path(os.environ.get("COMFY_VENV") or COMFY_DIR.parent / "venv")
-HOST_SH = Path(os.environ.get("COMFY_HOST_SH") or "/work/shared/tools/comfy_host.sh")
+_reason = harness.host_skip_reason()
+if _reason:
+    pytest.skip(_reason, allow_module_level=True)
+
 NODES = {
     "LayerDiffLoader": "Load LayerDiff", "LayerDiffLayerPrompt": "Layer Prompt",
     "LayerDiffPromptEnhancer": "Prompt Enhancer", "LayerDiffKSampler": "Layered KSampler",
@@ -39,33 +38,11 @@ NODES = {
 }
 
 
-def _skip_reason() -> str | None:
-    if not HOST_SH.is_file():
-        return f"no comfy_host.sh at {HOST_SH} (set COMFY_HOST_SH)"
-    return host_skip_reason()
-
-
-_reason = _skip_reason()
-if _reason:
-    pytest.skip(_reason, allow_module_level=True)
-
-
-def comfyui_version() -> str:
-    text = (COMFY_DIR / "comfyui_version.py").read_text() if (COMFY_DIR / "comfyui_version.py").is_file() else ""
-    version = next((ln.split("=")[1].strip().strip("\"'") for ln in text.splitlines() if "__version__" in ln), "?")
-    describe = subprocess.run(["git", "-C", str(COMFY_DIR), "describe", "--tags", "--always"],
-                              capture_output=True, text=True).stdout.strip()
-    return f"{version} ({describe or 'no git'})"
-
-
 class Server:
-    def __init__(self, port: int, env: dict):
-        self.port, self.env = port, env
-        self.url = f"http://127.0.0.1:{port}"
+    """HTTP client of the private server; ``base`` holds its input/output/temp/models folders."""
 
-    def host(self, *args, timeout=300) -> subprocess.CompletedProcess:
-        return subprocess.run(["bash", str(HOST_SH), *args], env=self.env, capture_output=True, text=True,
-                              timeout=timeout)
+    def __init__(self, comfy: harness.PrivateComfyUI):
+        self.port, self.url, self.base, self.log = comfy.port, comfy.url, comfy.base, comfy.log
 
     def http(self, method: str, path: str, body=None):
         data = None if body is None else json.dumps(body).encode()
@@ -97,35 +74,18 @@ class Server:
         entry = self.wait(self.queue(graph))
         return entry, time.time() - t0
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    def files(self, entry: dict, node_id: str, key: str = "images") -> list[Path]:
+        """The files a node of a finished prompt wrote (under the server's base directory)."""
+        return [self.base / f["type"] / f["subfolder"] / f["filename"] for f in entry["outputs"][node_id][key]]
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    state = tmp_path_factory.mktemp("comfy_state")
-    env = dict(os.environ, COMFY_DIR=str(COMFY_DIR), COMFY_VENV=str(COMFY_VENV), COMFY_STATE_DIR=str(state),
-               COMFY_EXTRA_ARGS="--preview-method auto")  # previews on: exercises the preview path
-    env.setdefault("OMP_NUM_THREADS", "1")  # the tiny model runs faster unthreaded on a shared CPU
-    srv = Server(free_port(), env)
-    t0 = time.time()
-    started = srv.host("start", str(REPO), str(srv.port))
-    print(f"\nComfyUI {comfyui_version()}: server start {time.time() - t0:.1f}s on port {srv.port}")
-    try:
-        assert started.returncode == 0, started.stdout + started.stderr
-        srv.log = next(state.glob("comfy-*.log"))
+    base = tmp_path_factory.mktemp("comfy_base")
+    with harness.private_server(base, "LayerDiffLoader", ["--preview-method", "auto"]) as comfy:  # previews on
+        srv = Server(comfy)
         srv.run_id = f"layerdiff_it_{uuid.uuid4().hex[:8]}"
         yield srv
-    finally:
-        stopped = srv.host("stop", str(srv.port), timeout=60)
-        print(stopped.stdout.strip())
-        for kind in ("output", "temp"):
-            shutil.rmtree(COMFY_DIR / kind / getattr(srv, "run_id", "-"), ignore_errors=True)
-        for f in (COMFY_DIR / "input").glob(f"{getattr(srv, 'run_id', '-')}*"):
-            f.unlink()
 
 
 def main_graph(prefix: str, **sampler) -> dict:
@@ -154,14 +114,10 @@ def main_graph(prefix: str, **sampler) -> dict:
     }
 
 
-def files(entry: dict, node_id: str, key: str = "images") -> list[Path]:
-    return [COMFY_DIR / f["type"] / f["subfolder"] / f["filename"] for f in entry["outputs"][node_id][key]]
-
-
 def test_pack_loads_and_every_node_is_listed(server):
     status, info = server.http("GET", "/object_info")
     assert status == 200
-    ours = {k: v for k, v in info.items() if v.get("python_module") == f"custom_nodes.{REPO.name}"}
+    ours = {k: v for k, v in info.items() if v.get("python_module") == f"custom_nodes.{harness.PACK}"}
     assert {k: v["display_name"] for k, v in ours.items()} == NODES
     for name, spec in ours.items():
         assert spec["category"].startswith("LayerDiff/") and spec["description"]
@@ -174,16 +130,16 @@ def test_generate_edit_split_and_save(server):
     entry, seconds = server.run(main_graph(server.run_id))
     print(f"main graph (tiny, 64x64, batch 2, 3 + 3 steps): {seconds:.2f}s")
     assert entry["status"]["status_str"] == "success", entry["status"]
-    layer_pngs = files(entry, "10")
+    layer_pngs = server.files(entry, "10")
     assert len(layer_pngs) == 6  # 2 samples x 3 layers, sample-major, background first
     alphas = [np.asarray(Image.open(p)) for p in layer_pngs]
     assert all(a.shape == (64, 64, 4) for a in alphas)  # RGBA: transparent PNGs
     assert all(a[..., 3].min() == 255 for a in alphas[0::3])  # backgrounds opaque
     assert any(a[..., 3].min() < 255 for row, a in enumerate(alphas) if row % 3)  # foregrounds cut out
-    assert all(Image.open(p).mode == "RGB" for p in files(entry, "11"))
-    psds = files(entry, "12", "psd")
+    assert all(Image.open(p).mode == "RGB" for p in server.files(entry, "11"))
+    psds = server.files(entry, "12", "psd")
     assert [p.name for p in psds] == ["scene_00001_.psd", "scene_00002_.psd"]
-    assert all(p.is_file() for p in psds + files(entry, "12"))
+    assert all(p.is_file() for p in psds + server.files(entry, "12"))
     from layerdiff.io.psd import load_psd
 
     stack = load_psd(psds[0])
@@ -192,11 +148,11 @@ def test_generate_edit_split_and_save(server):
 
 
 def test_psd_back_in_restyled_transformed_inpainted(server):
-    source = COMFY_DIR / "output" / server.run_id / "scene_00001_.psd"
+    source = server.base / "output" / server.run_id / "scene_00001_.psd"
     if not source.is_file():
         server.run(main_graph(server.run_id))
     name = f"{server.run_id}.psd"
-    shutil.copy(source, COMFY_DIR / "input" / name)
+    shutil.copy(source, server.base / "input" / name)
     graph = {
         "1": {"class_type": "LayerDiffLoader",
               "inputs": {"model_name": "tiny", "base_checkpoint": "none", "dtype": "auto", "device": "auto"}},
@@ -218,7 +174,7 @@ def test_psd_back_in_restyled_transformed_inpainted(server):
     entry, seconds = server.run(graph)
     print(f"PSD -> style -> transform + harmonize -> inpaint graph: {seconds:.2f}s")
     assert entry["status"]["status_str"] == "success", entry["status"]
-    assert all(p.is_file() for p in files(entry, "26"))
+    assert all(p.is_file() for p in server.files(entry, "26"))
 
 
 def test_bad_input_is_answered_and_the_server_keeps_running(server):
@@ -276,7 +232,7 @@ def test_interrupt_stops_sampling_within_a_step(server):
     graph = {k: graph[k] for k in "123456"}
     graph["9"] = {"class_type": "LayerDiffCompositeLayers", "inputs": {"layers": ["6", 0]}}
     graph["13"] = {"class_type": "PreviewImage", "inputs": {"images": ["9", 0]}}
-    probe = subprocess.run([str(COMFY_VENV / "bin" / "python"), "-c", WS_PROBE, server.url, json.dumps(graph), "6"],
+    probe = subprocess.run([str(harness.COMFY_VENV / "bin" / "python"), "-c", WS_PROBE, server.url, json.dumps(graph), "6"],
                            capture_output=True, text=True, timeout=300)
     assert probe.returncode == 0, probe.stderr
     result = json.loads(probe.stdout)
@@ -342,7 +298,7 @@ def _hostile_model_files(folder: Path, tag: str) -> dict[str, Path]:
 def test_hostile_model_files_and_prompts_fail_cleanly_and_the_server_lives_on(server):
     """Model files that lie, and prompts with impossible numbers, each end as one error of that prompt;
     the server answers the next prompt, and a good prompt still succeeds."""
-    folder = COMFY_DIR / "models" / "layerdiff"
+    folder = server.base / "models" / "layerdiff"
     folder.mkdir(parents=True, exist_ok=True)
     made = _hostile_model_files(folder, server.run_id)
     try:
@@ -392,7 +348,7 @@ def test_hostile_model_files_and_prompts_fail_cleanly_and_the_server_lives_on(se
 
 
 def test_hostile_numbers_are_refused_and_the_server_keeps_running(server):
-    """Issue 25, class 2: NaN, infinities and out-of-range widget values are refused at validation (400) with
+    """NaN, infinities and out-of-range widget values are refused at validation (400) with
     the library's words; a NaN that arrives through a link (which skips VALIDATE_INPUTS) fails the run with the
     same words instead of a black "success"; then a good prompt still succeeds on the same server."""
     cases = [("cfg", float("nan"), "cfg nan is not a finite number"), ("cfg", float("inf"), "cfg inf"),

@@ -13,14 +13,13 @@ from PIL import Image
 from layerdiff.data.format import (
     GREY,
     LayeredSample,
-    ShardWriter,
     composite,
     list_shards,
     read_shard,
     read_shard_meta,
-    write_shard,
 )
 from layerdiff.data.reader import LayeredShardDataset, collate_layered, make_loader, sample_to_tensors
+from layerdiff.data.shard_writer import ShardWriter, write_shard
 from layerdiff.errors import LayerDiffError
 
 

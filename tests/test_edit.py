@@ -4,8 +4,8 @@ what they should, inputs are never modified, and bad input is answered with a cl
 import pytest
 import torch
 
+from layerdiff.conditioning import LayerPrompts
 from layerdiff.edit import (
-    SamplerSettings,
     edit_layer,
     ensure_latents,
     inpaint_layer,
@@ -15,7 +15,8 @@ from layerdiff.edit import (
 )
 from layerdiff.errors import LayerDiffError
 from layerdiff.io.checkpoint import load_model
-from layerdiff.pipeline import LayerPrompts, generate
+from layerdiff.pipeline import generate
+from layerdiff.settings import SamplerSettings
 from layerdiff.stack import LayerStack
 
 FAST = SamplerSettings(steps=2)
@@ -42,7 +43,7 @@ def stack(model):
     """Two samples of a 3-layer stack (background + 2 foregrounds), 64x64, with latents."""
     prompts = LayerPrompts("a red star and a blue circle in front of a brick wall",
                            ("a brick wall", "a red star", "a blue circle"))
-    return generate(model, prompts, seed=1, batch=2, steps=2)
+    return generate(model, prompts, FAST, seed=1, batch=2)
 
 
 def snapshot(s: LayerStack):

@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from layerdiff import evaluate as ev
 from layerdiff.cli import main
 from layerdiff.data.toy import COLOURS, ToySpec, render_sample, sample_prompt_spec
 from layerdiff.errors import LayerDiffError
+from layerdiff.evaluation import metrics, scenes
 from layerdiff.stack import LayerStack
 
 FRESH_SEED = 777  # toy scenes that no test data set uses
@@ -33,8 +33,8 @@ def _one_thread():
 
 def test_training_signatures_replay_the_toy_generator_exactly():
     n = 30
-    rebuilt = ev.training_signatures(0, n)
-    rendered = {ev._labels_signature(render_sample(0, i, ev.TRAIN_SIZE).extra) for i in range(n)}
+    rebuilt = scenes.training_signatures(0, n)
+    rendered = {scenes._labels_signature(render_sample(0, i, scenes.TRAIN_SIZE).extra) for i in range(n)}
     assert rebuilt == rendered
     # sample (0, 26) is one whose first scene cannot be laid out: the replay must follow the redraw
     rng = np.random.default_rng([0, 26])
@@ -42,66 +42,66 @@ def test_training_signatures_replay_the_toy_generator_exactly():
 
     counts, p = _normalise_layer_probs(None)
     first = sample_prompt_spec(rng, num_layers=int(rng.choice(counts, p=p)))
-    final = ev._labels_signature(render_sample(0, 26, ev.TRAIN_SIZE).extra)
-    assert ev.spec_signature(first) != final and final in rebuilt
+    final = scenes._labels_signature(render_sample(0, 26, scenes.TRAIN_SIZE).extra)
+    assert scenes.spec_signature(first) != final and final in rebuilt
 
 
 def test_default_exclusion_is_the_builtin_models_training_set():
-    from layerdiff.train_cli import TOY_RECIPE
+    from layerdiff.training.recipes import TOY_RECIPE
 
-    assert (ev.TRAIN_SEED, ev.TRAIN_SAMPLES, ev.TRAIN_SIZE) == (0, TOY_RECIPE["samples"], 128)
+    assert (scenes.TRAIN_SEED, scenes.TRAIN_SAMPLES, scenes.TRAIN_SIZE) == (0, TOY_RECIPE["samples"], 128)
 
 
 def test_data_signatures_read_the_same_scenes_from_shards(tmp_path):
-    from layerdiff.data.toy import generate_toy_dataset
+    from layerdiff.data.toy_dataset import generate_toy_dataset
 
     generate_toy_dataset(tmp_path, 8, seed=3, size=64, workers=1)
-    assert ev.data_signatures(tmp_path) == ev.training_signatures(3, 8, size=64)
+    assert scenes.data_signatures(tmp_path) == scenes.training_signatures(3, 8, size=64)
     (tmp_path / "empty").mkdir()
     with pytest.raises(LayerDiffError, match="no .tar shards"):
-        ev.data_signatures(tmp_path / "empty")
+        scenes.data_signatures(tmp_path / "empty")
 
 
 def test_fresh_items_never_repeat_a_training_scene_and_are_balanced_and_stable():
-    exclude = ev.training_signatures(0, 400)
+    exclude = scenes.training_signatures(0, 400)
     stats = {}
-    items = ev.fresh_items(30, FRESH_SEED, (2, 3, 4), exclude, stats=stats)
-    assert all(ev.spec_signature(it.spec) not in exclude for it in items)
+    items = scenes.fresh_items(30, FRESH_SEED, (2, 3, 4), exclude, stats=stats)
+    assert all(scenes.spec_signature(it.spec) not in exclude for it in items)
     assert [it.num_layers for it in items] == [2, 3, 4] * 10
     assert [it.seed for it in items] == [FRESH_SEED + i for i in range(30)]
     assert set(stats) == {"rejected_seen_in_training", "rejected_unplaceable"}
     # item i depends only on (seed, i, layers): a shorter run is a prefix of a longer one
-    assert ev.fresh_items(7, FRESH_SEED, (2, 3, 4), exclude) == items[:7]
+    assert scenes.fresh_items(7, FRESH_SEED, (2, 3, 4), exclude) == items[:7]
 
     # exclude exactly the scenes just drawn: every one must be rejected and replaced
-    taken = {ev.spec_signature(it.spec) for it in items}
+    taken = {scenes.spec_signature(it.spec) for it in items}
     stats2 = {}
-    again = ev.fresh_items(30, FRESH_SEED, (2, 3, 4), exclude | taken, stats=stats2)
-    assert all(ev.spec_signature(it.spec) not in taken | exclude for it in again)
+    again = scenes.fresh_items(30, FRESH_SEED, (2, 3, 4), exclude | taken, stats=stats2)
+    assert all(scenes.spec_signature(it.spec) not in taken | exclude for it in again)
     assert stats2["rejected_seen_in_training"] >= 30
 
 
 def test_fresh_items_gives_up_clearly_when_everything_is_excluded(monkeypatch):
-    monkeypatch.setattr(ev, "MAX_DRAWS", 5)
+    monkeypatch.setattr(scenes, "MAX_DRAWS", 5)
 
     class Everything(frozenset):
         def __contains__(self, item):
             return True
 
     with pytest.raises(LayerDiffError, match="no fresh 2-layer scene in 5 draws"):
-        ev.fresh_items(3, 1, (2,), Everything())
+        scenes.fresh_items(3, 1, (2,), Everything())
     with pytest.raises(LayerDiffError, match="--samples 2 is fewer than the 3 layer counts"):
-        ev.fresh_items(2, 1, (2, 3, 4))
+        scenes.fresh_items(2, 1, (2, 3, 4))
 
 
 def test_parse_layers():
-    assert ev.parse_layers("2,3,4") == (2, 3, 4)
-    assert ev.parse_layers(" 4 , 2 ") == (4, 2)
+    assert scenes.parse_layers("2,3,4") == (2, 3, 4)
+    assert scenes.parse_layers(" 4 , 2 ") == (4, 2)
     for bad in ("", "1,2", "2,2", "x", "5"):
         with pytest.raises(LayerDiffError, match="--layers"):
-            ev.parse_layers(bad)
+            scenes.parse_layers(bad)
     with pytest.raises(LayerDiffError, match="at most 3 layers; drop \\[4\\]"):
-        ev.parse_layers("2,3,4", max_layers=3)
+        scenes.parse_layers("2,3,4", max_layers=3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,8 +127,8 @@ def _stacks(truths) -> list[tuple[LayerStack, ToySpec]]:
 
 
 def test_rendered_ground_truth_scores_perfectly(truths):
-    records = [ev.judge_stack(stack, [spec])[0] for stack, spec in _stacks(truths)]
-    summary = ev.summarise(records)
+    records = [metrics.judge_stack(stack, [spec])[0] for stack, spec in _stacks(truths)]
+    summary = metrics.summarise(records)
     assert set(summary) == {"2", "3", "4", "all"}
     assert summary["all"]["samples"] == 6 and summary["all"]["foregrounds"] == 2 * (1 + 2 + 3)
     for group in summary.values():
@@ -142,10 +142,10 @@ def test_rendered_ground_truth_scores_perfectly(truths):
 def test_a_batched_stack_is_judged_sample_by_sample(truths):
     same = [t for t in truths if t[2].num_layers == 3]
     stack = LayerStack(torch.from_numpy(np.stack([t[0] for t in same])), torch.from_numpy(np.stack([t[1] for t in same])))
-    records = ev.judge_stack(stack, [t[2] for t in same])
+    records = metrics.judge_stack(stack, [t[2] for t in same])
     assert len(records) == 2 and all(r["scene_ok"] for r in records)
     with pytest.raises(LayerDiffError, match="a batch of 2 stacks for 1 scenes"):
-        ev.judge_stack(stack, [same[0][2]])
+        metrics.judge_stack(stack, [same[0][2]])
 
 
 def _other_colour(name: str) -> str:
@@ -166,13 +166,13 @@ def test_corrupted_stacks_lose_exactly_what_was_broken(truths):
     # background: another toy background
     other = next(t for t in truths if t[2].background != spec.background)
     images[0] = other[0][0]
-    rec = ev.judge_sample(images, masks, spec)
+    rec = metrics.judge_sample(images, masks, spec)
     assert not rec["background_ok"] and not rec["scene_ok"]
     f1, f2, f3 = rec["foregrounds"]
     assert not f1["colour_ok"] and f1["shape_ok"] and f1["mask_iou"] == 1.0
     assert f2["shape_ok"] and f2["mask_iou"] < 0.8
     assert f3["empty"] and not f3["colour_ok"] and not f3["shape_ok"] and f3["mask_iou"] == 0.0
-    s = ev.summarise([rec])["4"]
+    s = metrics.summarise([rec])["4"]
     assert s["background_accuracy"] == 0.0
     assert s["colour_accuracy"] == pytest.approx(f2["colour_ok"] / 3, abs=1e-3)
     assert s["shape_accuracy"] == pytest.approx(2 / 3, abs=1e-3)
@@ -184,47 +184,47 @@ def test_overlap_measure():
     a = np.zeros((2, 64, 64), dtype=bool)
     a[0, 0:10, 0:10] = True  # 100 px
     a[1, 5:25, 9:29] = True  # 400 px; shares 5 px with the first
-    assert ev.mask_overlap(a) == pytest.approx(5 / 100)
+    assert metrics.mask_overlap(a) == pytest.approx(5 / 100)
     a[1, 5:10, 9] = False
     a[1, 9, 9] = True  # one shared pixel: 1% of the smaller mask, within the tolerance
-    assert ev.mask_overlap(a) == pytest.approx(0.01)
-    assert ev.mask_overlap(a[:1]) == 0.0 and ev.mask_overlap(np.zeros((3, 8, 8))) == 0.0
+    assert metrics.mask_overlap(a) == pytest.approx(0.01)
+    assert metrics.mask_overlap(a[:1]) == 0.0 and metrics.mask_overlap(np.zeros((3, 8, 8))) == 0.0
 
 
 def test_overlap_is_measured_on_soft_masks_per_layer(truths):
     images, masks, spec = (x.copy() if isinstance(x, np.ndarray) else x for x in truths[1])  # 3 layers
-    rec = ev.judge_sample(images, masks, spec)
+    rec = metrics.judge_sample(images, masks, spec)
     assert not rec["overlap"] and rec["max_overlap"] == 0.0
     grown = masks.copy()
     grown[1] = np.maximum(grown[1], grown[0])  # the front mask also covers the back object
-    rec = ev.judge_sample(images, grown, spec)
+    rec = metrics.judge_sample(images, grown, spec)
     assert rec["overlap"] and rec["max_overlap"] == 1.0
     faint = masks.copy()
     faint[1] = np.maximum(faint[1], 0.4 * faint[0])  # below the 0.5 mask threshold: no overlap
-    assert not ev.judge_sample(images, faint, spec)["overlap"]
+    assert not metrics.judge_sample(images, faint, spec)["overlap"]
     # a 2-layer scene has a single foreground and never overlaps
-    assert ev.summarise([ev.judge_sample(*truths[0])])["2"]["overlap_fraction"] == 0.0
+    assert metrics.summarise([metrics.judge_sample(*truths[0])])["2"]["overlap_fraction"] == 0.0
 
 
 def test_smg_minus_cfg_is_paired_and_targets_are_checked(truths):
-    good = [ev.judge_sample(*t) for t in truths]
+    good = [metrics.judge_sample(*t) for t in truths]
     bad = []
     for images, masks, spec in truths:
         masks = masks.copy()
         masks[-1] = 0.0  # the front object is missing
-        bad.append(ev.judge_sample(images, masks, spec))
-    diff, se = ev.compare_variants(bad, good)  # "cfg" = bad, "smg" = good
+        bad.append(metrics.judge_sample(images, masks, spec))
+    diff, se = metrics.compare_variants(bad, good)  # "cfg" = bad, "smg" = good
     assert diff["all"]["empty_mask_rate"] == pytest.approx(-6 / 12, abs=1e-3)
     assert diff["all"]["background_accuracy"] == 0.0 and se["all"]["background_accuracy"] == 0.0
     assert diff["2"]["mask_iou"] == 1.0 and se["2"]["mask_iou"] == 0.0
-    results = {"cfg": ev.summarise(bad), "smg": ev.summarise(good)}
-    met = ev.check_targets(results, diff, se, samples=6)
+    results = {"cfg": metrics.summarise(bad), "smg": metrics.summarise(good)}
+    met = metrics.check_targets(results, diff, se, samples=6)
     assert met["smg"]["all"]["all"] and not met["cfg"]["all"]["all"]
     assert met["smg_at_least_as_good_as_cfg"]["strict"]["all"]
     assert not met["enough_samples"] and not met["all"]  # 6 samples are too few to claim the targets
-    assert ev.check_targets(results, diff, se, samples=240)["all"]
-    reverse = ev.compare_variants(good, bad)
-    worse = ev.check_targets({"cfg": results["smg"], "smg": results["cfg"]}, *reverse, samples=240)
+    assert metrics.check_targets(results, diff, se, samples=240)["all"]
+    reverse = metrics.compare_variants(good, bad)
+    worse = metrics.check_targets({"cfg": results["smg"], "smg": results["cfg"]}, *reverse, samples=240)
     assert not worse["smg_at_least_as_good_as_cfg"]["strict"]["all"] and not worse["all"]
 
 
@@ -243,22 +243,22 @@ def test_eval_command_end_to_end(tmp_path, capsys):
     assert out.read_text() == printed
     assert {"model", "samples", "seed", "settings", "cfg", "smg", "smg_minus_cfg", "smg_minus_cfg_stderr",
             "targets_met", "seconds"} <= set(report)
-    assert report["model"] == "tiny" and report["samples"] == 6 and report["seed"] == ev.DEFAULT_SEED
+    assert report["model"] == "tiny" and report["samples"] == 6 and report["seed"] == scenes.DEFAULT_SEED
     s = report["settings"]
-    assert s["steps"] == 2 and s["cfg"] == 7.5 and s["scheduler"] == "ddim" and s["mask_guidance"] > 0
+    assert s["steps"] == 2 and s["cfg"] == 7.5 and s["sampler"] == "ddim" and s["scheduler"] == "normal" and s["mask_guidance"] > 0
     assert s["image_size"] == 64 and s["layers"] == [2, 3, 4] and s["exclusion"]["train_samples"] == 100
     assert s["background_cfg"] == 7.5 and s["layout_cleanup"] == 1.0  # the tiny model's defaults, recorded
     for variant in ("cfg", "smg", "smg_minus_cfg"):
         assert set(report[variant]) == {"2", "3", "4", "all"}
         for group in report[variant].values():
-            assert {m for m, _, _ in ev.METRICS} <= set(group)
+            assert {m for m, _, _ in metrics.METRICS} <= set(group)
     assert report["cfg"]["all"]["samples"] == 6 and report["cfg"]["4"]["foregrounds"] == 6
     for group in report["cfg"].values():
         for m in ("background_accuracy", "colour_accuracy", "shape_accuracy", "mask_iou", "overlap_fraction"):
             assert 0.0 <= group[m] <= 1.0
     met = report["targets_met"]
     assert set(met["smg"]) == {"2", "3", "4", "all"} and met["all"] is False
-    assert len(report["per_sample"]) == 6 and report["per_sample"][0]["seed"] == ev.DEFAULT_SEED
+    assert len(report["per_sample"]) == 6 and report["per_sample"][0]["seed"] == scenes.DEFAULT_SEED
     img = Image.open(grid)  # scenes 0 (2 layers) and 1 (3 layers): composite, background, 2 fg, 2 masks
     assert img.size[0] == 128 * 6 and img.size[1] > 4 * 128  # a CFG row and an SMG row per scene
 

@@ -42,12 +42,11 @@ from layerdiff.data.format import (
     decode_record,
     iter_readable_records,
     read_shard,
-    write_shard,
 )
 from layerdiff.data.mlcid import inputs as builder
+from layerdiff.data.shard_writer import write_shard
 from layerdiff.errors import LayerDiffError
-from layerdiff.train import TRAIN_SETTINGS, TrainConfig
-from layerdiff.train_vae import VAE_SETTINGS, VaeTrainConfig
+from layerdiff.training.settings import TRAIN_SETTINGS, VAE_SETTINGS, TrainConfig, VaeTrainConfig
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -714,7 +713,7 @@ def test_build_refusals_are_one_line(photos, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def toy_data(tmp_path_factory) -> Path:
-    from layerdiff.data.toy import generate_toy_dataset
+    from layerdiff.data.toy_dataset import generate_toy_dataset
 
     out = tmp_path_factory.mktemp("toy") / "data"
     generate_toy_dataset(out, 4, seed=0, size=32, samples_per_shard=4, workers=1)

@@ -301,7 +301,7 @@ def test_every_preset_and_the_built_in_model_pass_the_schema():
 def test_bounded_json_is_linear_and_refuses_what_json_loads_would_choke_on():
     import time
 
-    from layerdiff.config import parse_json
+    from layerdiff.safe_json import parse_json
 
     start = time.perf_counter()
     for text in ['"' + '\\"' * 1_000_000, "[" * 1_000_000, '"' * 1_000_000]:
@@ -474,7 +474,7 @@ def huge_config() -> LayerDiffConfig:
 
 
 def skip_if_the_machine_could_load(need: int) -> None:
-    from layerdiff.io.checkpoint import available_memory
+    from layerdiff.limits import available_memory
 
     available = available_memory()
     if available is not None and available > need:

@@ -12,6 +12,7 @@ and the largest memory a command-line run reached.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 import numbers
 import os
@@ -28,13 +29,15 @@ from fuzz_support import print_fuzz_report, run_limited_cli
 
 import nodes
 from layerdiff import limits
-from layerdiff.edit import SamplerSettings, edit_layer, inpaint_layer, style_layers, transform_layer
+from layerdiff.conditioning import LayerPrompts, encode_prompts
+from layerdiff.edit import edit_layer, inpaint_layer, style_layers, transform_layer
 from layerdiff.errors import LayerDiffError
 from layerdiff.io.checkpoint import load_model
 from layerdiff.io.export import write_layer_sets
 from layerdiff.limits import RANGES
-from layerdiff.pipeline import LayerPrompts, encode_prompts, generate, sampler_kwargs
+from layerdiff.pipeline import generate, run
 from layerdiff.sampling import sample
+from layerdiff.settings import SamplerSettings
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
@@ -65,6 +68,18 @@ def _one_thread(one_thread):
     yield
 
 
+SETTING_NAMES = {f.name for f in dataclasses.fields(SamplerSettings)}
+
+
+def gen(model, prompts, **kw):
+    """generate() (run() for ``strength``) with the sampler's settings as keywords, as the nodes and the
+    command line take them: the settings object is made inside the call."""
+    settings = SamplerSettings(**{k: kw.pop(k) for k in list(kw) if k in SETTING_NAMES})
+    if "strength" in kw:
+        return run(model, prompts, settings, seeds=[kw.pop("seed", 0)], **kw)
+    return generate(model, prompts, settings, **kw)
+
+
 @pytest.fixture(scope="module")
 def model():
     return load_model("tiny")
@@ -72,7 +87,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def stack(model):
-    return generate(model, PROMPTS, width=32, height=32, steps=1)
+    return generate(model, PROMPTS, SamplerSettings(steps=1), width=32, height=32)
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +191,7 @@ GENERATE_ARGS = [  # (argument, RANGES key, None allowed)
 def test_generate_refuses_hostile_numbers(model, arg, key, optional, value):
     assume(not allowed(key, value, optional))
     kwargs = {"width": 16, "height": 16, "steps": 1, "callback": never_called, arg: value}
-    refused(lambda: generate(model, PROMPTS, **kwargs), arg, "library: class 2 numbers")
+    refused(lambda: gen(model, PROMPTS, **kwargs), arg, "library: class 2 numbers")
 
 
 SAMPLE_ARGS = [("steps", "steps"), ("cfg", "cfg"), ("mask_guidance", "mask_guidance"),
@@ -190,16 +205,21 @@ SAMPLE_ARGS = [("steps", "steps"), ("cfg", "cfg"), ("mask_guidance", "mask_guida
 @FUZZ
 @given(value=HOSTILE)
 def test_sample_refuses_hostile_numbers(model, cond, arg, key, value):
-    assume(not allowed(key, value))
-    kwargs = {**sampler_kwargs(model, steps=1), "callback": never_called, arg: value}
-    refused(lambda: sample(model.unet, cond, 2, 2, [0], **kwargs), arg, "library: class 2 numbers")
+    assume(not allowed(key, value, optional=arg in SETTING_NAMES))  # None in the settings: the default
+    def call():
+        knobs = {"steps": 1, **({arg: value} if arg in SETTING_NAMES else {})}
+        extra = {} if arg in SETTING_NAMES else {arg: value}
+        return sample(model.unet, cond, 2, 2, [0], SamplerSettings(**knobs), mask_axis=model.mask_axis(),
+                      empty_latent=model.empty_layer_latent(), callback=never_called, **extra)
+
+    refused(call, arg, "library: class 2 numbers")
 
 
 @FUZZ
 @given(seed=HOSTILE)
 def test_sample_refuses_hostile_seeds(model, cond, seed):
     assume(not allowed("seed", seed))
-    refused(lambda: sample(model.unet, cond, 2, 2, [seed], steps=1, callback=never_called), "seeds[0]",
+    refused(lambda: sample(model.unet, cond, 2, 2, [seed], SamplerSettings(steps=1), callback=never_called), "seeds[0]",
             "library: class 2 numbers")
 
 
@@ -253,22 +273,22 @@ def test_sizes_beyond_one_run_and_the_machine_are_refused_before_sampling(model,
     monkeypatch.setattr(limits, "available_bytes", lambda device: 2**10)  # a machine with 1 KiB free
     for call in (lambda: generate(model, PROMPTS, width=64, height=64, batch=4, callback=never_called),
                  lambda: edit_layer(model, stack, 1, "a green heart", callback=never_called),
-                 lambda: sample(model.unet, encode_prompts(model, PROMPTS), 8, 8, [0], steps=1,
+                 lambda: sample(model.unet, encode_prompts(model, PROMPTS), 8, 8, [0], SamplerSettings(steps=1),
                                 callback=never_called)):
         refused(call, "needs about", "library: class 2 numbers", "is free")
 
 
 def test_seeds_up_to_2_to_the_64_run_and_wrap_in_a_batch(model):
-    top = generate(model, PROMPTS, width=16, height=16, steps=1, seed=2**64 - 1, batch=2, empty_layer_retries=1)
-    again = generate(model, PROMPTS, width=16, height=16, steps=1, seed=0)
+    top = gen(model, PROMPTS, width=16, height=16, steps=1, seed=2**64 - 1, batch=2, empty_layer_retries=1)
+    again = gen(model, PROMPTS, width=16, height=16, steps=1, seed=0)
     torch.testing.assert_close(top.latents[1], again.latents[0], atol=1e-4, rtol=1e-4)  # seed 2**64 - 1 + 1 is 0
-    ok = generate(model, PROMPTS, width=np.int64(16), height=np.int32(16), steps=np.int64(1), seed=np.uint64(3),
+    ok = gen(model, PROMPTS, width=np.int64(16), height=np.int32(16), steps=np.int64(1), seed=np.uint64(3),
                   cfg=np.float32(2.5))  # numpy scalars are numbers
     assert ok.images.shape[2:4] == (16, 16)
 
 
 def test_steps_zero_is_refused_not_the_default(model):
-    refused(lambda: generate(model, PROMPTS, width=16, height=16, steps=0, callback=never_called), "steps 0",
+    refused(lambda: gen(model, PROMPTS, width=16, height=16, steps=0, callback=never_called), "steps 0",
             "library: class 2 numbers", "outside 1..500")
 
 
@@ -282,33 +302,35 @@ def _type_cases(model, stack, cond, tmp):
         ("negative", lambda: LayerPrompts("x", ("a",), negative=["no"])),
         ("names", lambda: LayerPrompts("x", ("a",), names="bg")),
         ("layers", lambda: LayerPrompts("x", 7)),
-        ("prompts", lambda: generate(model, "a red star", **fine)),
-        ("prompts", lambda: generate(model, [PROMPTS], **fine)),
-        ("model", lambda: generate("tiny", PROMPTS, **fine)),
-        ("steps", lambda: generate(model, PROMPTS, **{**fine, "steps": 2.0})),
-        ("steps", lambda: generate(model, PROMPTS, **{**fine, "steps": "2"})),
-        ("width", lambda: generate(model, PROMPTS, **{**fine, "width": "16"})),
-        ("cfg", lambda: generate(model, PROMPTS, **{**fine, "cfg": "7.5"})),
-        ("seed", lambda: generate(model, PROMPTS, **{**fine, "seed": 1.0})),
-        ("batch", lambda: generate(model, PROMPTS, **{**fine, "batch": True})),
-        ("scheduler", lambda: generate(model, PROMPTS, **{**fine, "scheduler": 5})),
-        ("scheduler", lambda: generate(model, PROMPTS, **{**fine, "scheduler": ["ddim"]})),
-        ("callback", lambda: generate(model, PROMPTS, **{**fine, "callback": 5})),
-        ("conditioning", lambda: generate(model, PROMPTS, **{**fine, "conditioning": "cond"})),
+        ("prompts", lambda: gen(model, "a red star", **fine)),
+        ("prompts", lambda: gen(model, [PROMPTS], **fine)),
+        ("model", lambda: gen("tiny", PROMPTS, **fine)),
+        ("steps", lambda: gen(model, PROMPTS, **{**fine, "steps": 2.0})),
+        ("steps", lambda: gen(model, PROMPTS, **{**fine, "steps": "2"})),
+        ("width", lambda: gen(model, PROMPTS, **{**fine, "width": "16"})),
+        ("cfg", lambda: gen(model, PROMPTS, **{**fine, "cfg": "7.5"})),
+        ("seed", lambda: gen(model, PROMPTS, **{**fine, "seed": 1.0})),
+        ("batch", lambda: gen(model, PROMPTS, **{**fine, "batch": True})),
+        ("scheduler", lambda: gen(model, PROMPTS, **{**fine, "scheduler": 5})),
+        ("scheduler", lambda: gen(model, PROMPTS, **{**fine, "scheduler": ["ddim"]})),
+        ("callback", lambda: gen(model, PROMPTS, **{**fine, "callback": 5})),
+        ("prompts", lambda: run(model, "cond", seeds=[0], callback=never_called)),
+        ("settings", lambda: generate(model, PROMPTS, {"steps": 1})),
+        ("seeds", lambda: run(model, PROMPTS, seeds=5)),
         ("prompts", lambda: encode_prompts(model, "abc")),
         ("prompts", lambda: encode_prompts(model, ["abc"])),
         ("prompts", lambda: encode_prompts(model, [])),
         ("model", lambda: encode_prompts(None, PROMPTS)),
-        ("cond", lambda: sample(model.unet, None, 2, 2, [0], steps=1)),
-        ("seeds", lambda: sample(model.unet, cond, 2, 2, "0", steps=1)),
-        ("seeds[0]", lambda: sample(model.unet, cond, 2, 2, [0.5], steps=1)),
-        ("height", lambda: sample(model.unet, cond, 2.0, 2, [0], steps=1)),
-        ("width", lambda: sample(model.unet, cond, 2, 10**9, [0], steps=1)),
-        ("steps", lambda: sample(model.unet, cond, 2, 2, [0], steps=1.5)),
-        ("lock", lambda: sample(model.unet, cond, 2, 2, [0], steps=1, lock="keep")),
-        ("init_latents", lambda: sample(model.unet, cond, 2, 2, [0], steps=1, init_latents=[0.0])),
-        ("scheduler_config", lambda: sample(model.unet, cond, 2, 2, [0], steps=1, scheduler_config="ddim")),
-        ("max_batch", lambda: sample(model.unet, cond, 2, 2, [0], steps=1, max_batch=0)),
+        ("cond", lambda: sample(model.unet, None, 2, 2, [0], SamplerSettings(steps=1))),
+        ("seeds", lambda: sample(model.unet, cond, 2, 2, "0", SamplerSettings(steps=1))),
+        ("seeds[0]", lambda: sample(model.unet, cond, 2, 2, [0.5], SamplerSettings(steps=1))),
+        ("height", lambda: sample(model.unet, cond, 2.0, 2, [0], SamplerSettings(steps=1))),
+        ("width", lambda: sample(model.unet, cond, 2, 10**9, [0], SamplerSettings(steps=1))),
+        ("steps", lambda: sample(model.unet, cond, 2, 2, [0], SamplerSettings(steps=1.5))),
+        ("lock", lambda: sample(model.unet, cond, 2, 2, [0], SamplerSettings(steps=1), lock="keep")),
+        ("init_latents", lambda: sample(model.unet, cond, 2, 2, [0], SamplerSettings(steps=1), init_latents=[0.0])),
+        ("scheduler_config", lambda: sample(model.unet, cond, 2, 2, [0], SamplerSettings(steps=1), scheduler_config="ddim")),
+        ("max_batch", lambda: sample(model.unet, cond, 2, 2, [0], SamplerSettings(steps=1), max_batch=0)),
         ("seed", lambda: edit_layer(model, stack, 1, "x", seed="1", callback=never_called)),
         ("layer_index", lambda: edit_layer(model, stack, 1.0, "x", callback=never_called)),
         ("regenerate", lambda: edit_layer(model, stack, 1, "x", regenerate=["image only"], callback=never_called)),
@@ -318,7 +340,8 @@ def _type_cases(model, stack, cond, tmp):
         ("model", lambda: edit_layer("tiny", stack, 1, "x")),
         ("steps", lambda: SamplerSettings(steps="5")),
         ("scheduler", lambda: SamplerSettings(scheduler="fastest")),
-        ("negative_prompt", lambda: SamplerSettings(negative_prompt=None)),
+        ("negative_prompt", lambda: edit_layer(model, stack, 1, "x", negative_prompt=None, callback=never_called)),
+        ("settings", lambda: sample(model.unet, cond, 2, 2, [0], {"steps": 1})),
         ("grow", lambda: inpaint_layer(model, stack, 1, torch.ones(32, 32), "x", grow=1.5, callback=never_called)),
         ("strength", lambda: style_layers(model, stack, "x", "0.5", callback=never_called)),
         ("layers", lambda: style_layers(model, stack, "x", 0.5, layers="12", callback=never_called)),

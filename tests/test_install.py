@@ -194,10 +194,12 @@ _SMOKE = textwrap.dedent(
     out = {"nodes": len(nodes.NODE_CLASS_MAPPINGS), "log": records, "metadata_problem": metadata_problem()}
     if "--generate" in sys.argv:
         from layerdiff.io.checkpoint import load_model
-        from layerdiff.pipeline import LayerPrompts, generate
+        from layerdiff.conditioning import LayerPrompts
+        from layerdiff.pipeline import generate
+        from layerdiff.settings import SamplerSettings
         model = load_model("layerdiff-toy")
         stack = generate(model, LayerPrompts("a red circle in front of a brick wall", ("a brick wall", "a red circle")),
-                         steps=1, seed=0)
+                         SamplerSettings(steps=1), seed=0)
         out["images"] = list(stack.images.shape)
         out["finite"] = bool(stack.images.isfinite().all())
     print(json.dumps(out))

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from layerdiff.data import judge
 from layerdiff.data.toy import SHAPES, render_sample, shape_mask
 from layerdiff.errors import LayerDiffError
+from layerdiff.evaluation import judge
 
 FRESH_SEED = 90210
 

@@ -107,8 +107,8 @@ def test_shared_fused_path_equals_the_processor_path():
 def test_layer_prompts_keep_their_first_tokens_as_if_encoded_short(tiny_model):
     """Truncating the (causal) text encoder's states equals encoding the truncated ids: training
     (which encodes short ids) and sampling (which slices the states) see the same tokens."""
+    from layerdiff.conditioning import LayerPrompts, encode_prompts
     from layerdiff.model.text import tokenize
-    from layerdiff.pipeline import LayerPrompts, encode_prompts
 
     n = tiny_model.config.layer_prompt_tokens
     assert 2 <= n < tiny_model.tokenizer.model_max_length

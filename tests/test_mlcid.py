@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from layerdiff.cli import main
-from layerdiff.data.format import list_shards, read_shard, write_shard
+from layerdiff.data.format import list_shards, read_shard
 from layerdiff.data.mlcid import builder
 from layerdiff.data.mlcid import filters as F
 from layerdiff.data.mlcid.classical import (
@@ -31,6 +31,7 @@ from layerdiff.data.mlcid.classical import (
 from layerdiff.data.mlcid.factory import StageOptions, StageSpecs, make_stages
 from layerdiff.data.mlcid.phrases import RulePhraseExtractor, parse_phrase_list
 from layerdiff.data.mlcid.pipeline import KEPT, MLCIDPipeline, PipelineConfig
+from layerdiff.data.shard_writer import write_shard
 from layerdiff.errors import LayerDiffError
 
 skdata = pytest.importorskip("skimage.data", reason="the test photographs ship with scikit-image: pip install scikit-image")

@@ -11,17 +11,16 @@ import pytest
 import torch
 
 import nodes
-from layerdiff.config import SamplingDefaults, get_preset
+from layerdiff.conditioning import LayerPrompts
 from layerdiff.errors import CheckpointError, LayerDiffError
 from layerdiff.io.checkpoint import save_layerdiff
-from layerdiff.pipeline import LayerPrompts
-from layerdiff.sampling import SCHEDULERS
+from layerdiff.settings import SAMPLERS, SCHEDULERS
 from layerdiff.stack import LayerStack
 from nodes import _host
 
 NODES = nodes.NODE_CLASS_MAPPINGS
 SOCKETS = {"LAYERDIFF_MODEL", "LAYERDIFF_PROMPTS", "LAYERDIFF_CONDITIONING", "LAYERDIFF_LAYERS"}
-FAST = {"steps": 2, "cfg": 7.5, "scheduler": "ddim"}
+FAST = {"steps": 2, "cfg": 7.5, "sampler_name": "ddim"}
 
 
 def node(name):
@@ -106,23 +105,27 @@ def test_node_definition(name):
         assert set(inspect.signature(validate).parameters) <= names
 
 
-def test_widget_defaults_come_from_config():
-    d = SamplingDefaults()
-    req = NODES["LayerDiffKSampler"].INPUT_TYPES()["required"]
-    assert req["steps"][1]["default"] == d.steps
-    # the sampler's cfg is the built-in model's (its file's sampling defaults); the edit nodes keep 7.5
+def test_widget_defaults_are_the_builtin_models_own_settings():
     from layerdiff.io.checkpoint import BUILTIN_FILES, WEIGHTS_DIR
     from layerdiff.io.files import read_safetensors_header
+    from layerdiff.settings import SamplerSettings
 
     shipped = json.loads(read_safetensors_header(WEIGHTS_DIR / BUILTIN_FILES["layerdiff-toy"])[1]["config"])
-    assert req["cfg"][1]["default"] == shipped["sampling"]["cfg"] == get_preset("toy").sampling.cfg == 3.0
-    assert NODES["LayerDiffLayerEdit"].INPUT_TYPES()["required"]["cfg"][1]["default"] == d.cfg
+    d = SamplerSettings.from_dict(shipped["sampling"])
+    req = NODES["LayerDiffKSampler"].INPUT_TYPES()["required"]
+    opt = NODES["LayerDiffKSampler"].INPUT_TYPES()["optional"]  # optional: older workflows keep loading
+    for name in ("LayerDiffKSampler", "LayerDiffLayerEdit", "LayerDiffLayerInpaint", "LayerDiffLayerStyle"):
+        spec = NODES[name].INPUT_TYPES()
+        assert spec["required"]["steps"][1]["default"] == d.steps == 20, name
+        assert spec["required"]["cfg"][1]["default"] == d.cfg == 3.0, name  # one default everywhere
+        assert spec["required"]["sampler_name"][0] == list(SAMPLERS) and spec["required"]["sampler_name"][1]["default"] == "ddim"
+        assert spec["optional"]["scheduler"][0] == list(SCHEDULERS) and spec["optional"]["scheduler"][1]["default"] == "normal"
+        assert list(spec["optional"])[-1] == "scheduler", name  # last: earlier workflows' widget values keep their places
+    assert f"{d.background_cfg:g}" in opt["background_cfg"][1]["tooltip"] and f"{d.cfg:g}" in req["cfg"][1]["tooltip"]
     assert req["mask_guidance"][1]["default"] == d.mask_guidance
     assert req["mask_guidance_start"][1]["default"] == d.mask_guidance_start
-    assert req["scheduler"][0] == list(SCHEDULERS) and req["scheduler"][1]["default"] == d.scheduler
     assert req["seed"][1]["control_after_generate"] is True
     assert req["width"][1]["step"] == 8 and req["width"][1]["max"] == 4096
-    opt = NODES["LayerDiffKSampler"].INPUT_TYPES()["optional"]  # optional: older workflows keep loading
     assert opt["layout_cleanup"][1]["default"] == d.layout_cleanup and opt["layout_cleanup"][1]["max"] == 1.0
     assert opt["background_cfg"][1]["default"] == 0.0  # 0 = the model's own setting
 

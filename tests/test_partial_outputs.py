@@ -28,7 +28,7 @@ from fuzz_support import print_fuzz_report
 from PIL import Image
 
 from layerdiff.errors import LayerDiffError
-from layerdiff.io import export
+from layerdiff.io import writing
 from layerdiff.io.export import META_FILE, layer_set_files, sample_dir, write_layer_set, write_layer_sets
 from layerdiff.io.resultset import STALE_AFTER_S, clean_stale, owner_tag
 from layerdiff.stack import LayerStack
@@ -171,7 +171,7 @@ def test_a_full_disk_at_any_write_leaves_no_partial_set(tmp_path_factory, monkey
     overwrite = prepare(out, prestate, batch)
     before = snapshot(out)
     calls = []
-    real = export.atomic_write
+    real = writing.atomic_write
 
     def atomic_write(path, write):
         calls.append(path)
@@ -179,7 +179,7 @@ def test_a_full_disk_at_any_write_leaves_no_partial_set(tmp_path_factory, monkey
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return real(path, write)
 
-    monkeypatch.setattr(export, "atomic_write", atomic_write)
+    monkeypatch.setattr(writing, "atomic_write", atomic_write)
     with pytest.raises(LayerDiffError) as err:
         write_layer_sets(make_stack(batch), out, {"run": 1}, overwrite=overwrite, psd=psd)
     message = str(err.value)
@@ -207,7 +207,7 @@ KILLER = r"""
 import json, os, signal, sys, types
 import torch
 import psd_tools, PIL.PngImagePlugin  # imported once here, not in every forked writer
-from layerdiff.io import export, psd, resultset
+from layerdiff.io import export, psd, resultset, writing
 from layerdiff.stack import LayerStack
 
 def die():
@@ -221,7 +221,7 @@ def scenario(sc):
                        masks=(torch.rand(b, 2, 4, 6, generator=g) > 0.5).float())
     count = [0]
     if sc["at"] == "write":  # die in the middle of the k-th file: half of it written
-        real = export.atomic_write
+        real = writing.atomic_write
         def atomic_write(path, write):
             if count[0] == sc["k"]:
                 def half(f):
@@ -230,7 +230,7 @@ def scenario(sc):
                 return real(path, half)
             count[0] += 1
             return real(path, write)
-        export.atomic_write = atomic_write
+        writing.atomic_write = atomic_write
     elif sc["at"] == "commit":  # die before the k-th rename that moves the set into place
         def moving(fn):
             def wrapped(src, dst):

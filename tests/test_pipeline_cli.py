@@ -14,8 +14,9 @@ import pytest
 from PIL import Image
 
 from layerdiff.cli import main
+from layerdiff.conditioning import LayerPrompts, check_prompts, encode_prompts
 from layerdiff.errors import LayerDiffError
-from layerdiff.pipeline import LayerPrompts, check_prompts, check_size, encode_prompts
+from layerdiff.pipeline import check_size
 
 ROOT = Path(__file__).resolve().parent.parent
 ARGS = ["generate", "--model", "tiny", "--steps", "2", "--prompt", "a red star in front of a brick wall",
@@ -64,10 +65,11 @@ def test_generate_writes_a_complete_layer_set(tmp_path, capsys):
     assert set(np.unique(mask)) <= {0, 255}
     assert np.array_equal(np.asarray(fg)[..., 3], mask)  # alpha is the mask
     meta = json.loads((out / "meta.json").read_text())
-    assert meta["seed"] == 7 and meta["steps"] == 2 and meta["scheduler"] == "ddim" and meta["model"] == "tiny"
+    assert meta["seed"] == 7 and meta["steps"] == 2 and meta["model"] == "tiny"
+    assert meta["sampler"] == "ddim" and meta["scheduler"] == "normal" and meta["eta"] == 0.0  # every setting, resolved
     assert meta["layer_prompts"] == ["a brick wall", "a red star", "a blue circle"]
     assert meta["background_cfg"] == meta["cfg"] == 7.5 and meta["layout_cleanup"] == 1.0  # the tiny model's defaults
-    assert meta["mask_guidance_erode"] == 0  # the model's own (SamplingDefaults), recorded
+    assert meta["mask_guidance_erode"] == 0  # the model's own (its SamplerSettings), recorded
     from layerdiff.io.psd import load_psd
 
     psd = load_psd(out / "layers.psd")

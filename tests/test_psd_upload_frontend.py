@@ -3,12 +3,12 @@ input folder shows up after a refresh; one dropped on the node and one picked wi
 button (web/psd_upload.js) land in the input folder and are selected in the combo; the choice survives
 a save and reload of the workflow, and the queued prompt loads that PSD.
 
-Needs a ComfyUI checkout with its venv (COMFYUI_DIR / COMFY_VENV, default comfy_host.sh's
-~/.cache/comfyui-host/ComfyUI and the venv beside it), Chromium (CHROMIUM, default /usr/bin/chromium),
-node and playwright-core (COMFY_PW_DIR, default the `pw` folder beside the checkout; `comfy_host.sh
-setup --browser` installs both); skipped otherwise. The server is private: its own --base-directory
-(input, output, user settings, an in-memory database) with only this pack under custom_nodes, on a
-free loopback port. Run with ``pytest -m comfyui tests/test_psd_upload_frontend.py -s`` to see the timings;
+Needs a ComfyUI checkout with its venv (COMFYUI_DIR / COMFY_VENV, default ~/.cache/comfyui-host/ComfyUI
+and the venv beside it), Chromium (CHROMIUM, default /usr/bin/chromium), node and playwright-core
+(COMFY_PW_DIR, default the `pw` folder beside the checkout); skipped otherwise. The server is private
+(tests/comfy_private.py): its own --base-directory (input, output, user settings, an in-memory
+database) with only this pack under custom_nodes, on a free loopback port, COMFY_EXTRA_ARGS appended.
+Run with ``pytest -m comfyui tests/test_psd_upload_frontend.py -s`` to see the timings;
 LAYERDIFF_PSD_UPLOAD_SCREENSHOT=PNG saves the page after the upload.
 """
 

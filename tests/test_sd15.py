@@ -6,13 +6,13 @@ import re
 import pytest
 import torch
 
+from layerdiff.config import load_sd15_configs
 from layerdiff.errors import CheckpointError, LayerDiffError
 from layerdiff.io import _diffusers_compat as compat
 from layerdiff.io.files import read_safetensors, read_safetensors_header, save_safetensors_atomic
 from layerdiff.io.sd15 import (
     detect_architecture,
     load_diffusers_dir,
-    load_sd15_configs,
     load_sd15_single_file,
 )
 from tests.ldm_layout import (

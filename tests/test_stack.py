@@ -47,7 +47,7 @@ def test_properties_and_defaults():
     s = make_stack()
     assert (s.batch_size, s.num_layers, s.num_foregrounds, s.height, s.width) == (1, 3, 2, 2, 2)
     d = LayerStack(images=s.images, masks=s.masks)
-    assert d.names == ("background", "layer_1", "layer_2")
+    assert d.names == ("background", "layer 1", "layer 2")
     assert d.prompts == ("", "", "") and d.seeds == (None, None, None) and d.latents is None
     assert "LayerStack(images=(1, 3, 2, 2, 3)" in repr(s)
 
@@ -212,7 +212,7 @@ def test_move_layer_four_foregrounds():
         latents=torch.arange(5.0).view(1, 5, 1, 1, 1).repeat(1, 1, 8, 1, 1),
     )
     t = s.move_layer(4, 1)
-    assert t.names == ("background", "layer_4", "layer_1", "layer_2", "layer_3")
+    assert t.names == ("background", "layer 4", "layer 1", "layer 2", "layer 3")
     assert latent_ids(t) == [0, 4, 1, 2, 3]
 
 
@@ -387,3 +387,13 @@ def test_operations_never_modify_inputs():
         assert (
             torch.equal(s.images, images) and torch.equal(s.masks, masks) and torch.equal(s.latents, latents)
         )
+
+
+def test_one_automatic_name_scheme_read_in_both_spellings():
+    from layerdiff.stack import automatic_name, default_name
+
+    assert default_name(0) == "background" and default_name(2) == "layer 2"
+    assert default_name(1, "a red star") == "layer 1: a red star" and len(default_name(1, "x" * 99)) == 60
+    assert automatic_name("layer 1: a red star") == (True, "a red star")
+    assert automatic_name("layer_3") == (True, "")  # unnamed layers of earlier versions' files
+    assert automatic_name("background") == (True, "") and automatic_name("my star") == (False, "")

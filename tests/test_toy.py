@@ -18,11 +18,12 @@ from layerdiff.data.toy import (
     SIZES,
     ToyObject,
     ToySpec,
-    generate_toy_dataset,
     render_from_spec,
     render_sample,
     sample_prompt_spec,
 )
+from layerdiff.data.toy_backgrounds import render_background
+from layerdiff.data.toy_dataset import generate_toy_dataset
 from layerdiff.errors import LayerDiffError
 
 SIZE = 64
@@ -42,7 +43,7 @@ def test_vocabulary_is_complete_and_distinct():
     dist = np.sqrt(((rgb[:, None] - rgb[None]) ** 2).sum(-1)) + np.eye(len(rgb)) * 1e9
     assert dist.min() > 90  # palette entries are far apart
     assert np.abs(rgb - 128).max(1).min() > 80  # and far from the grey fill
-    backgrounds = [toy.render_background(n, SIZE, 0) for n in BACKGROUNDS]
+    backgrounds = [render_background(n, SIZE, 0) for n in BACKGROUNDS]
     assert all(b.std() > 5 for b in backgrounds)  # textured, not flat
 
 

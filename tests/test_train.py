@@ -19,20 +19,11 @@ from layerdiff.config import get_preset
 from layerdiff.errors import LayerDiffError
 from layerdiff.io.checkpoint import build_random_model, load_layerdiff
 from layerdiff.io.files import read_safetensors
-from layerdiff.train import (
-    NEW_MODULE_KEYS,
-    LatentCache,
-    LayerDiffTrainModule,
-    NoiseSchedule,
-    TrainConfig,
-    latest_checkpoint,
-    load_training_state,
-    loss_weights,
-    make_batch,
-    param_groups,
-    save_training_state,
-    train,
-)
+from layerdiff.training.latents import LatentCache
+from layerdiff.training.loop import NEW_MODULE_KEYS, param_groups, train
+from layerdiff.training.objective import LayerDiffTrainModule, NoiseSchedule, loss_weights, make_batch
+from layerdiff.training.settings import TrainConfig
+from layerdiff.training.state import latest_checkpoint, load_training_state, save_training_state
 
 SIZE = 64
 STEPS = 6
@@ -50,7 +41,7 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     """16 toy samples at 64 px in two shards (one per rank of the two-process test)."""
-    from layerdiff.data.toy import generate_toy_dataset
+    from layerdiff.data.toy_dataset import generate_toy_dataset
 
     out = tmp_path_factory.mktemp("toydata") / "data"
     generate_toy_dataset(out, 16, seed=0, size=SIZE, samples_per_shard=8, workers=1)
@@ -231,7 +222,7 @@ def _fail_while_writing(exc):
 
 
 def test_checkpoint_appears_complete_or_not_at_all(tmp_path, monkeypatch):
-    import layerdiff.train as tr
+    import layerdiff.training.state as tr
 
     module, opt = _small_state()
     ckdir = tmp_path / "checkpoints"
@@ -274,7 +265,7 @@ def test_checkpoint_rotation_orders_steps_by_number(tmp_path):
 def test_killed_run_loses_only_steps_since_last_checkpoint(data, straight, tmp_path, monkeypatch):
     """Killed while writing its step-4 checkpoint, a run resumes from step 2 and still ends
     bit-identical to the uninterrupted run; its log has each step once."""
-    import layerdiff.train as tr
+    import layerdiff.training.state as tr
 
     real = tr.save_safetensors_atomic
 
@@ -457,7 +448,8 @@ def _vae():
 
 
 def test_vae_training_lowers_the_loss_and_sets_the_latent_scale(data, tmp_path):
-    from layerdiff.train_vae import VaeTrainConfig, _image_pool, reconstruction_error, train_vae
+    from layerdiff.training.settings import VaeTrainConfig
+    from layerdiff.training.vae import _image_pool, reconstruction_error, train_vae
 
     pool = _image_pool(data, 48, SIZE, 0)
     vae = _vae().eval()
@@ -477,7 +469,8 @@ def test_vae_training_lowers_the_loss_and_sets_the_latent_scale(data, tmp_path):
 def test_scale_equivariance_teaches_pooled_latents_to_decode_to_pooled_images(data, tmp_path):
     """The regulariser is wired in: the same run with it decodes 2x2-pooled latents to the 2x2-pooled
     image far better than without it, and still reconstructs; a negative weight is named."""
-    from layerdiff.train_vae import VaeTrainConfig, _image_pool, reconstruction_error, train_vae
+    from layerdiff.training.settings import VaeTrainConfig
+    from layerdiff.training.vae import _image_pool, reconstruction_error, train_vae
 
     pool = _image_pool(data, 48, SIZE, 0)
     cfg = dict(steps=80, batch_size=4, crop=32, lr=1e-2, checkpoint_every=80, images=48, sample_posterior=False)
@@ -494,7 +487,7 @@ def test_scale_equivariance_teaches_pooled_latents_to_decode_to_pooled_images(da
         train_vae(_vae(), data, tmp_path / "bad", VaeTrainConfig(steps=1, scale_equivariance=-1.0), size=SIZE,
                   progress=False)
     # each factor is its own term of the loss: (2, 4) is the mean of 2 alone and 4 alone
-    from layerdiff.train_vae import scale_equivariance_loss
+    from layerdiff.training.vae import scale_equivariance_loss
 
     x = pool[:4, :, :32, :32]
     with torch.no_grad():
@@ -519,7 +512,7 @@ def test_per_channel_latent_scaling_gives_every_channel_unit_spread_and_survives
     pool, decoding inverts encoding exactly, and a saved LayerDiff file keeps the statistics."""
     from layerdiff.io.checkpoint import save_layerdiff
     from layerdiff.model.bundle import from_model_latents, to_model_latents
-    from layerdiff.train_vae import _image_pool, set_scaling_factor
+    from layerdiff.training.vae import _image_pool, set_scaling_factor
 
     model = build_random_model(get_preset("tiny"), seed=0).eval()
     pool = _image_pool(data, 24, SIZE, 0)
@@ -548,7 +541,8 @@ def test_per_channel_latent_scaling_gives_every_channel_unit_spread_and_survives
 
 
 def test_vae_names_an_unknown_latent_stats(data, tmp_path):
-    from layerdiff.train_vae import VaeTrainConfig, train_vae
+    from layerdiff.training.settings import VaeTrainConfig
+    from layerdiff.training.vae import train_vae
 
     vae = build_random_model(get_preset("tiny"), seed=0).vae
     with pytest.raises(LayerDiffError, match="VAE latent_stats 'per-channel' is not known: use global or channel"):
@@ -558,7 +552,8 @@ def test_vae_names_an_unknown_latent_stats(data, tmp_path):
 
 
 def test_vae_resume_is_bit_identical(data, tmp_path):
-    from layerdiff.train_vae import VaeTrainConfig, train_vae
+    from layerdiff.training.settings import VaeTrainConfig
+    from layerdiff.training.vae import train_vae
 
     cfg = dict(batch_size=4, crop=32, lr=3e-3, checkpoint_every=2, images=48)
     train_vae(_vae(), data, tmp_path / "a", VaeTrainConfig(steps=6, **cfg), size=SIZE, progress=False)
@@ -687,7 +682,8 @@ def test_intra_gate_init_opens_the_gates_of_a_fresh_run(data, tmp_path):
 
 
 def test_vae_latent_noise_follows_the_latents_spread_while_the_encoder_learns():
-    from layerdiff.train_vae import VaeTrainConfig, noisy_latents
+    from layerdiff.training.settings import VaeTrainConfig
+    from layerdiff.training.vae import noisy_latents
 
     z = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     scale = torch.full((1, 4, 1, 1), 0.5)
@@ -704,7 +700,7 @@ def test_vae_latent_noise_follows_the_latents_spread_while_the_encoder_learns():
 
 
 def test_vae_crops_find_objects_in_foreground_and_mask_images():
-    from layerdiff.train_vae import _crop_origins, _is_foreground_image, _object_centres
+    from layerdiff.training.vae import _crop_origins, _is_foreground_image, _object_centres
 
     size = 64
     bg = torch.rand(3, size, size) * 2 - 1  # a textured background: no object
@@ -724,7 +720,7 @@ def test_vae_crops_find_objects_in_foreground_and_mask_images():
 
 
 def test_vae_outline_weights_both_sides_of_object_edges_in_layers_and_masks_only():
-    from layerdiff.train_vae import _is_foreground_image, _is_mask_image, _outline
+    from layerdiff.training.vae import _is_foreground_image, _is_mask_image, _outline
 
     size = 32
     bg = torch.rand(3, size, size) * 2 - 1
@@ -742,7 +738,8 @@ def test_vae_outline_weights_both_sides_of_object_edges_in_layers_and_masks_only
 
 
 def test_vae_recipe_options_train_and_bad_schedule_is_named(data, tmp_path):
-    from layerdiff.train_vae import VaeTrainConfig, train_vae
+    from layerdiff.training.settings import VaeTrainConfig
+    from layerdiff.training.vae import train_vae
 
     vae = build_random_model(get_preset("tiny"), seed=0).vae
     cfg = VaeTrainConfig(steps=3, batch_size=2, crop=32, images=12, object_weight=4.0, sample_posterior=False,
@@ -756,7 +753,8 @@ def test_vae_recipe_options_train_and_bad_schedule_is_named(data, tmp_path):
 
 
 def test_decoder_fine_tuning_keeps_the_encoder_and_its_latent_scale(data, tmp_path):
-    from layerdiff.train_vae import VaeTrainConfig, train_vae
+    from layerdiff.training.settings import VaeTrainConfig
+    from layerdiff.training.vae import train_vae
 
     vae = build_random_model(get_preset("tiny"), seed=0).vae
     vae.register_to_config(scaling_factor=0.5)
@@ -796,7 +794,7 @@ def test_latent_cache_equals_encoding_each_sample_on_its_own(data, tmp_path):
 
 
 def test_ema_update_is_the_decayed_average_for_every_dtype():
-    from layerdiff.train import ema_update
+    from layerdiff.training.loop import ema_update
 
     gen = torch.Generator().manual_seed(0)
     params = {"a": torch.randn(5, generator=gen), "b": torch.randn(3, 4, generator=gen).half()}
@@ -839,16 +837,16 @@ def test_toy_recipe_runs_every_stage_and_ships_its_unet_override(tmp_path, capsy
     assert json.loads(vae_meta["latents_std"]) == model.vae.config.latents_std == model.config.vae["latents_std"]
     assert len(model.vae.config.latents_mean) == 4 and model.vae.config.scaling_factor == 1.0
     # a rerun loads the finished stage's file with its statistics instead of training again
-    from layerdiff.train_cli import _vae_stage
+    from layerdiff.training.recipes import vae_stage
 
     fresh = build_random_model(get_preset("toy"), seed=1).vae
-    _vae_stage(fresh, data, out / "vae.safetensors", tmp_path / "unused", {}, 0)
+    vae_stage(fresh, data, out / "vae.safetensors", tmp_path / "unused", {}, 0)
     assert fresh.config.latents_mean == json.loads(vae_meta["latents_mean"]) and not (tmp_path / "unused").exists()
     assert "wrote" in capsys.readouterr().err
     # the calibration stage's picks are the shipped file's background and foreground guidance, and a
     # rerun reuses them
-    from layerdiff.calibrate import RULES
-    from layerdiff.train_cli import _calibrate
+    from layerdiff.evaluation.calibrate import RULES
+    from layerdiff.training.recipes import calibrate
 
     calibration = json.loads((out / "calibration.json").read_text())
     assert calibration["background_cfg"] in (5.0, 20.0) and calibration["samples"] == 3
@@ -863,18 +861,18 @@ def test_toy_recipe_runs_every_stage_and_ships_its_unet_override(tmp_path, capsy
     assert model.config.sampling.cfg == calibration["cfg"]
     assert json.loads(read_safetensors(out / "layerdiff-toy.safetensors")[1]["calibration"]) == calibration
     before = (out / "calibration.json").stat().st_mtime_ns
-    again = _calibrate(model, out / "layerdiff" / "model.safetensors", out / "calibration.json", 0, 6,
+    again = calibrate(model, out / "layerdiff" / "model.safetensors", out / "calibration.json", 0, 6,
                        calibration["settings"])
     assert again == calibration and (out / "calibration.json").stat().st_mtime_ns == before
     # a calibration cached under other picking rules is redone
     (out / "calibration.json").write_text(json.dumps({**calibration, "rules": "older rules"}))
-    redone = _calibrate(model, out / "layerdiff" / "model.safetensors", out / "calibration.json", 0, 6,
+    redone = calibrate(model, out / "layerdiff" / "model.safetensors", out / "calibration.json", 0, 6,
                         calibration["settings"])
     assert redone["rules"] == RULES and json.loads((out / "calibration.json").read_text())["rules"] == RULES
     # and so is one judged with another sampler (here: without redrawing empty foregrounds)
     assert redone["sampler"]["empty_layer_retries"] == model.config.sampling.empty_layer_retries
     (out / "calibration.json").write_text(json.dumps({**redone, "sampler": {**redone["sampler"], "empty_layer_retries": 0}}))
-    again = _calibrate(model, out / "layerdiff" / "model.safetensors", out / "calibration.json", 0, 6,
+    again = calibrate(model, out / "layerdiff" / "model.safetensors", out / "calibration.json", 0, 6,
                        calibration["settings"])
     assert json.loads((out / "calibration.json").read_text())["sampler"] == redone["sampler"] == again["sampler"]
 
@@ -901,7 +899,7 @@ def test_toy_recipe_names_a_bad_setting_before_any_work(tmp_path, capsys, settin
 
 
 def test_make_adamw_fuses_where_torch_can_and_steps_like_the_loop():
-    from layerdiff.train import make_adamw
+    from layerdiff.training.loop import make_adamw
 
     torch.manual_seed(0)
     a = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]

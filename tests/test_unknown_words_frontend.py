@@ -6,9 +6,9 @@ change nothing.
 
 Needs what tests/test_psd_upload_frontend.py needs: a ComfyUI checkout with its venv (COMFYUI_DIR /
 COMFY_VENV), Chromium (CHROMIUM), node and playwright-core (COMFY_PW_DIR); skipped otherwise. The server
-is private (its own --base-directory, only this pack under custom_nodes, a free loopback port) and is
-stopped at the end. Run with ``pytest -m comfyui tests/test_unknown_words_frontend.py -s`` to see the
-timings.
+is private (tests/comfy_private.py: its own --base-directory, only this pack under custom_nodes, a free
+loopback port, COMFY_EXTRA_ARGS appended) and is stopped at the end. Run with
+``pytest -m comfyui tests/test_unknown_words_frontend.py -s`` to see the timings.
 """
 
 from __future__ import annotations

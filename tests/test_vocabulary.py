@@ -13,13 +13,15 @@ import numpy as np
 import pytest
 
 import nodes
+from layerdiff.conditioning import VOCABULARY_HINT, LayerPrompts, encode_prompts, unknown_words_warning
 from layerdiff.config import TOY_UNTRAINED_WORDS, TOY_WORDS, trained_words
 from layerdiff.data.toy import sample_prompt_spec
-from layerdiff.edit import SamplerSettings, style_layers
-from layerdiff.io import clip_tokenizer as ct
+from layerdiff.edit import style_layers
 from layerdiff.io.checkpoint import builtin_names, load_model
+from layerdiff.model import clip_tokenizer as ct
 from layerdiff.model.text import unknown_words
-from layerdiff.pipeline import VOCABULARY_HINT, LayerPrompts, encode_prompts, generate, unknown_words_warning
+from layerdiff.pipeline import generate
+from layerdiff.settings import SamplerSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif("layerdiff-toy" not in builtin_names(),
@@ -35,7 +37,7 @@ def toy():
 
 @pytest.fixture(scope="module")
 def stack(toy):
-    return generate(toy, SCENE, seed=0, empty_layer_retries=0, **FAST)
+    return generate(toy, SCENE, SamplerSettings(empty_layer_retries=0, **FAST), seed=0)
 
 
 def _warnings(caplog) -> list[str]:
@@ -206,7 +208,7 @@ def test_prompt_enhancer_without_unknown_words_returns_its_outputs_only(toy):
 
 
 def test_edit_nodes_show_the_warning_of_their_prompts(toy, stack):
-    steps = {"steps": 2, "cfg": 3.0, "scheduler": "ddim"}
+    steps = {"steps": 2, "cfg": 3.0, "sampler_name": "ddim"}
     styled = _node("LayerDiffLayerStyle").style(toy, stack, "watercolour sofa style", 0.3, "1", 1, **steps)
     (text,) = styled["ui"]["text"]
     assert "watercolour, sofa, style (layer 1 prompt \"a red star, watercolour sofa style\")" in text

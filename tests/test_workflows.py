@@ -269,7 +269,8 @@ def _mutated(node_type: str, change) -> dict:
 @pytest.mark.parametrize("change, expect", [
     (lambda d: d["input"]["required"].update(eta=["FLOAT", {"default": 0.0}])
      or d["input_order"]["required"].append("eta"), "widgets_values"),
-    (lambda d: d["input"]["required"]["scheduler"][0].remove("ddim"), "widget scheduler"),
+    (lambda d: d["input"]["required"]["sampler_name"][0].remove("ddim"), "widget sampler_name"),
+    (lambda d: d["input"]["optional"]["scheduler"][0].remove("normal"), "widget scheduler"),
     (lambda d: d["input"]["required"]["width"][1].update(max=96), "widget width"),
     (lambda d: d["input"]["required"]["seed"][1].update(control_after_generate=False), "widgets_values"),
     (lambda d: d.update(output=["IMAGE"]), "outputs"),
@@ -333,3 +334,27 @@ def test_the_recipes_in_tools_build_workflows_match_the_shipped_files():
             assert {k: values[k] for k in spec.widgets} == spec.widgets, (path.stem, node.get("title"))
             linked = {s["name"] for s in node.get("inputs") or [] if s.get("link") is not None}
             assert linked == set(spec.links), (path.stem, node.get("title"))
+
+
+def test_a_workflow_saved_before_the_sampler_split_still_loads():
+    """Saved when the sampler widget held combined names ('ddim', 'dpmpp_2m_karras') and there was no
+    scheduler widget: the editor fills the missing last widget with its default ('normal'), the old
+    value lands in sampler_name, and the nodes accept every old value (their VALIDATE_INPUTS takes
+    sampler_name, so ComfyUI leaves the list check to them)."""
+    old = wf.load(REPO / "tests" / "data" / "workflow_before_sampler_split.json")
+    defs = definitions()
+    upgraded = copy.deepcopy(old)
+    for node in upgraded["nodes"]:
+        if node["type"] in ("LayerDiffKSampler", "LayerDiffLayerEdit"):
+            slots = wf.widget_slots(defs[node["type"]])
+            assert len(node["widgets_values"]) == len(slots) - 1 and slots[-1].name == "scheduler"
+            node["widgets_values"].append("normal")  # what the editor does with a missing last widget
+            values = wf.widget_values(node, slots)
+            assert values["sampler_name"] == "ddim"
+            validate = nodes.NODE_CLASS_MAPPINGS[node["type"]].VALIDATE_INPUTS
+            wanted = inspect.signature(validate).parameters
+            assert "sampler_name" in wanted and "scheduler" in wanted
+            for name in ("dpmpp_2m_karras", "unipc", "euler_ancestral"):
+                answer = validate(**{k: {**values, "sampler_name": name}.get(k) for k in wanted})
+                assert answer is True, (name, answer)
+    assert problems(upgraded, defs) == []

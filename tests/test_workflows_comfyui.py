@@ -3,20 +3,17 @@ from the UI format (tools/workflow_format.to_api against the server's own /objec
 against the frontend's graphToPrompt when Chromium is there), queued, and their files checked
 (composites, transparent layer PNGs, PSDs). Each run is timed from a cold cache.
 
-Runs when a ComfyUI checkout is configured, like tests/test_comfyui_integration.py: COMFYUI_DIR
-(with COMFY_VENV, default: the venv beside it), or comfy_host.sh's default
-~/.cache/comfyui-host/ComfyUI; skipped otherwise, and when the built-in layerdiff-toy weights are
-not installed. Port: LAYERDIFF_COMFY_PORT, else the first free one of 8232-8239.
-Run with ``pytest -m comfyui tests/test_workflows_comfyui.py -s`` to see the timings.
+The server is private (tests/comfy_private.py through tools/comfy_run.py): its own base directory
+with only this pack, a free loopback port, COMFY_EXTRA_ARGS appended; started and stopped by this
+module. Needs a ComfyUI checkout with its venv (COMFYUI_DIR / COMFY_VENV, default
+~/.cache/comfyui-host/ComfyUI and the venv beside it); skipped otherwise, and when the built-in
+layerdiff-toy weights are not installed. Run with ``pytest -m comfyui tests/test_workflows_comfyui.py -s``
+to see the timings.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
-import subprocess
 import sys
 import urllib.parse
 from pathlib import Path
@@ -38,17 +35,9 @@ TIMINGS: dict[str, float] = {}
 
 
 def _skip_reason() -> str | None:
-    if not (cr.COMFY_DIR / "main.py").is_file():
-        return f"no ComfyUI checkout at {cr.COMFY_DIR} (set COMFYUI_DIR)"
-    python = cr.COMFY_VENV / "bin" / "python"
-    if not python.is_file():
-        return f"no ComfyUI venv at {cr.COMFY_VENV} (set COMFY_VENV)"
-    if not cr.HOST_SH.is_file():
-        return f"no comfy_host.sh at {cr.HOST_SH} (set COMFY_HOST_SH)"
-    probe = subprocess.run([str(python), "-c", "import diffusers, psd_tools, einops"], capture_output=True)
-    if probe.returncode:
-        return (f"the ComfyUI venv lacks the pack's requirements: {cr.COMFY_VENV}/bin/pip install -r {REPO}/requirements.txt "
-                f"&& {cr.COMFY_VENV}/bin/python {REPO}/install.py")
+    reason = cr.host_skip_reason()
+    if reason:
+        return reason
     from layerdiff.io.checkpoint import builtin_names
 
     if "layerdiff-toy" not in builtin_names():
@@ -61,39 +50,18 @@ if _reason:
     pytest.skip(_reason, allow_module_level=True)
 
 
-def _port() -> int:
-    if os.environ.get("LAYERDIFF_COMFY_PORT"):
-        return int(os.environ["LAYERDIFF_COMFY_PORT"])
-    for port in range(8232, 8240):
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) != 0:  # nothing answers there
-                return port
-    pytest.skip("no free port in 8232-8239 (set LAYERDIFF_COMFY_PORT)")
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = cr.Server(_port(), state_dir=tmp_path_factory.mktemp("comfy_state"))
-    # comfy_host.sh stop removes custom_nodes/<pack> even when another server still uses it: put it back
-    link = cr.COMFY_DIR / "custom_nodes" / REPO.name
-    shared = link.is_symlink() and link.resolve() == REPO
-    started = srv.start()
-    print(f"\nComfyUI {cr.comfyui_version()} on port {srv.port}")
-    srv.run_id = cr.new_run_id("layerdiff_wf_test")
-    try:
-        assert started.returncode == 0, started.stdout + started.stderr
-        with cr.ExampleInputs(srv.folders()["input"]):
-            yield srv
-    finally:
-        print(srv.stop().stdout.strip())
-        if shared and not link.exists():
-            link.symlink_to(REPO)
-        for kind in ("output", "temp"):
-            shutil.rmtree(srv.folders()[kind] / srv.run_id, ignore_errors=True)
-        if TIMINGS:
-            print("workflow run times (cold cache, model load included):")
-            for name, seconds in TIMINGS.items():
-                print(f"  {name:32s} {seconds:6.1f} s")
+    with cr.private_server(tmp_path_factory.mktemp("comfy_base")) as srv:
+        srv.run_id = cr.new_run_id("layerdiff_wf_test")
+        try:
+            with cr.ExampleInputs(srv.folders()["input"]):
+                yield srv
+        finally:
+            if TIMINGS:
+                print("workflow run times (cold cache, model load included):")
+                for name, seconds in TIMINGS.items():
+                    print(f"  {name:32s} {seconds:6.1f} s")
 
 
 def test_snapshot_of_core_nodes_matches_the_server(server):
@@ -109,7 +77,7 @@ def test_snapshot_of_core_nodes_matches_the_server(server):
 def test_template_browser_lists_every_workflow_with_its_thumbnail(server):
     status, listing = server.http("GET", "/workflow_templates")
     assert status == 200
-    module = REPO.name  # the pack's folder name under custom_nodes/
+    module = cr.PACK  # the pack's folder name under custom_nodes/
     assert sorted(listing.get(module, [])) == sorted(FILES)
     for name, path in FILES.items():
         link = f"/api/workflow_templates/{urllib.parse.quote(module)}/{urllib.parse.quote(name)}"  # as the frontend asks

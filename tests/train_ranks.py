@@ -1,4 +1,4 @@
-"""Run ``layerdiff.train.train`` as the ranks of a CPU (gloo) process group, for test_train.py.
+"""Run ``layerdiff.training.loop.train`` as the ranks of a CPU (gloo) process group, for test_train.py.
 
 Each rank runs a list of jobs in turn, every job a fresh tiny model and one ``train()`` call:
 
@@ -50,7 +50,9 @@ def run_jobs(jobs: list[dict]) -> None:
     from layerdiff.config import get_preset
     from layerdiff.io.checkpoint import build_random_model
     from layerdiff.io.files import save_safetensors_atomic
-    from layerdiff.train import LayerDiffTrainModule, TrainConfig, train
+    from layerdiff.training.loop import train
+    from layerdiff.training.objective import LayerDiffTrainModule
+    from layerdiff.training.settings import TrainConfig
 
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])

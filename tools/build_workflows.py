@@ -10,12 +10,13 @@ Also: the example input images of the Load Image workflow (example_workflows/inp
 toy world), and the snapshot of the ComfyUI core node definitions the workflows use
 (tests/data/comfyui_core_nodes.json, from the live /object_info).
 
-Needs a ComfyUI with this pack running and the browser tools of comfy_host.sh:
+Needs a ComfyUI with this pack running (tools/comfy_run.py starts a private one: its own base
+directory with only this pack) and the browser tools: Chromium (CHROMIUM) and playwright-core in
+COMFY_PW_DIR (default the `pw` folder beside the ComfyUI checkout):
 
-    /work/shared/tools/comfy_host.sh setup --browser
-    /work/shared/tools/comfy_host.sh start . 8231
+    python tools/comfy_run.py --port 8231 &                # a private server; Ctrl-C or kill stops it
     python tools/build_workflows.py --port 8231            # all, or: --only "05 Edit one layer"
-    python tools/make_workflow_thumbnails.py --port 8231   # then the thumbnails from real runs
+    python tools/make_workflow_thumbnails.py               # then the thumbnails from real runs
 
 A workflow edited and saved in the editor may simply be copied over its file instead: CI
 (tests/test_workflows.py) checks the files, not this recipe.
@@ -40,7 +41,7 @@ WORKFLOWS = REPO / "example_workflows"
 INPUTS = WORKFLOWS / "input"
 SNAPSHOT = REPO / "tests" / "data" / "comfyui_core_nodes.json"
 COMFY_HOME = Path(os.environ.get("COMFY_HOME", Path.home() / ".cache" / "comfyui-host"))
-COMFY_DIR = Path(os.environ.get("COMFY_DIR", COMFY_HOME / "ComfyUI"))
+COMFY_DIR = Path(os.environ.get("COMFYUI_DIR") or os.environ.get("COMFY_DIR") or COMFY_HOME / "ComfyUI")
 PW_DIR = Path(os.environ.get("COMFY_PW_DIR", COMFY_HOME / "pw"))
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 
@@ -118,7 +119,7 @@ def generate(r: Recipe, model: Node, prompts: list[Node], global_prompt: str, se
     enhancer = r.node("LayerDiffPromptEnhancer", col, size=(320, 190), group=group, model=model.out(),
                       prompts=prompts[-1].out(0), global_prompt=global_prompt, negative_prompt="")
     settings = dict(seed=seed, steps=STEPS, cfg=CFG, mask_guidance=0.75, mask_guidance_start=0.25,
-                    scheduler="ddim", width=SIZE, height=SIZE, batch_size=1)
+                    sampler_name="ddim", scheduler="normal", width=SIZE, height=SIZE, batch_size=1)
     settings.update(sampler)
     return r.node("LayerDiffKSampler", col, title=title, group=group, model=model.out(),
                   conditioning=enhancer.out(), **settings)
@@ -175,7 +176,7 @@ def edit_one_layer() -> Recipe:
     layers = generate(r, model, chain, SCENE_3[1], seed=3)
     edited = r.node("LayerDiffLayerEdit", 3, size=(320, 420), group="Edit", model=model.out(), layers=layers.out(),
                     layer_index=chain[1].out("layer_index"), prompt="a large green heart", seed=7,
-                    regenerate="image and mask", steps=STEPS, cfg=7.5, scheduler="ddim", global_prompt="",
+                    regenerate="image and mask", steps=STEPS, cfg=7.5, sampler_name="ddim", scheduler="normal", global_prompt="",
                     negative_prompt="")
     before_after(r, layers, edited, 4, "Save before | after")
     save_layers(r, edited, 4, "edited_", composite=False)
@@ -196,7 +197,7 @@ def inpaint_layer() -> Recipe:
                     source=half.out(), x=0, y=0, operation="add")
     inpainted = r.node("LayerDiffLayerInpaint", 3, size=(320, 440), group="Edit", model=model.out(),
                        layers=layers.out(), layer_index=0, region=region.out(), prompt="a snowy field", seed=11,
-                       grow=1, regenerate="image and mask", steps=STEPS, cfg=7.5, scheduler="ddim",
+                       grow=1, regenerate="image and mask", steps=STEPS, cfg=7.5, sampler_name="ddim", scheduler="normal",
                        global_prompt="", negative_prompt="")
     before_after(r, layers, inpainted, 4, "Save before | after")
     save_layers(r, inpainted, 4, "inpainted_", composite=False)
@@ -211,7 +212,7 @@ def restyle_layers() -> Recipe:
     model = loader(r)
     chain = prompt_chain(r, SCENE_3[0])
     layers = generate(r, model, chain, SCENE_3[1], seed=3)
-    common = dict(model=model.out(), layers=layers.out(), strength=0.5, steps=STEPS, cfg=7.5, scheduler="ddim",
+    common = dict(model=model.out(), layers=layers.out(), strength=0.5, steps=STEPS, cfg=7.5, sampler_name="ddim", scheduler="normal",
                   negative_prompt="")
     bg = r.node("LayerDiffLayerStyle", 3, title="Layer Style: background only", group="Edit",
                 style="watercolor style", layers_to_style="0", seed=5, **common)
@@ -264,7 +265,7 @@ def cfg_vs_self_mask_guidance() -> Recipe:
     for title, cfg, smg in runs:
         ks = r.node("LayerDiffKSampler", 3, title=title, group="Generate", model=model.out(),
                     conditioning=enhancer.out(), seed=3, steps=STEPS, cfg=cfg, mask_guidance=smg,
-                    mask_guidance_start=0.25, scheduler="ddim", width=SIZE, height=SIZE, batch_size=1)
+                    mask_guidance_start=0.25, sampler_name="ddim", scheduler="normal", width=SIZE, height=SIZE, batch_size=1)
         composites.append(r.node("LayerDiffCompositeLayers", 4, group="Compare", layers=ks.out()))
         split = r.node("LayerDiffSplitLayers", 4, group="Compare", layers=ks.out(), layer_index=1)
         masks.append(r.node("MaskToImage", 4, group="Compare", mask=split.out("layer_mask")))
@@ -307,7 +308,7 @@ def layers_from_images() -> Recipe:
                     foregrounds=batch.out(), prompts=chain[-1].out(0))
     edited = r.node("LayerDiffLayerEdit", 3, size=(320, 420), group="Edit", model=model.out(), layers=layers.out(),
                     layer_index=2, prompt="a small purple star", seed=9, regenerate="image and mask", steps=STEPS,
-                    cfg=7.5, scheduler="ddim", global_prompt="", negative_prompt="")
+                    cfg=7.5, sampler_name="ddim", scheduler="normal", global_prompt="", negative_prompt="")
     before_after(r, layers, edited, 4, "Save before | after")
     save_layers(r, edited, 4, "edited_", composite=False)
     return r
@@ -343,7 +344,7 @@ def layers_from_generated_images() -> Recipe:
                     foregrounds=images.out(), masks=masks.out(), prompts=chain[-1].out(0))
     edited = r.node("LayerDiffLayerEdit", 4, title="Redraw the background", size=(320, 420), group="Edit",
                     model=model.out(), layers=layers.out(), layer_index=0, prompt="a snowy field", seed=5,
-                    regenerate="image and mask", steps=STEPS, cfg=7.5, scheduler="ddim", global_prompt="",
+                    regenerate="image and mask", steps=STEPS, cfg=7.5, sampler_name="ddim", scheduler="normal", global_prompt="",
                     negative_prompt="")
     before_after(r, layers, edited, 5, "Save before | after")
     save_layers(r, edited, 5, "edited_", composite=False)

@@ -1,70 +1,60 @@
 """Run the shipped UI-format workflows on a real ComfyUI server (standard library only).
 
-Used by tests/test_workflows_comfyui.py and tools/make_workflow_thumbnails.py. The server is started
-and stopped by comfy_host.sh (COMFY_HOST_SH, default /work/shared/tools/comfy_host.sh) or is one
-already running; a workflow is converted with workflow_format.to_api against the server's own
+Used by tests/test_workflows_comfyui.py and tools/make_workflow_thumbnails.py. The server is a
+private one started and stopped through the harness of the real-ComfyUI tests (tests/comfy_private.py:
+its own base directory, only this pack, a free loopback port, COMFY_EXTRA_ARGS honoured), or one
+already running. A workflow is converted with workflow_format.to_api against the server's own
 /object_info, its Save nodes are pointed into a private output subfolder, and it is queued and
 waited for through /prompt and /history.
+
+    python tools/comfy_run.py --port 8231 --base-directory /tmp/layerdiff-comfy
+
+starts such a private server for other tools (tools/build_workflows.py, make_workflow_thumbnails.py
+--running) and keeps it running until Ctrl-C or `kill`.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import workflow_format as wf
-
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+import comfy_private as harness  # noqa: E402
+import workflow_format as wf  # noqa: E402
+
 WORKFLOWS = REPO / "example_workflows"
 EXAMPLE_INPUTS = WORKFLOWS / "input"
-COMFY_DIR = Path(os.environ.get("COMFYUI_DIR") or os.environ.get("COMFY_DIR")
-                 or Path.home() / ".cache" / "comfyui-host" / "ComfyUI")
-COMFY_VENV = Path(os.environ.get("COMFY_VENV") or COMFY_DIR.parent / "venv")
-HOST_SH = Path(os.environ.get("COMFY_HOST_SH") or "/work/shared/tools/comfy_host.sh")
-
-
-def comfyui_version(comfy_dir: Path = COMFY_DIR) -> str:
-    path = comfy_dir / "comfyui_version.py"
-    text = path.read_text() if path.is_file() else ""
-    version = next((ln.split("=")[1].strip().strip("\"'") for ln in text.splitlines() if "__version__" in ln), "?")
-    commit = subprocess.run(["git", "-C", str(comfy_dir), "describe", "--tags", "--always"], capture_output=True,
-                            text=True).stdout.strip()
-    return f"{version} ({commit or 'no git'})"
+COMFY_DIR = harness.COMFY_DIR
+COMFY_VENV = harness.COMFY_VENV
+PACK = harness.PACK
+comfyui_version = harness.comfyui_version
+host_skip_reason = harness.host_skip_reason
 
 
 class Server:
-    """A ComfyUI server on 127.0.0.1:port: started here (start()/stop()) or already running."""
+    """HTTP client of a ComfyUI server on 127.0.0.1:port whose folders (input, output, temp) are under
+    ``base``: its --base-directory (private_server() gives one), default the checkout's own folders."""
 
-    def __init__(self, port: int, state_dir: Path | None = None, env: dict | None = None):
+    def __init__(self, port: int, base: Path | None = None):
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
-        self.state_dir = Path(state_dir or f"/tmp/layerdiff-workflows-{port}")
-        self.env = dict(os.environ if env is None else env, COMFY_DIR=str(COMFY_DIR), COMFY_VENV=str(COMFY_VENV),
-                        COMFY_STATE_DIR=str(self.state_dir))
-        self.env.setdefault("OMP_NUM_THREADS", "1")  # the toy model runs faster unthreaded on a shared CPU
-        self.started = False
+        self.base = Path(base or COMFY_DIR)
+        self.process: harness.PrivateComfyUI | None = None  # set by private_server()
         self._definitions = None
-
-    # ---------------------------------------------------------------- lifecycle
-    def host(self, *args, timeout=300) -> subprocess.CompletedProcess:
-        return subprocess.run(["bash", str(HOST_SH), *args], env=self.env, capture_output=True, text=True,
-                              timeout=timeout)
-
-    def start(self) -> subprocess.CompletedProcess:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        done = self.host("start", str(REPO), str(self.port))
-        self.started = done.returncode == 0
-        return done
-
-    def stop(self) -> subprocess.CompletedProcess:
-        return self.host("stop", str(self.port), timeout=60)
 
     def answers(self) -> bool:
         try:
@@ -105,8 +95,8 @@ class Server:
         return self._definitions
 
     def folders(self) -> dict[str, Path]:
-        """ComfyUI's output / temp / input folders (the defaults under the checkout)."""
-        return {k: COMFY_DIR / k for k in ("output", "temp", "input")}
+        """ComfyUI's output / temp / input folders (under the server's base directory)."""
+        return {k: self.base / k for k in ("output", "temp", "input")}
 
     # ---------------------------------------------------------------- workflows
     def api_prompt(self, workflow: dict, subfolder: str) -> dict:
@@ -154,6 +144,16 @@ class Server:
                 for f in (entry.get("outputs", {}).get(node_id, {}).get(key) or [])]
 
 
+@contextlib.contextmanager
+def private_server(base: Path, extra_args: Sequence[str] = (), port: int | None = None) -> Iterator[Server]:
+    """A private ComfyUI started in ``base`` (tests/comfy_private.py) and stopped on exit, as a Server;
+    its ``process`` is the harness's PrivateComfyUI (log file, stop())."""
+    with harness.private_server(base, "LayerDiffLoader", extra_args, port) as comfy:
+        server = Server(comfy.port, comfy.base)
+        server.process = comfy
+        yield server
+
+
 def error_text(entry: dict) -> str:
     """The execution error of a history entry, readable."""
     lines = []
@@ -192,64 +192,98 @@ def new_run_id(prefix: str = "layerdiff_wf") -> str:
 
 
 # ---------------------------------------------------------------------------- the real frontend
-PW_DIR = Path(os.environ.get("COMFY_PW_DIR") or COMFY_DIR.parent / "pw")
-CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+PW_DIR = harness.PW_DIR
+CHROMIUM = str(harness.CHROMIUM)
 FRONTEND_JS = r"""
-import { chromium } from 'playwright-core';
-import fs from 'fs';
+const { chromium } = require(process.env.PLAYWRIGHT_CORE);
+const fs = require('fs');
 const [port, listPath, outPath, chromiumPath] = process.argv.slice(2);
 const files = JSON.parse(fs.readFileSync(listPath, 'utf8'));
-const browser = await chromium.launch({ executablePath: chromiumPath,
-  args: ['--no-sandbox', '--disable-gpu', '--no-first-run', '--disable-background-networking'] });
-const out = {};
-try {
-  const ctx = await browser.newContext({ viewport: { width: 1400, height: 900 } });
-  await ctx.route('**/*', (r) => { const u = new URL(r.request().url());  // loopback only
-    if (['127.0.0.1', 'localhost'].includes(u.hostname) || ['data:', 'blob:'].includes(u.protocol)) return r.continue();
-    return r.abort(); });
-  const page = await ctx.newPage();
-  const errors = [];
-  page.on('pageerror', (e) => errors.push(String(e)));
-  await page.goto(`http://127.0.0.1:${port}/`, { waitUntil: 'load', timeout: 120000 });
-  await page.waitForFunction(() => window.app && window.app.graph, null, { timeout: 120000 });
-  await page.waitForTimeout(1500);
-  for (const [name, path] of Object.entries(files)) {
-    const wf = JSON.parse(fs.readFileSync(path, 'utf8'));
-    errors.length = 0;
-    out[name] = await page.evaluate(async (wf) => {
-      await window.app.loadGraphData(wf, true, false);
-      const missing = window.app.graph.nodes.filter((n) => n.has_errors || n.type === undefined).map((n) => n.type);
-      const p = await window.app.graphToPrompt();
-      return { api: p.output, missing };
-    }, wf);
-    out[name].errors = [...errors];
-  }
-} finally { await browser.close(); }
-fs.writeFileSync(outPath, JSON.stringify(out));
+
+(async () => {
+  const browser = await chromium.launch({ executablePath: chromiumPath,
+    args: ['--no-sandbox', '--disable-gpu', '--no-first-run', '--disable-background-networking'] });
+  const out = {};
+  try {
+    const ctx = await browser.newContext({ viewport: { width: 1400, height: 900 } });
+    await ctx.route('**/*', (r) => { const u = new URL(r.request().url());  // loopback only
+      if (['127.0.0.1', 'localhost'].includes(u.hostname) || ['data:', 'blob:'].includes(u.protocol)) return r.continue();
+      return r.abort(); });
+    const page = await ctx.newPage();
+    const errors = [];
+    page.on('pageerror', (e) => errors.push(String(e)));
+    await page.goto(`http://127.0.0.1:${port}/`, { waitUntil: 'load', timeout: 120000 });
+    await page.waitForFunction(() => window.app && window.app.graph, null, { timeout: 120000 });
+    await page.waitForTimeout(1500);
+    for (const [name, path] of Object.entries(files)) {
+      const wf = JSON.parse(fs.readFileSync(path, 'utf8'));
+      errors.length = 0;
+      out[name] = await page.evaluate(async (wf) => {
+        await window.app.loadGraphData(wf, true, false);
+        const missing = window.app.graph.nodes.filter((n) => n.has_errors || n.type === undefined).map((n) => n.type);
+        const p = await window.app.graphToPrompt();
+        return { api: p.output, missing };
+      }, wf);
+      out[name].errors = [...errors];
+    }
+  } finally { await browser.close(); }
+  fs.writeFileSync(outPath, JSON.stringify(out));
+})().catch((e) => { console.error(e); process.exit(1); });
 """
 
 
 def frontend_available() -> str | None:
-    """Why the frontend conversion cannot run here (None: it can)."""
-    if not Path(CHROMIUM).is_file():
-        return f"no Chromium at {CHROMIUM} (comfy_host.sh setup --browser)"
+    """Why the frontend conversion cannot run here (None: it can): Chromium, node, playwright-core."""
+    if not harness.CHROMIUM.is_file():
+        return f"no Chromium at {CHROMIUM} (apt-get install chromium, or set CHROMIUM)"
     if not (PW_DIR / "node_modules" / "playwright-core").is_dir():
-        return f"no playwright-core in {PW_DIR} (comfy_host.sh setup --browser)"
+        return f"no playwright-core in {PW_DIR} (npm install --prefix {PW_DIR} playwright-core, or set COMFY_PW_DIR)"
     if not shutil.which("node"):
-        return "no node"
+        return "no node on PATH (apt-get install nodejs)"
     return None
 
 
 def frontend_prompts(port: int, files: dict[str, Path]) -> dict:
     """Each UI-format workflow loaded into the real frontend and converted by its graphToPrompt():
     {name: {"api": prompt, "missing": [...], "errors": [...]}} (one headless Chromium session)."""
-    import tempfile
-
-    script = PW_DIR / "layerdiff_frontend_prompts.mjs"  # beside node_modules: ESM resolves playwright-core there
-    script.write_text(FRONTEND_JS)
     with tempfile.TemporaryDirectory() as tmp:
-        listing, out = Path(tmp) / "files.json", Path(tmp) / "out.json"
+        script, listing, out = Path(tmp) / "frontend_prompts.cjs", Path(tmp) / "files.json", Path(tmp) / "out.json"
+        script.write_text(FRONTEND_JS)
         listing.write_text(json.dumps({k: str(v) for k, v in files.items()}))
+        env = dict(os.environ, PLAYWRIGHT_CORE=str(PW_DIR / "node_modules" / "playwright-core"))
         subprocess.run(["node", str(script), str(port), str(listing), str(out), CHROMIUM], check=True, timeout=600,
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, env=env)
         return json.loads(out.read_text())
+
+
+# ---------------------------------------------------------------------------- a server for other tools
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="Start a private ComfyUI with this pack (tests/comfy_private.py) "
+                                             "and keep it running until Ctrl-C or SIGTERM.")
+    ap.add_argument("--port", type=int, default=None, help="loopback port (default: a free one)")
+    ap.add_argument("--base-directory", type=Path, default=None,
+                    help="its base directory: input, output, temp, user, models, custom_nodes "
+                         "(default: a new temporary folder, removed at the end)")
+    ap.add_argument("extra_args", nargs="*", help=f"more ComfyUI arguments after '--' (they come after ${harness.EXTRA_ARGS_VAR})")
+    args = ap.parse_args(argv)
+    reason = harness.host_skip_reason()
+    if reason:
+        print(reason, file=sys.stderr)
+        return 1
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops the server too, as Ctrl-C does
+    with contextlib.ExitStack() as stack:
+        base = args.base_directory or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="layerdiff-comfy-")))
+        server = stack.enter_context(private_server(base, args.extra_args, args.port))
+        print(f"ComfyUI on {server.url}, base directory {server.base}, log {server.process.log}; Ctrl-C stops it",
+              flush=True)
+        try:
+            while server.process.proc.poll() is None:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            return 0
+        print(f"ComfyUI exited (code {server.process.proc.returncode}):\n{server.process.log_tail()}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,20 +6,26 @@ are laid out into example_workflows/NAME.jpg: the template browser of the ComfyU
 (comfyui-frontend-package 1.27) shows a custom-node template as NAME.jpg beside NAME.json. The
 measured run times and the workflow table of example_workflows/README.md are refreshed too.
 
-    python tools/make_workflow_thumbnails.py                 # starts a server on port 8231, stops it
-    python tools/make_workflow_thumbnails.py --port 8231 --running   # use a server already running
+    python tools/make_workflow_thumbnails.py                 # starts a private server, stops it
     python tools/make_workflow_thumbnails.py --only "05 Edit one layer"
+    python tools/make_workflow_thumbnails.py --running --port 8231 --base-directory BASE   # a server already running
 
-Run it again when the built-in model's weights change. Needs the ComfyUI checkout and venv of
-comfy_host.sh (COMFYUI_DIR / COMFY_VENV / COMFY_HOST_SH) and Pillow here.
+The private server is the one of the real-ComfyUI tests (tests/comfy_private.py): its own base
+directory with only this pack, a free loopback port, COMFY_EXTRA_ARGS appended to its command line.
+A running server's files are read from its base directory (--base-directory; default the ComfyUI
+checkout, for a server started without one); tools/comfy_run.py starts one that keeps running.
+Run it again when the built-in model's weights change. Needs the ComfyUI checkout and its venv
+(COMFYUI_DIR / COMFY_VENV) and Pillow here.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import sys
+import tempfile
 import time
 import urllib.parse
 from pathlib import Path
@@ -168,25 +174,40 @@ def update_readme(rows: list[tuple[str, str, float]], version: str) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--port", type=int, default=8231)
+    ap.add_argument("--port", type=int, default=None,
+                    help="the running server's port (with --running), else the private server's (default: a free one)")
     ap.add_argument("--running", action="store_true", help="use the server already running on --port")
+    ap.add_argument("--base-directory", type=Path, default=None,
+                    help="with --running: that server's base directory (default: the ComfyUI checkout)")
     ap.add_argument("--only", nargs="*", default=[], help="workflow names (default: all)")
     args = ap.parse_args(argv)
-    server = cr.Server(args.port)
-    if not args.running:
-        started = server.start()
-        print(started.stdout.strip().splitlines()[-1] if started.stdout.strip() else started.stderr)
-        if started.returncode:
-            print(started.stdout + started.stderr)
-            server.stop()
-            return 1
+    if args.running and args.port is None:
+        ap.error("--running needs --port")
+    with contextlib.ExitStack() as stack:
+        if args.running:
+            server = cr.Server(args.port, args.base_directory)
+        else:
+            reason = cr.host_skip_reason()
+            if reason:
+                print(reason, file=sys.stderr)
+                return 1
+            base = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="layerdiff-thumbs-")))
+            server = stack.enter_context(cr.private_server(base, port=args.port))
+        rows, failures = run_all(server, args.only)
+    update_readme(rows, cr.comfyui_version())
+    print(json.dumps({name: round(s, 1) for name, _, s in rows}, indent=1))
+    return 1 if failures else 0
+
+
+def run_all(server: cr.Server, only: list[str]) -> tuple[list[tuple[str, str, float]], int]:
+    """Run the workflows (all, or those named in ``only``) and save their thumbnails: (table rows, failures)."""
     run_id = cr.new_run_id("layerdiff_thumbs")
     rows, failures = [], 0
     try:
         with cr.ExampleInputs(server.folders()["input"]):
             files = {p.stem: p for p in wf.workflow_files(cr.WORKFLOWS)}
             for path in [files[n] for n in LAYOUTS if n in files] + [p for n, p in files.items() if n not in LAYOUTS]:
-                if args.only and path.stem not in args.only:
+                if only and path.stem not in only:
                     continue
                 workflow = wf.load(path)
                 entry, seconds, _ = server.run_workflow(path, run_id)
@@ -201,12 +222,7 @@ def main(argv=None) -> int:
     finally:
         for kind in ("output", "temp"):
             shutil.rmtree(server.folders()[kind] / run_id, ignore_errors=True)
-        if not args.running:
-            print(server.stop().stdout.strip())
-    update_readme(rows, cr.comfyui_version())
-    print(json.dumps({name: round(s, 1) for name, _, s in rows}, indent=1))
-    return 1 if failures else 0
-
+    return rows, failures
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -23,11 +23,14 @@ def main() -> None:
     import numpy as np
     import torch
 
+    from layerdiff.conditioning import LayerPrompts
     from layerdiff.data.toy import COLOURS, SHAPES
-    from layerdiff.edit import SamplerSettings, edit_layer
-    from layerdiff.evaluate import MASK_THRESHOLD, fresh_items, judge_stack, mask_overlap, training_signatures
+    from layerdiff.edit import edit_layer
+    from layerdiff.evaluation.metrics import MASK_THRESHOLD, judge_stack, mask_overlap
+    from layerdiff.evaluation.scenes import fresh_items, training_signatures
     from layerdiff.io.checkpoint import load_layerdiff
-    from layerdiff.pipeline import LayerPrompts, generate
+    from layerdiff.pipeline import generate
+    from layerdiff.settings import SamplerSettings
 
     torch.set_num_threads(2)
     model = load_layerdiff(str(ROOT / "layerdiff" / "weights" / "layerdiff-toy.safetensors"))

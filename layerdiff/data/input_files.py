@@ -18,8 +18,8 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from layerdiff.config import parse_json
 from layerdiff.errors import LayerDiffError
+from layerdiff.safe_json import parse_json
 
 __all__ = [
     "MISSING",

@@ -6,34 +6,26 @@ shards can be generated in any order, in parallel or resumed, and always hold th
 
 Two steps, usable apart by evaluation code: :func:`sample_prompt_spec` draws *what* is in a scene
 (a :class:`ToySpec`, from which the prompts follow), :func:`render_from_spec` draws *where* and
-renders it. :func:`render_sample` does both for dataset sample ``(seed, index)``.
+renders it. :func:`render_sample` does both for dataset sample ``(seed, index)``. The background
+textures are :mod:`layerdiff.data.toy_backgrounds`; datasets of shards are
+:mod:`layerdiff.data.toy_dataset`.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import multiprocessing as mp
-import os
-import sys
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from layerdiff.data.format import GREY, LayeredSample, list_shards, shard_path, write_shard
+from layerdiff.data.format import GREY, LayeredSample
+from layerdiff.data.toy_backgrounds import render_background
 from layerdiff.errors import LayerDiffError
 
-logger = logging.getLogger("layerdiff.data")
-
 GENERATOR_VERSION = "toy-v1"
-SHARD_PREFIX = "toy"
-MANIFEST_NAME = "toy_manifest.json"
 
-# name -> prompt phrase; each is rendered with its own texture by _BACKGROUND_RENDERERS below
+# name -> prompt phrase; each is rendered with its own texture (layerdiff.data.toy_backgrounds)
 BACKGROUNDS: dict[str, str] = {
     "blue sky": "a blue sky",
     "green meadow": "a green meadow",
@@ -69,8 +61,7 @@ DEFAULT_POSITION_PROB = 0.4  # chance that an object's position is constrained a
 
 __all__ = [
     "BACKGROUNDS", "COLOURS", "POSITIONS", "SHAPES", "SIZES", "ToyObject", "ToySpec",
-    "generate_toy_dataset", "render_background", "render_from_spec", "render_sample",
-    "sample_prompt_spec", "shape_mask",
+    "render_from_spec", "render_sample", "sample_prompt_spec", "shape_mask",
 ]
 
 
@@ -243,150 +234,6 @@ def shape_mask(shape: str, height: int, width: int, cx: float, cy: float, extent
 
 
 # ---------------------------------------------------------------------------------------------
-# backgrounds: distinct textures, uint8 (S, S, 3)
-
-
-def _grid(s: int) -> tuple[np.ndarray, np.ndarray]:
-    y, x = np.mgrid[0:s, 0:s].astype(np.float32) + 0.5
-    return y / s, x / s  # 0..1, y down
-
-
-def _lerp(a, b, t: np.ndarray) -> np.ndarray:
-    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    return a + (b - a) * t[..., None]
-
-
-def _blob_alpha(rng, s, y, x, centres_n: int, sigma: tuple[float, float], cy, cx) -> np.ndarray:
-    alpha = np.zeros((s, s), np.float32)
-    for _ in range(centres_n):
-        by, bx = cy + rng.normal(0, 0.04), cx + rng.normal(0, 0.08)
-        sg = rng.uniform(*sigma)
-        alpha += np.exp(-((y - by) ** 2 + ((x - bx) * 0.7) ** 2) / (2 * sg * sg))
-    return np.clip(alpha * 1.6, 0, 1)
-
-
-def _bg_blue_sky(rng, s):
-    y, x = _grid(s)
-    img = _lerp((40, 100, 205), (155, 205, 245), y)
-    for _ in range(rng.integers(2, 5)):  # clouds: white puffs of Gaussian blobs
-        a = _blob_alpha(rng, s, y, x, int(rng.integers(3, 6)), (0.035, 0.07), rng.uniform(0.1, 0.8), rng.uniform(0, 1))
-        img = img * (1 - a[..., None]) + np.float32(250) * a[..., None]
-    return img
-
-
-def _bg_green_meadow(rng, s):
-    y, _ = _grid(s)
-    img = _lerp((95, 170, 60), (60, 135, 40), y) + rng.normal(0, 6, (s, s, 1)).astype(np.float32)
-    n = s * s // 6  # grass blades: short vertical strokes of varied greens
-    by, bx = rng.integers(0, s, n), rng.integers(0, s, n)
-    length = rng.integers(max(2, s // 40), max(4, s // 14), n)
-    shade = _lerp((35, 105, 25), (135, 200, 80), rng.random(n).astype(np.float32))
-    for d in range(int(length.max())):
-        keep = d < length
-        img[np.clip(by[keep] - d, 0, s - 1), bx[keep]] = shade[keep]
-    return img
-
-
-def _bg_sandy_beach(rng, s):
-    y, x = _grid(s)
-    line = rng.uniform(0.28, 0.42) + rng.uniform(0.015, 0.035) * np.sin(2 * np.pi * (x * rng.uniform(1.5, 3) + rng.random()))
-    sea = _lerp((25, 95, 160), (60, 160, 190), np.clip(y / 0.45, 0, 1))
-    sand = np.asarray((228, 203, 150), np.float32) + rng.normal(0, 9, (s, s, 1)).astype(np.float32)
-    sand -= 25 * (rng.random((s, s, 1)) < 0.03)  # darker grains
-    img = np.where((y < line)[..., None], sea, sand)
-    foam = np.abs(y - line) < max(1.0, s / 80) / s
-    img[foam] = (245, 248, 250)
-    return img
-
-
-def _bg_brick_wall(rng, s):
-    y, x = _grid(s)
-    bh = rng.uniform(1 / 10, 1 / 7)
-    bw = bh * rng.uniform(1.8, 2.4)
-    mortar = max(1.0, s / 64) / s
-    row = np.floor(y / bh).astype(np.int64)
-    xs = x + (row % 2) * bw / 2 + rng.random() * bw
-    col = np.floor(xs / bw).astype(np.int64)
-    jitter = rng.normal(0, 14, (row.max() + 1, col.max() + 1, 1)).astype(np.float32)
-    img = np.asarray((165, 65, 45), np.float32) + jitter[row, col] + rng.normal(0, 5, (s, s, 1)).astype(np.float32)
-    is_mortar = (np.mod(y, bh) < mortar) | (np.mod(xs, bw) < mortar)
-    img[is_mortar] = (195, 188, 175)
-    return img
-
-
-def _bg_wooden_floor(rng, s):
-    y, x = _grid(s)
-    ph = rng.uniform(1 / 6, 1 / 4.5)
-    plank = np.floor(y / ph).astype(np.int64)
-    n = int(plank.max()) + 1
-    base = np.asarray((170, 118, 62), np.float32) + rng.normal(0, 12, (n, 1)).astype(np.float32)  # (n, 3)
-    phase, freq = rng.random(n) * 6.28, rng.uniform(18, 30, n)
-    grain = np.sin(2 * np.pi * (y * freq[plank] + 0.25 * np.sin(x * 6 + phase[plank])))
-    img = base[plank] + (12 * grain)[..., None]
-    seam = np.mod(y, ph) < max(1.0, s / 80) / s
-    ends = np.abs(np.mod(x + rng.random(n)[plank], 0.75)) < max(1.0, s / 110) / s
-    img[seam | ends] = (85, 55, 30)
-    return img
-
-
-def _bg_snowy_field(rng, s):
-    y, x = _grid(s)
-    horizon = rng.uniform(0.25, 0.4) + 0.03 * np.sin(2 * np.pi * (x * 1.3 + rng.random()))
-    sky = _lerp((185, 198, 215), (215, 222, 232), np.clip(y / 0.4, 0, 1))
-    drift = 6 * np.sin(2 * np.pi * (x * rng.uniform(1, 2.5) + y * 3 + rng.random()))
-    snow = np.asarray((236, 240, 246), np.float32) + drift[..., None] - (y * 14)[..., None]
-    img = np.where((y < horizon)[..., None], sky, snow)
-    n = s * s // 60  # falling flakes, 1-2 px
-    fy, fx = rng.integers(0, s - 1, n), rng.integers(0, s - 1, n)
-    img[fy, fx] = 255
-    big = rng.random(n) < 0.3
-    img[fy[big] + 1, fx[big]] = 255
-    img[fy[big], fx[big] + 1] = 255
-    return img
-
-
-def _bg_night_sky(rng, s):
-    y, x = _grid(s)
-    img = _lerp((6, 10, 38), (24, 34, 78), y)
-    n = s * s // 90
-    sy, sx = rng.integers(0, s, n), rng.integers(0, s, n)
-    img[sy, sx] = _lerp((160, 160, 170), (255, 250, 225), rng.random(n).astype(np.float32))
-    if rng.random() < 0.5:  # a moon
-        r, my, mx = rng.uniform(0.05, 0.08), rng.uniform(0.1, 0.3), rng.uniform(0.15, 0.85)
-        img[(y - my) ** 2 + (x - mx) ** 2 < r * r] = (235, 232, 205)
-    return img
-
-
-def _bg_checkered_floor(rng, s):
-    y, x = _grid(s)
-    cell = 1.0 / rng.integers(6, 11)
-    odd = (np.floor(y / cell + rng.random()) + np.floor(x / cell + rng.random())) % 2 == 1
-    img = np.where(odd[..., None], np.float32(232), np.float32(28)) * np.ones(3, np.float32)
-    return img + rng.normal(0, 3, (s, s, 1)).astype(np.float32)
-
-
-_BACKGROUND_RENDERERS: dict[str, Callable] = {
-    "blue sky": _bg_blue_sky,
-    "green meadow": _bg_green_meadow,
-    "sandy beach": _bg_sandy_beach,
-    "brick wall": _bg_brick_wall,
-    "wooden floor": _bg_wooden_floor,
-    "snowy field": _bg_snowy_field,
-    "night sky": _bg_night_sky,
-    "checkered floor": _bg_checkered_floor,
-}
-
-
-def render_background(name: str, size: int, rng: np.random.Generator | int = 0) -> np.ndarray:
-    """Background texture ``name`` as uint8 (size, size, 3)."""
-    if name not in _BACKGROUND_RENDERERS:
-        raise LayerDiffError(f"toy background {name!r} is unknown: use one of {', '.join(BACKGROUNDS)}")
-    rng = np.random.default_rng(rng) if not isinstance(rng, np.random.Generator) else rng
-    img = _BACKGROUND_RENDERERS[name](rng, size)
-    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
-
-
-# ---------------------------------------------------------------------------------------------
 # placement and rendering
 
 # allowed object centres per position, as fractions of the image side: (x_lo, x_hi, y_lo, y_hi)
@@ -506,167 +353,3 @@ def render_sample(seed: int, index: int, size: int = 128, num_layers: int | None
         if sample is not None:
             return sample
     raise RuntimeError(f"toy sample ({seed}, {index}) could not be laid out at size {size}")
-
-
-# ---------------------------------------------------------------------------------------------
-# dataset generation
-
-_counter = None  # shared sample counter in pool workers (for the progress bar)
-
-
-def _init_worker(counter) -> None:
-    global _counter
-    _counter = counter
-
-
-def _tick_shared_counter() -> None:
-    with _counter.get_lock():
-        _counter.value += 1
-
-
-def _write_toy_shard(job: tuple, tick: Callable[[], None] | None = None) -> str:
-    out_dir, shard, start, stop, seed, size, layer_probs, position_prob, overwrite = job
-
-    def samples():
-        for i in range(start, stop):
-            yield render_sample(seed, i, size, layer_probs=layer_probs, position_prob=position_prob)
-            if tick is not None:
-                tick()
-
-    path = shard_path(out_dir, SHARD_PREFIX, shard)
-    write_shard(path, samples(), overwrite=overwrite)
-    return str(path)
-
-
-def _pool_job(job: tuple) -> str:
-    return _write_toy_shard(job, _tick_shared_counter if _counter is not None else None)
-
-
-def _remove_temp_files(out_dir: Path, shard_ids) -> None:
-    for i in shard_ids:
-        for tmp in out_dir.glob(f".{shard_path(out_dir, SHARD_PREFIX, i).name}.*.tmp"):
-            logger.info("removing leftover temporary file %s", tmp)
-            tmp.unlink(missing_ok=True)
-
-
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
-def check_output_dir(out_dir, overwrite: bool = False, resume: bool = False) -> list[Path]:
-    """Refuse a folder that already holds shards unless ``overwrite`` or ``resume``; return its shards."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise LayerDiffError(f"--out {str(out)!r} is a file: give a folder for the shards")
-    existing = list_shards(out) if out.is_dir() else []
-    if existing and not (overwrite or resume):
-        raise LayerDiffError(
-            f"--out {str(out)!r} already holds {len(existing)} shards ({existing[0].name}, ...): pass --overwrite "
-            "to replace them, --resume to finish an interrupted run, or choose an empty folder"
-        )
-    return existing
-
-
-def generate_toy_dataset(out_dir, samples: int, seed: int = 0, size: int = 128, samples_per_shard: int = 1000,
-                         workers: int = 2, overwrite: bool = False, layer_probs: Mapping[int, float] | None = None,
-                         position_prob: float = DEFAULT_POSITION_PROB, resume: bool = False,
-                         progress: Callable[[int], None] | None = None) -> list[Path]:
-    """Write ``samples`` toy samples into ``out_dir/toy-NNNNNN.tar`` shards, one process per shard.
-
-    An ``out_dir`` that already holds shards is refused unless ``overwrite`` (regenerate; shards of
-    an older run that are not rewritten are removed) or ``resume`` (keep the complete shards of an
-    interrupted run with the same settings, write the missing ones). ``progress(n)`` is called with
-    each batch of newly finished samples. Returns every shard path of the dataset.
-    """
-    if not isinstance(samples, int) or samples < 1:
-        raise LayerDiffError(f"--samples {samples!r} must be a positive number of samples")
-    if not isinstance(size, int) or size < 32 or size % 8:
-        raise LayerDiffError(f"--size {size!r} must be a multiple of 8 and at least 32 (e.g. 64 or 128)")
-    if samples_per_shard < 1:
-        raise LayerDiffError(f"--samples-per-shard {samples_per_shard} must be at least 1")
-    if seed < 0:
-        raise LayerDiffError(f"--seed {seed} must be 0 or more")
-    if not 0.0 <= position_prob <= 1.0:
-        raise LayerDiffError(f"position_prob {position_prob} must lie in 0..1")
-    if overwrite and resume:
-        raise LayerDiffError("--overwrite and --resume contradict each other: pass only one")
-    counts, probs = _normalise_layer_probs(layer_probs)
-    layer_probs = {int(c): float(p) for c, p in zip(counts, probs)}
-    out = Path(out_dir)
-    existing = check_output_dir(out, overwrite=overwrite, resume=resume)
-    out.mkdir(parents=True, exist_ok=True)
-
-    n_shards = -(-samples // samples_per_shard)
-    manifest = {"generator": GENERATOR_VERSION, "samples": samples, "seed": seed, "size": size,
-                "samples_per_shard": samples_per_shard, "shards": n_shards,
-                "layer_probs": {str(k): v for k, v in layer_probs.items()}, "position_prob": position_prob}
-    todo = list(range(n_shards))
-    if resume and existing:
-        try:
-            old = json.loads((out / MANIFEST_NAME).read_text())
-        except (OSError, json.JSONDecodeError):
-            old = None
-        if old != manifest:
-            diff = "no readable manifest" if old is None else ", ".join(
-                f"{k} {old.get(k)!r} -> {v!r}" for k, v in manifest.items() if old.get(k) != v)
-            raise LayerDiffError(
-                f"--resume: {str(out)!r} was generated with other settings ({diff}): rerun with the same settings "
-                "or pass --overwrite"
-            )
-        todo = [i for i in todo if not shard_path(out, SHARD_PREFIX, i).exists()]
-        if progress is not None:
-            progress(sum(min(samples_per_shard, samples - i * samples_per_shard) for i in range(n_shards) if i not in todo))
-    _remove_temp_files(out, todo)
-    _write_json_atomic(out / MANIFEST_NAME, manifest)
-
-    jobs = [(str(out), i, i * samples_per_shard, min(samples, (i + 1) * samples_per_shard), seed, size,
-             layer_probs, position_prob, overwrite) for i in todo]
-    t0 = time.perf_counter()
-    workers = max(1, min(workers, len(jobs)))
-    try:
-        if workers == 1:
-            _run_inline(jobs, progress)
-        else:
-            _run_pool(jobs, workers, progress)
-    except BaseException:
-        _remove_temp_files(out, todo)  # workers killed mid-shard leave only temporary files
-        raise
-    paths = [shard_path(out, SHARD_PREFIX, i) for i in range(n_shards)]
-    if overwrite:
-        for stale in set(existing) - set(paths):
-            logger.info("removing shard %s of an earlier run", stale)
-            stale.unlink(missing_ok=True)
-    dt = time.perf_counter() - t0
-    done = sum(j[3] - j[2] for j in jobs)
-    logger.info("toy: %d samples in %d shards in %.1f s (%.0f samples/s)", done, len(jobs), dt, done / max(dt, 1e-9))
-    return paths
-
-
-def _run_inline(jobs, progress) -> None:
-    for job in jobs:
-        _write_toy_shard(job, (lambda: progress(1)) if progress is not None else None)
-
-
-# Workers only run numpy and PIL, so fork is safe even when the parent has loaded torch, and unlike
-# spawn it does not re-import the caller's __main__ (a stdin script would make a spawn pool respawn
-# failing workers forever). Elsewhere spawn is the only sound choice.
-_START_METHOD = "fork" if sys.platform.startswith("linux") else "spawn"
-
-
-def _run_pool(jobs, workers: int, progress) -> None:
-    ctx = mp.get_context(_START_METHOD)
-    counter = ctx.Value("q", 0)
-    reported = 0
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(counter,)) as pool:
-        result = pool.map_async(_pool_job, jobs, chunksize=1)
-        while not result.ready():
-            result.wait(0.25)
-            if progress is not None and counter.value > reported:
-                now = counter.value
-                progress(now - reported)
-                reported = now
-        result.get()  # re-raises a worker's exception
-    if progress is not None and counter.value > reported:
-        progress(counter.value - reported)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import shlex
 from pathlib import Path
 
@@ -31,6 +30,8 @@ from layerdiff.io.files import (
     read_safetensors_header,
     save_safetensors_atomic,
 )
+from layerdiff.io.sd15 import ARCHITECTURE_WORDS, detect_architecture, load_base_components
+from layerdiff.limits import available_memory, check_load_args
 from layerdiff.model.bundle import LayerDiffModel
 from layerdiff.model.text import build_tokenizer
 from layerdiff.model.unet import LayerDiffUNet
@@ -74,7 +75,6 @@ def build_random_model(config: LayerDiffConfig, seed: int = 0, tokenizer_dirs=No
     state = torch.random.get_rng_state()
     try:
         # each part from its own stream: changing one part's config must not move another's weights
-        # (the toy recipe's VAE once changed when the UNet lost a block, and trained worse)
         torch.manual_seed(seed)
         unet = LayerDiffUNet.from_config(config)
         torch.manual_seed(seed)
@@ -141,11 +141,9 @@ def check_layerdiff_file(path: str | Path) -> tuple[LayerDiffConfig, dict[str, t
     """(config, the model it describes on the meta device, the header's tensors) of a LayerDiff file.
 
     Nothing of the file's data is read and nothing is allocated for weights: the header is validated
-    (layerdiff.io.files), the config is checked against its schema (layerdiff.config), the model is
+    (layerdiff.io.files), the config is checked against its schema (layerdiff.config_check), the model is
     built on the meta device, and every tensor's name, dtype and shape must match that model.
     """
-    from layerdiff.io.sd15 import ARCHITECTURE_WORDS, detect_architecture
-
     shapes, metadata = read_safetensors_header(path)
     if metadata.get("format") != FORMAT or "config" not in metadata:
         arch = detect_architecture(shapes)
@@ -277,70 +275,6 @@ def load_memory_bytes(parts: dict[str, torch.nn.Module], shapes: dict, dtype: to
     return model + converted
 
 
-def _meminfo_available() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.split()[1:2]}
-    except (OSError, ValueError, IndexError):
-        return None
-    if "MemAvailable" not in fields:
-        return None
-    return fields["MemAvailable"] + fields.get("SwapFree", 0)
-
-
-def _cgroup_available() -> int | None:
-    """Room left under a cgroup memory limit (containers; v2, else v1), None without one."""
-    for limit_file, used_file in (
-        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
-    ):
-        try:
-            with open(limit_file) as f:
-                limit = f.read().strip()
-            with open(used_file) as f:
-                used = int(f.read().strip())
-        except (OSError, ValueError):
-            continue
-        if limit == "max" or int(limit) >= 2**60:  # v1 writes a huge number for "no limit"
-            return None
-        return max(0, int(limit) - used)
-    return None
-
-
-def _address_space_available() -> int | None:
-    """Room left under this process's RLIMIT_AS (ulimit -v), None without one."""
-    try:
-        import resource
-
-        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
-        if soft == resource.RLIM_INFINITY:
-            return None
-        with open("/proc/self/status") as f:
-            vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
-        return max(0, soft - vm)
-    except (ImportError, OSError, ValueError, StopIteration):
-        return None
-
-
-def available_memory() -> int | None:
-    """Bytes this process can still allocate: free RAM plus free swap, within its cgroup's memory limit
-    and its address-space limit; None when the platform does not say."""
-    free = None
-    try:
-        import psutil  # ComfyUI installs it; it also knows Windows and macOS
-
-        free = psutil.virtual_memory().available + psutil.swap_memory().free
-    except (ImportError, OSError, RuntimeError):
-        free = _meminfo_available()
-    if free is None and hasattr(os, "sysconf"):
-        try:
-            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError):
-            free = None
-    limits = [v for v in (free, _cgroup_available(), _address_space_available()) if v is not None]
-    return min(limits) if limits else None
-
-
 def _gib(n: int) -> str:
     return f"{n / 2**30:,.1f} GiB"
 
@@ -443,64 +377,6 @@ def load_layerdiff(
     return model.to(device=device, dtype=dtype).eval()
 
 
-def load_base_components(
-    base, dtype=torch.float32, components=("unet", "vae", "text_encoder"), config: LayerDiffConfig | None = None
-) -> dict:
-    """SD 1.5 parts from an original-layout single file or a diffusers folder.
-
-    ``config`` (a LayerDiff config) gives the architectures to expect; default: real SD 1.5.
-    """
-    from layerdiff.io.sd15 import load_diffusers_dir, load_sd15_single_file
-
-    base = Path(base)
-    if base.is_dir():
-        return load_diffusers_dir(base, dtype=dtype, components=components)
-    kwargs = {}
-    if config is not None:
-        kwargs = {"unet_config": config.unet, "vae_config": config.vae, "text_config": config.text_encoder}
-    return load_sd15_single_file(base, dtype=dtype, components=components, **kwargs)
-
-
-def convert_sd15(
-    base: str | Path,
-    out: str | Path,
-    config: LayerDiffConfig | None = None,
-    include_vae_and_text_encoder: bool = False,
-    overwrite: bool = False,
-    dtype: torch.dtype | None = None,
-    base_config: LayerDiffConfig | None = None,
-) -> Path:
-    """Build an untrained LayerDiff from a user's SD 1.5 checkpoint (the start of training).
-
-    ``base_config``: the architecture of ``base`` when it is not the real SD 1.5 (tests use
-    reduced widths with the real key layout).
-    """
-    config = config or get_preset("sd15")
-    out = Path(out)
-    if out.exists() and not overwrite:  # before the (slow) load of the base
-        raise CheckpointError(f"{out} already exists: pass --overwrite or choose another --out")
-    parts = load_base_components(base, components=("unet", "vae", "text_encoder"), config=base_config)
-    # record the base's real architecture, so the file can be paired with the same base later
-    config = config.replace(
-        unet=_diffusers_config(parts["unet"], in_out=4),
-        vae=_diffusers_config(parts["vae"]),
-        text_encoder={k: v for k, v in parts["text_encoder"].config.to_diff_dict().items() if k != "transformers_version"},
-    )
-    unet = LayerDiffUNet.from_base(parts["unet"], config)
-    if include_vae_and_text_encoder:
-        model = LayerDiffModel(config, unet, parts["vae"], parts["text_encoder"], None, source=str(base))
-        return save_layerdiff(model, out, include_vae_and_text_encoder=True, overwrite=overwrite, dtype=dtype)
-    return save_layerdiff(unet, out, include_vae_and_text_encoder=False, overwrite=overwrite, dtype=dtype)
-
-
-def _diffusers_config(module, in_out: int | None = None) -> dict:
-    """A diffusers model's config as plain JSON (private keys dropped)."""
-    cfg = {k: v for k, v in dict(module.config).items() if not k.startswith("_")}
-    if in_out is not None:
-        cfg["in_channels"] = cfg["out_channels"] = in_out
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
-
-
 # ---------------------------------------------------------------------------- by name
 def load_model(
     name_or_path: str | Path | None = None,
@@ -510,8 +386,6 @@ def load_model(
     tokenizer_dirs: list[str] | None = None,
 ) -> LayerDiffModel:
     """A built-in model by name (``layerdiff-toy``, ``tiny``, ``toy-random``) or a LayerDiff file."""
-    from layerdiff.limits import check_load_args
-
     device, dtype = check_load_args(device, dtype, base)  # one line naming a bad device, dtype or base
     name = str(name_or_path or DEFAULT_MODEL)
     path = model_file(name)
@@ -559,8 +433,6 @@ def check_model(name_or_path: str | Path | None, dtype: torch.dtype = torch.floa
 
 def describe_file(path: str | Path) -> dict:
     """What a .safetensors file is (reads only its header): architecture, parameters, config."""
-    from layerdiff.io.sd15 import detect_architecture
-
     shapes, metadata = read_safetensors_header(path)
     arch = detect_architecture({k: tuple(v[1]) for k, v in shapes.items()})
     n = 0

@@ -3,29 +3,23 @@
 A set of files is written whole or not at all (see layerdiff.io.resultset): everything goes into a
 hidden staging folder first and is renamed into place at the end, meta.json last, so a crash, a
 kill or a full disk never leaves PNGs without their PSD or meta.json. Single files are written
-atomically (a temp file in the same folder, then os.replace). Existing files are refused unless
-overwrite=True, and all target names are checked before anything is written.
+atomically (layerdiff.io.writing: a temp file in the same folder, then os.replace). Existing files
+are refused unless overwrite=True, and all target names are checked before anything is written.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import logging
 import os
 import re
-import secrets
-from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
-
-import numpy as np
-import torch
-from PIL import Image
 
 from layerdiff.errors import LayerDiffError
-from layerdiff.io.resultset import owner_tag, write_result_set
+from layerdiff.io import writing
+from layerdiff.io.psd import check_psd_size, require_psd_tools, save_psd
+from layerdiff.io.resultset import write_result_set
+from layerdiff.io.writing import check_export_args, check_free, ensure_dir, png_bytes, to_uint8
 from layerdiff.stack import LayerStack
 
 logger = logging.getLogger("layerdiff.io.export")
@@ -52,109 +46,6 @@ def layer_file(i: int) -> str:
 
 def mask_file(i: int) -> str:
     return f"mask_{i:02d}.png"
-
-
-def to_uint8(t: torch.Tensor) -> np.ndarray:
-    """Float 0..1 tensor -> uint8 numpy array of the same shape (round to nearest; NaN -> 0)."""
-    t = torch.nan_to_num(t.detach().to("cpu", torch.float32), nan=0.0).clamp(0, 1)
-    return (t * 255).round().to(torch.uint8).numpy()
-
-
-def png_bytes(array: np.ndarray) -> bytes:
-    """PNG of an (H, W) L, (H, W, 3) RGB or (H, W, 4) RGBA uint8 array. No text chunks or time
-    stamps, so identical pixels give identical bytes."""
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(array)).save(buf, format="PNG", compress_level=6)
-    return buf.getvalue()
-
-
-def _open_temp(path: Path) -> tuple[int, Path]:
-    """A new temp file beside `path`. os.open with mode 0o666 lets the umask decide the final
-    permissions, as for any file the user writes (mkstemp would leave 0600, and reading the umask
-    means setting it, which races with other threads in the host)."""
-    for _ in range(100):  # named after this process, so a later writer knows when it is a leftover
-        tmp = path.with_name(f".{path.name}.{owner_tag()}.{secrets.token_hex(4)}.tmp")
-        try:
-            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), tmp
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"no free temp file name beside {path}")
-
-
-def ensure_dir(folder: str | os.PathLike) -> Path:
-    """Create `folder` (and parents) if missing; LayerDiffError naming it if that fails."""
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except FileExistsError as e:
-        raise LayerDiffError(f"output folder {folder} exists as a file: choose a folder path") from e
-    except OSError as e:
-        raise LayerDiffError(
-            f"cannot create output folder {folder}: {e.strerror or e}; choose a writable folder"
-        ) from e
-    return folder
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None] | bytes) -> Path:
-    """Write `path` atomically: `write(fileobj)` (or the given bytes) goes to a temp file in the
-    same folder, which then replaces `path`. Does not check for an existing file."""
-    path = Path(path)
-    folder = path.parent
-    try:
-        fd, tmp = _open_temp(path)
-    except OSError as e:
-        raise LayerDiffError(
-            f"cannot write into folder {folder}: {e.strerror or e}; choose a writable folder"
-        ) from e
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if isinstance(write, (bytes, bytearray)):
-                f.write(write)
-            else:
-                write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise LayerDiffError(
-            f"could not write {path}: {e.strerror or e}; check free space and permissions"
-        ) from e
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def check_free(paths: list[Path], overwrite: bool, folder: str | os.PathLike) -> None:
-    """LayerDiffError listing (relative to `folder`) the paths that exist already, unless overwrite."""
-    if overwrite:
-        return
-    taken = [p for p in paths if p.exists() or p.is_symlink()]
-    if taken:
-        rel = [str(p.relative_to(folder)) if p.is_relative_to(folder) else str(p) for p in taken]
-        shown = ", ".join(rel[:4]) + (f" (and {len(rel) - 4} more)" if len(rel) > 4 else "")
-        raise LayerDiffError(
-            f"output folder {folder} already holds {shown}: pass overwrite=True to replace them, "
-            f"or choose another folder"
-        )
-
-
-def check_export_args(stack: LayerStack, batch_index: int) -> None:
-    """The stack is a LayerStack and batch_index one of its samples (PNG, PSD and JSON writers)."""
-    if not isinstance(stack, LayerStack):
-        raise LayerDiffError(f"expected a LayerStack to export, got {type(stack).__name__}")
-    if (
-        isinstance(batch_index, bool)
-        or not isinstance(batch_index, int)
-        or not 0 <= batch_index < stack.batch_size
-    ):
-        raise LayerDiffError(
-            f"batch_index {batch_index!r} is out of range for a batch of {stack.batch_size} samples "
-            f"(0..{stack.batch_size - 1})"
-        )
 
 
 def layer_set_files(stack: LayerStack, out_dir: str | os.PathLike, psd: bool = True) -> list[Path]:
@@ -229,8 +120,6 @@ def _check_set_args(stack, meta, batch_index, psd) -> bytes:
     check_export_args(stack, batch_index)
     meta_bytes = _meta_json(stack, meta, batch_index, psd)  # bad meta fails before any write
     if psd:
-        from layerdiff.io.psd import check_psd_size, require_psd_tools
-
         require_psd_tools()
         check_psd_size(stack.width, stack.height)
     return meta_bytes
@@ -242,17 +131,15 @@ def _write_set_files(stack: LayerStack, folder: Path, meta_bytes: bytes, batch_i
     one = stack.select_batch([batch_index])
     k = stack.num_layers
     targets = layer_set_files(stack, folder, psd)
-    atomic_write(targets[0], png_bytes(to_uint8(one.composite()[0])))  # (H, W, 3)
-    atomic_write(targets[1], png_bytes(to_uint8(one.images[0, 0])))  # (H, W, 3)
+    writing.atomic_write(targets[0], png_bytes(to_uint8(one.composite()[0])))  # (H, W, 3)
+    writing.atomic_write(targets[1], png_bytes(to_uint8(one.images[0, 0])))  # (H, W, 3)
     for i in range(1, k):
-        atomic_write(targets[1 + i], png_bytes(to_uint8(one.layer_rgba(i)[0])))  # (H, W, 4)
+        writing.atomic_write(targets[1 + i], png_bytes(to_uint8(one.layer_rgba(i)[0])))  # (H, W, 4)
     for i in range(1, k):
-        atomic_write(targets[k + i], png_bytes(to_uint8(one.masks[0, i - 1])))  # (H, W)
+        writing.atomic_write(targets[k + i], png_bytes(to_uint8(one.masks[0, i - 1])))  # (H, W)
     if psd:
-        from layerdiff.io.psd import save_psd
-
         save_psd(stack, targets[-2], batch_index=batch_index, overwrite=True)
-    atomic_write(targets[-1], meta_bytes)
+    writing.atomic_write(targets[-1], meta_bytes)
 
 
 def write_layer_set(

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from layerdiff.config import parse_json
 from layerdiff.errors import CheckpointError, LayerDiffError
+from layerdiff.safe_json import parse_json
 
 logger = logging.getLogger("layerdiff.io")
 

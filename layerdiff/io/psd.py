@@ -24,8 +24,8 @@ import torch
 from PIL import Image
 
 from layerdiff.errors import LayerDiffError
-from layerdiff.io import export
-from layerdiff.io.export import ensure_dir, to_uint8
+from layerdiff.io import writing
+from layerdiff.io.writing import check_export_args, ensure_dir, to_uint8
 from layerdiff.stack import EXPOSED_GREY, LayerStack
 
 logger = logging.getLogger("layerdiff.io.psd")
@@ -114,8 +114,6 @@ def save_psd(
     mask. The document's merged image is the composite (psd-tools re-renders it from the layers
     where it can; otherwise the stack's own composite is kept). Prompts and seeds are not stored.
     """
-    from layerdiff.io.export import check_export_args  # export imports this module lazily too
-
     check_export_args(stack, batch_index)
     check_psd_size(stack.width, stack.height)
     path = Path(path)
@@ -141,7 +139,7 @@ def save_psd(
             f"cannot build the PSD {path} ({type(e).__name__}: {_short(e)}); skip the PSD (--no-psd)"
         ) from e
     ensure_dir(path.parent)
-    export.atomic_write(path, psd.save)
+    writing.atomic_write(path, psd.save)
     logger.info("wrote %d-layer PSD %s", stack.num_layers, path)
     return path
 

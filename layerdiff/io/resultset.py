@@ -48,7 +48,7 @@ STALE_AFTER_S = 6 * 3600
 _HOST = hashlib.sha1(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:8]
 _OWNER = r"(?P<host>[0-9a-f]{8})-(?P<pid>\d{1,10})"
 _STAGING_RE = re.compile(rf"^\.(?:.+\.)?layerdiff-{_OWNER}-[0-9a-f]{{8}}{re.escape(STAGING_SUFFIX)}$")
-# temp files of layerdiff.io.export.atomic_write: ".<name>.<host>-<pid>.<hex>.tmp", and the
+# temp files of layerdiff.io.writing.atomic_write: ".<name>.<host>-<pid>.<hex>.tmp", and the
 # untagged ".<name>.<hex>.tmp" of earlier versions (no writer of those is alive any more)
 _TEMP_RE = re.compile(rf"^\..+\.{_OWNER}\.[0-9a-f]{{8}}\.tmp$")
 _LEGACY_TEMP_RE = re.compile(r"^\..+\.(?P<pid>)[0-9a-f]{8}\.tmp$")

@@ -1,8 +1,9 @@
 """Stable Diffusion 1.5 parts (UNet, VAE, CLIP text encoder) from a single file or a diffusers folder.
 
-Offline only: the configs ship in ``layerdiff/presets/sd15/``; single files in the original
-(CompVis) layout are mapped to diffusers/transformers names by ``_diffusers_compat``; weights are
-read only from safetensors.
+Offline only: the configs ship in ``layerdiff/presets/sd15/`` (read by
+:func:`layerdiff.config.load_sd15_configs`); single files in the original (CompVis) layout are
+mapped to diffusers/transformers names by ``_diffusers_compat``; weights are read only from
+safetensors. :func:`load_base_components` picks the loader for a file or a folder.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from layerdiff.config import LayerDiffConfig, load_sd15_configs
 from layerdiff.deps import require_model_libraries
 from layerdiff.errors import CheckpointError, LayerDiffError
 from layerdiff.io import _diffusers_compat as compat
@@ -25,7 +27,6 @@ from layerdiff.io.files import PICKLE_SUFFIXES, read_safetensors, read_safetenso
 
 logger = logging.getLogger("layerdiff.io")
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "presets" / "sd15"
 COMPONENTS = ("unet", "vae", "text_encoder")
 ARCHITECTURES = (
     "sd15", "sd15-inpainting", "sd2", "sdxl", "sd3", "flux", "layerdiff", "diffusers-unet", "unknown",
@@ -58,18 +59,6 @@ _UNUSED_IN_COMPONENT = re.compile(
     r"|^cond_stage_model\.transformer\.text_projection(\.weight)?$"
     r"|^first_stage_model\.loss\."
 )
-
-
-def load_sd15_configs() -> dict[str, dict]:
-    """Fresh copies of the SD1.5 configs: ``unet``, ``vae``, ``text_encoder``, ``scheduler``.
-
-    Build the scheduler with ``DDIMScheduler.from_config(cfg)`` (or PNDM/Euler...): the file keeps
-    keys of several scheduler classes, which ``from_config`` ignores where they do not apply.
-    """
-    return {
-        name: json.loads((PRESET_DIR / f"{name}.json").read_text("utf-8"))
-        for name in (*COMPONENTS, "scheduler")
-    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -455,3 +444,19 @@ def load_diffusers_dir(
         models[c] = model.eval()
     logger.info("loaded %s from diffusers folder %s", ", ".join(components), root)
     return models
+
+
+def load_base_components(
+    base, dtype=torch.float32, components=("unet", "vae", "text_encoder"), config: LayerDiffConfig | None = None
+) -> dict:
+    """SD 1.5 parts from an original-layout single file or a diffusers folder.
+
+    ``config`` (a LayerDiff config) gives the architectures to expect; default: real SD 1.5.
+    """
+    base = Path(base)
+    if base.is_dir():
+        return load_diffusers_dir(base, dtype=dtype, components=components)
+    kwargs = {}
+    if config is not None:
+        kwargs = {"unet_config": config.unet, "vae_config": config.vae, "text_config": config.text_encoder}
+    return load_sd15_single_file(base, dtype=dtype, components=components, **kwargs)

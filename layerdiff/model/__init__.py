@@ -7,10 +7,9 @@ from layerdiff.model.layers import (
     LayerContext,
     LayeredTransformerBlock,
 )
-from layerdiff.model.unet import CHANNELS_PER_LAYER, LayerDiffUNet
+from layerdiff.model.unet import LayerDiffUNet
 
 __all__ = [
-    "CHANNELS_PER_LAYER",
     "InterLayerAttention",
     "IntraLayerAttention",
     "LayerContext",

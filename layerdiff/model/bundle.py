@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from einops import rearrange
 
-from layerdiff.config import LayerDiffConfig
+from layerdiff.config import IMAGE_CHANNELS, LayerDiffConfig
 from layerdiff.model.text import tokenize
 from layerdiff.model.unet import LayerDiffUNet
 
@@ -128,12 +128,12 @@ class LayerDiffModel:
         """latents (B, L, 8, h, w) -> images (B, L, H, W, 3) in 0..1, soft masks (B, L-1, H, W) in 0..1."""
         B, L = latents.shape[:2]
         flat = rearrange(latents, "b l c h w -> (b l) c h w")
-        img = self.decode_images(flat[:, :4])
+        img = self.decode_images(flat[:, :IMAGE_CHANNELS])
         images = rearrange((img + 1) / 2, "(b l) c h w -> b l h w c", b=B).clamp(0, 1)
         if L == 1:
             masks = images.new_zeros(B, 0, *images.shape[2:4])
         else:
-            fg = rearrange(latents[:, 1:, 4:], "b k c h w -> (b k) c h w")
+            fg = rearrange(latents[:, 1:, IMAGE_CHANNELS:], "b k c h w -> (b k) c h w")
             m = self.decode_images(fg).mean(dim=1)  # (B*K, H, W), grey value of the decoded mask image
             masks = rearrange((m + 1) / 2, "(b k) h w -> b k h w", b=B).clamp(0, 1)
         return images, masks

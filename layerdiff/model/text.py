@@ -1,6 +1,6 @@
 """Tokenizers and prompt encoding.
 
-SD 1.5 uses CLIP's BPE tokenizer (``layerdiff.io.clip_tokenizer`` finds it offline). The toy and
+SD 1.5 uses CLIP's BPE tokenizer (``layerdiff.model.clip_tokenizer`` finds it offline). The toy and
 tiny presets use a word-level tokenizer built from a word list stored in the model's config, so a
 built-in model needs no file but its own checkpoint.
 
@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from layerdiff.errors import LayerDiffError
+from layerdiff.model.clip_tokenizer import load_clip_tokenizer
 
 PAD, BOS, EOS, UNK = "[PAD]", "[BOS]", "[EOS]", "[UNK]"
 
@@ -50,8 +51,6 @@ def build_tokenizer(spec: dict[str, Any], search_dirs: list[str] | None = None):
     if kind == "words":
         return build_word_tokenizer(list(spec["words"]), int(spec["max_length"]))
     if kind == "clip_bpe":
-        from layerdiff.io.clip_tokenizer import load_clip_tokenizer
-
         return load_clip_tokenizer(spec.get("path"), search_dirs=search_dirs)
     raise LayerDiffError(f"unknown tokenizer type {kind!r} in the model config: expected 'words' or 'clip_bpe'")
 

@@ -14,7 +14,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from layerdiff.config import LayerDiffConfig
+from layerdiff.config import IMAGE_CHANNELS, LAYER_CHANNELS, LayerDiffConfig
 from layerdiff.deps import require_model_libraries
 from layerdiff.errors import LayerDiffError
 from layerdiff.model.enhancer import PromptEnhancer
@@ -24,8 +24,6 @@ if TYPE_CHECKING:  # diffusers is imported where a model is built, so the node p
     from diffusers import UNet2DConditionModel
 
 logger = logging.getLogger("layerdiff.model")
-
-CHANNELS_PER_LAYER = 8  # 4 image + 4 mask latent channels
 
 
 def _widen_conv(conv: nn.Conv2d, in_channels: int | None = None, out_channels: int | None = None) -> nn.Conv2d:
@@ -83,15 +81,15 @@ class LayerDiffUNet(nn.Module):
         conv_in gets zero weights for the 4 mask input channels, conv_out zero weights for the 4
         mask output channels; every new path is zero-initialised, so image channels reproduce SD.
         """
-        if base.config.in_channels != 4 or base.config.out_channels != 4:
+        if base.config.in_channels != IMAGE_CHANNELS or base.config.out_channels != IMAGE_CHANNELS:
             raise LayerDiffError(
                 f"base UNet has {base.config.in_channels} input / {base.config.out_channels} output channels: "
                 "LayerDiff starts from a 4-channel text-to-image UNet (not an inpainting or LayerDiff UNet)"
             )
-        base.conv_in = _widen_conv(base.conv_in, in_channels=CHANNELS_PER_LAYER)
-        base.conv_out = _widen_conv(base.conv_out, out_channels=CHANNELS_PER_LAYER)
+        base.conv_in = _widen_conv(base.conv_in, in_channels=LAYER_CHANNELS)
+        base.conv_out = _widen_conv(base.conv_out, out_channels=LAYER_CHANNELS)
         # keep the diffusers config truthful about the widened convolutions
-        base.register_to_config(in_channels=CHANNELS_PER_LAYER, out_channels=CHANNELS_PER_LAYER)
+        base.register_to_config(in_channels=LAYER_CHANNELS, out_channels=LAYER_CHANNELS)
         n = _wrap_transformer_blocks(base, config.max_layers, config.layer_head_dim, config.inter_layer_width,
                                      config.intra_layer_mode)
         if n == 0:
@@ -162,9 +160,9 @@ class LayerDiffUNet(nn.Module):
         return torch.where(valid[:, :, None, None, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
 
     def _check_inputs(self, sample, global_tokens, layer_tokens) -> tuple[int, int]:
-        if sample.ndim != 5 or sample.shape[2] != CHANNELS_PER_LAYER:
+        if sample.ndim != 5 or sample.shape[2] != LAYER_CHANNELS:
             raise LayerDiffError(
-                f"sample has shape {tuple(sample.shape)}: expected (batch, layers, {CHANNELS_PER_LAYER}, h, w)"
+                f"sample has shape {tuple(sample.shape)}: expected (batch, layers, {LAYER_CHANNELS}, h, w)"
             )
         B, L, _, h, w = sample.shape
         if not 1 <= L <= self.config.max_layers:

@@ -6,7 +6,7 @@ are cut into chunks of ``samples_per_shard`` images; chunk ``c`` is built by pro
 ``N`` when ``c % N == i - 1`` and becomes exactly one shard,
 ``OUT/mlcid-{i:03d}of{N:03d}-{c:06d}.tar`` (each image gives at most one sample), so processes on
 different machines never write the same file. Shards are written atomically by
-:func:`layerdiff.data.format.write_shard`; a killed run leaves none half-written.
+:func:`layerdiff.data.shard_writer.write_shard`; a killed run leaves none half-written.
 
 Beside each shard a ``.stats.json`` (written after it) marks the chunk as finished and records its
 counts, the hash of its input list and the settings fingerprint. A rerun skips finished chunks;
@@ -30,11 +30,12 @@ from pathlib import Path
 
 from PIL import Image
 
-from layerdiff.data.format import LayeredSample, read_shard_meta, write_shard
+from layerdiff.data.format import LayeredSample, read_shard_meta
 from layerdiff.data.input_files import InputFileError, parse_untrusted_json, read_regular_file
 from layerdiff.data.mlcid import pipeline as P
 from layerdiff.data.mlcid.inputs import BAD_SIDECAR, SIDECAR_DEPTH, list_inputs, load_image, read_sidecar
 from layerdiff.data.record_checks import MAX_SIDE
+from layerdiff.data.shard_writer import write_shard
 from layerdiff.errors import LayerDiffError
 
 logger = logging.getLogger("layerdiff.data.mlcid")

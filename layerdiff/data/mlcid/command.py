@@ -1,0 +1,129 @@
+"""The work of ``python -m layerdiff data build`` (its flags: :mod:`layerdiff.cli.build`): the settings
+checked before any model loads, the stages made, the build run, its report.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from layerdiff.errors import LayerDiffError
+
+
+def _phrases(text: str) -> tuple[str, ...]:
+    from layerdiff.data.input_files import InputFileError, read_regular_file
+    from layerdiff.data.mlcid.phrases import parse_phrase_list
+
+    if text.startswith("@"):
+        try:
+            raw = read_regular_file(Path(text[1:]), 2**20)
+        except InputFileError as exc:
+            raise LayerDiffError(f"--phrases {exc}: give @FILE with one phrase per line, or 'cat, dog'") from None
+        text = raw.decode("utf-8", errors="replace")
+    phrases = tuple(parse_phrase_list(text))
+    if len(phrases) > 1000:
+        raise LayerDiffError(f"--phrases lists {len(phrases)} phrases: give at most 1000 (each one is searched for in every image)")
+    return phrases
+
+
+def run(args) -> int:
+    from layerdiff.data.mlcid import builder
+    from layerdiff.data.mlcid.factory import StageOptions, StageSpecs, make_stages
+    from layerdiff.data.mlcid.filters import FilterConfig
+    from layerdiff.data.mlcid.pipeline import MLCIDPipeline, PipelineConfig
+
+    # everything cheap is checked before any model loads
+    config = builder.BuildConfig(
+        images=Path(args.images),
+        out=Path(args.out),
+        shard=builder.parse_shard(args.shard),
+        samples_per_shard=args.samples_per_shard,
+        batch_size=args.batch_size,
+        max_side=args.max_side,
+        min_side=args.min_side,
+        overwrite=args.overwrite,
+    )
+    inputs = builder.list_inputs(config.images)  # the --images error before minutes of model loading
+    if not inputs:
+        raise LayerDiffError(f"--images {str(config.images)!r} lists no files: give a folder of images "
+                             "(searched recursively) or a .txt list of image paths")
+    chunks = -(-len(inputs) // config.samples_per_shard)
+    if config.shard[0] > chunks:
+        raise LayerDiffError(f"--shard {config.shard[0]}/{config.shard[1]} gets no work: {len(inputs)} images make "
+                             f"{chunks} chunks of --samples-per-shard {config.samples_per_shard}; use at most "
+                             f"{chunks} processes, or a smaller --samples-per-shard")
+    pconf = PipelineConfig(
+        filters=FilterConfig(min_area=args.min_area, max_area=args.max_area, max_foregrounds=args.max_foregrounds,
+                             max_overlap=args.max_overlap, duplicate_iou=args.duplicate_iou),
+        phrases=_phrases(args.phrases),
+        layer_prompts=args.layer_prompts,
+        dilate=args.dilate,
+        nms_iou=0.5,
+    )
+    specs = StageSpecs.all_fallbacks() if args.no_models else StageSpecs(
+        captioner=args.captioner, detector=args.detector, segmenter=args.segmenter, depth=args.depth, inpainter=args.inpainter
+    )
+    options = StageOptions(
+        device=args.device,
+        dtype=args.dtype,
+        allow_download=args.allow_download,
+        batch_size=args.batch_size,
+        detector_threshold=args.detector_threshold,
+        max_detections=args.max_detections,
+        inpaint_steps=args.inpaint_steps,
+        inpaint_resolution=args.inpaint_resolution,
+        seed=args.seed,
+        classical_backend=None if args.classical_backend == "auto" else args.classical_backend,
+    )
+    pipe = MLCIDPipeline(make_stages(specs, options), pconf)
+    summary = builder.build(config, pipe)
+    print(_report(summary, config))
+    if not summary["kept"]:
+        raise LayerDiffError(_nothing_kept(summary, pipe, args))
+    return 0
+
+
+def _nothing_kept(s: dict, pipe, args) -> str:
+    """One line: why no image gave a sample, and what to change."""
+    reasons = {**s["unreadable"], **s["rejected"]}
+    top = max(reasons, key=reasons.get) if reasons else ""
+    stages = pipe.stages
+    if top == "no_phrases":
+        if stages.captioner is None:
+            fix = ("there is no captioner (--no-models or --captioner none), so phrases must be given: "
+                   "--phrases 'person, dog' (or @FILE), or IMAGE.txt / IMAGE.json sidecars beside the images")
+        else:
+            fix = "the captions named no objects: give --phrases 'person, dog' (or @FILE) or IMAGE.txt sidecars"
+    elif top == "no_detections":
+        fix = (f"the detector found nothing: lower --detector-threshold (now {args.detector_threshold}), "
+               "or give boxes in IMAGE.json sidecars")
+        if stages.detector is None:
+            fix = "there is no detector (--detector none): give boxes in IMAGE.json sidecars, or a detector"
+    elif top == "no_foregrounds":
+        fix = (f"every detection was filtered out ({json.dumps(s['dropped_detections'])}): widen --min-area "
+               f"{args.min_area} / --max-area {args.max_area} or raise --max-overlap {args.max_overlap}")
+    elif top == "image_too_small":
+        fix = f"the images are smaller than --min-side {args.min_side}: lower it"
+    elif top == "error":
+        fix = "a stage failed on every readable image: see the errors logged above"
+    else:
+        fix = f"no image could be read: check --images {args.images}"
+    counts = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1]))
+    return f"nothing kept: none of {s['images_seen']} images gave a sample ({counts}): {fix}"
+
+
+def _report(s: dict, config) -> str:
+    lines = [
+        f"MLCID shard {s['shard']}: {s['images_seen']} images seen, {s['kept']} samples kept "
+        f"(chunks built {s['chunks']['built']}, skipped as finished {s['chunks']['skipped']})",
+        f"  unreadable {s['unreadable_total']} {json.dumps(s['unreadable'])}",
+        f"  rejected   {s['rejected_total']} {json.dumps(s['rejected'])}",
+        f"  detections dropped {json.dumps(s['dropped_detections'])}",
+        f"  samples by layer count {json.dumps(s['samples_by_layers'])}",
+    ]
+    rate = s["this_run"]["images_per_s"]
+    if rate:
+        lines.append(f"  {rate:.2f} images/s this run")
+    i, n = config.shard
+    lines.append(f"  summary: {config.out / f'summary-{i}of{n}.json'}")
+    return "\n".join(lines)

@@ -1,0 +1,300 @@
+"""The training loop: :func:`train` on accelerate, with separate learning rates for base and new
+weights, an optional frozen base, gradient clipping, EMA and mixed precision where the device
+allows.
+
+The same command runs on one CPU or, through ``accelerate launch``, on many GPUs and machines;
+several CPU processes form a gloo group under ``torchrun --nproc_per_node N -m layerdiff train ...``
+or ``accelerate launch --multi_gpu --num_processes N -m layerdiff train ...`` (``accelerate launch
+--cpu`` starts only one process unless given an MPI host file).
+Randomness is drawn per (seed, step, rank), so a resumed run continues bit-identically with
+``cache_latents``; a streaming run (no cache) is exact up to its checkpoint, but after a resume its
+reader starts a fresh order seeded by ``seed + step`` (skipping the consumed samples would decode
+them all again), so only noise, timesteps and prompt dropout match an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from layerdiff.errors import LayerDiffError
+from layerdiff.model.bundle import LayerDiffModel
+from layerdiff.training.latents import LatentCache
+from layerdiff.training.objective import LayerDiffTrainModule, NoiseSchedule, make_batch
+from layerdiff.training.outputs import export, sample_grid
+from layerdiff.training.settings import TrainConfig
+from layerdiff.training.state import (
+    latest_checkpoint,
+    load_training_state,
+    save_training_state,
+    step_generator,
+)
+
+logger = logging.getLogger("layerdiff.train")
+
+NEW_MODULE_KEYS = ("inter_layer_attn", "intra_layer_attn", "prompt_enhancer", "conv_in", "conv_out")
+
+
+def param_groups(module: LayerDiffTrainModule, config: TrainConfig) -> list[dict]:
+    new, base, text = [], [], []
+    for name, p in module.named_parameters():
+        if name.startswith("text_encoder."):
+            p.requires_grad_(config.lr_text > 0)
+            if config.lr_text > 0:
+                text.append(p)
+        elif any(k in name for k in NEW_MODULE_KEYS):
+            new.append(p.requires_grad_(True))
+        elif not config.freeze_base:
+            base.append(p.requires_grad_(True))
+        else:
+            p.requires_grad_(False)
+    groups = [{"params": new, "lr": config.lr_new, "name": "new"}]
+    if base:
+        groups.append({"params": base, "lr": config.lr_base, "name": "base"})
+    if text:
+        groups.append({"params": text, "lr": config.lr_text, "name": "text"})
+    return groups
+
+
+def make_adamw(groups: list[dict], weight_decay: float, device) -> torch.optim.Optimizer:
+    """AdamW, fused (one kernel over all weights instead of about ten small ops per weight) where
+    torch offers it for the device. Same update rule; the state dict is the same either way, so a
+    run resumes across the two."""
+    kw = {"weight_decay": weight_decay, "betas": (0.9, 0.999)}
+    if torch.device(device).type in ("cpu", "cuda"):
+        try:
+            return torch.optim.AdamW(groups, fused=True, **kw)
+        except (RuntimeError, TypeError, ValueError) as e:  # an older torch, or weights it cannot fuse
+            logger.info("fused AdamW unavailable (%s); using the per-weight loop", e)
+    return torch.optim.AdamW(groups, **kw)
+
+
+def ema_update(ema: dict, params: dict, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * param, in place, for every trained weight (one fused
+    multi-tensor op where the dtypes and device allow, instead of two small ops per weight)."""
+    names = list(params)
+    e = [ema[n] for n in names]
+    p = [params[n].detach() for n in names]
+    if all(a.dtype == b.dtype and a.device == b.device for a, b in zip(e, p)):
+        torch._foreach_lerp_(e, p, 1 - decay)
+    else:
+        for a, b in zip(e, p):
+            a.lerp_(b.to(a.dtype), 1 - decay)
+
+
+def train(
+    model: LayerDiffModel,
+    data,
+    out: str | Path,
+    config: TrainConfig,
+    sample_prompts: list | None = None,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> Path:
+    """Train ``model`` (in place) on layered shards; return the exported LayerDiff file.
+
+    Resumes from ``out/checkpoints/latest`` if present. ``stop_after`` ends the run after that
+    many steps of this invocation (tests of resume).
+    """
+    Accelerator, set_seed = _accelerate()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision if config.mixed_precision != "no" else "no",
+        cpu=_cpu_distributed(),
+    )
+    rank = accelerator.process_index
+    set_seed(config.seed)
+    device = accelerator.device
+    module, optimizer, trained, ema = _trained_module(model, config, device)
+    start = 0
+    ck = latest_checkpoint(out)
+    if ck is not None:
+        start, _ = load_training_state(ck, module, optimizer, ema)
+        logger.info("resumed from %s (step %d)", ck, start)
+    ddp_module, optimizer = accelerator.prepare(module, optimizer)
+    schedule = NoiseSchedule(model.config.scheduler)
+    draw = _latent_batches(model, data, out, config, accelerator, start)
+
+    log = out / "train_log.jsonl"
+    if start and accelerator.is_main_process:
+        _truncate_log(log, start)  # steps after the checkpoint are trained (and logged) again
+    bar = None
+    if progress and accelerator.is_main_process:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.steps, initial=start, desc="training", unit="step")
+    losses, t0 = [], time.time()
+    step = start
+    end = config.steps if stop_after is None else min(config.steps, start + stop_after)
+    while step < end:
+        gen = step_generator(config.seed, step, rank)
+        latents, valid, gp, lp = draw(gen)
+        batch = make_batch(latents.cpu(), valid.cpu(), gp, lp, model.tokenizer, schedule, config, gen)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        loss = _optimizer_step(accelerator, ddp_module, module, optimizer, batch, config, config.lr_scale(step))
+        step += 1
+        if ema is not None:
+            d = min(config.ema_decay, (1 + step) / (10 + step))
+            with torch.no_grad():
+                ema_update(ema, trained, d)
+        losses.append(float(loss.detach()))
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        if step % config.log_every == 0 or step == end:
+            _log_losses(log, step, losses, t0, accelerator.is_main_process)
+            losses, t0 = [], time.time()
+        if step % config.checkpoint_every == 0 or step == end:
+            _checkpoint(accelerator, out, step, module, optimizer, ema, config.keep_checkpoints)
+        if config.sample_every and step % config.sample_every == 0 and accelerator.is_main_process:
+            sample_grid(model, ema, trained, sample_prompts, out / "samples" / f"step-{step:06d}.png", config)
+    if bar is not None:
+        bar.close()
+    accelerator.wait_for_everyone()
+    final = out / "model.safetensors"
+    if step >= config.steps and accelerator.is_main_process:
+        export(model, ema, trained, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _accelerate() -> tuple:
+    """accelerate's ``Accelerator`` and ``set_seed``; a LayerDiffError saying what to install without it."""
+    try:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+    except ImportError as exc:
+        raise LayerDiffError(
+            f"training needs accelerate ({exc}): pip install -r requirements-train.txt "
+            "(or pip install 'accelerate>=0.27.0'); generating does not need it"
+        ) from None
+    return Accelerator, set_seed
+
+
+def _trained_module(model: LayerDiffModel, config: TrainConfig, device) -> tuple:
+    """(module, optimizer, trained, ema): the model on ``device`` under one trained module, its AdamW
+    (each group remembering its ``base_lr``), the trained weights by name and their EMA copies (None
+    without EMA)."""
+    model.to(device=device)
+    model.vae.requires_grad_(False).eval()
+    module = LayerDiffTrainModule(model).train()
+    groups = param_groups(module, config)
+    optimizer = make_adamw(groups, config.weight_decay, device)
+    for g in optimizer.param_groups:
+        g["base_lr"] = g["lr"]
+    if config.intra_gate_init is not None:  # a checkpoint, if resumed, overwrites it
+        with torch.no_grad():
+            for n, p in module.named_parameters():
+                if n.endswith("intra_layer_attn.gate"):
+                    p.fill_(config.intra_gate_init)
+    trained = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    ema = {n: p.detach().clone().float() for n, p in trained.items()} if config.ema_decay > 0 else None
+    return module, optimizer, trained, ema
+
+
+def _latent_batches(model: LayerDiffModel, data, out: Path, config: TrainConfig, accelerator, start: int):
+    """A function ``gen -> (latents, valid, global prompts, layer prompts)`` drawing one step's batch:
+    from the latent cache (built by the main process on first use) with ``cache_latents``, else from
+    a streaming reader of this rank's share, seeded by ``seed + start``."""
+    if config.cache_latents:
+        cache_path = out / f"latents-{config.size}.safetensors"
+        if accelerator.is_main_process and not cache_path.exists():
+            LatentCache.build(model, data, config.size, cache_path, model.config.max_layers)
+        accelerator.wait_for_everyone()
+        cache = LatentCache.load(cache_path)
+        return lambda gen: cache.batch(gen, config.batch_size, config.layer_weights, config.bucket_layers)
+    from layerdiff.data.reader import make_loader
+
+    loader = make_loader(
+        data, batch_size=config.batch_size, num_workers=config.num_workers, size=config.size,
+        seed=config.seed + start, max_layers=model.config.max_layers, layer_weights=config.layer_weights,
+        repeat=True, rank=accelerator.process_index, world_size=accelerator.num_processes,
+    )
+    stream = iter(loader)
+    device = accelerator.device
+
+    def draw(gen: torch.Generator) -> tuple:
+        b = next(stream)
+        imgs = b["images"].permute(0, 1, 3, 4, 2) * 0.5 + 0.5
+        latents = model.encode_layers(imgs.to(device), b["masks"][:, 1:, 0].to(device)).float()
+        return latents, b["valid"], b["global_prompt"], b["layer_prompts"]
+
+    return draw
+
+
+def _optimizer_step(accelerator, ddp_module, module, optimizer, batch: dict, config: TrainConfig,
+                    lr_scale: float) -> torch.Tensor:
+    """One forward, backward and update, every group at ``lr_scale`` times its ``base_lr``; the loss."""
+    for g in optimizer.param_groups:
+        g["lr"] = g["base_lr"] * lr_scale
+    with accelerator.autocast():
+        loss = ddp_module(**batch)
+    accelerator.backward(loss)
+    if config.grad_clip > 0:
+        accelerator.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], config.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+def _log_losses(log: Path, step: int, losses: list, t0: float, main_process: bool) -> None:
+    """The mean loss and steps per second since ``t0``: one line of ``log`` (main process) and a log message."""
+    mean = sum(losses) / len(losses)
+    rate = len(losses) / max(1e-9, time.time() - t0)
+    if main_process:
+        with open(log, "a") as f:
+            f.write(json.dumps({"step": step, "loss": round(mean, 5), "steps_per_s": round(rate, 3)}) + "\n")
+    logger.info("step %d loss %.4f (%.2f steps/s)", step, mean, rate)
+
+
+def _checkpoint(accelerator, out: Path, step: int, module, optimizer, ema: dict | None, keep: int) -> None:
+    """The main process saves the training state while the other ranks wait."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_training_state(out, step, module, optimizer.optimizer if hasattr(optimizer, "optimizer")
+                            else optimizer, ema, {"rank_count": accelerator.num_processes}, keep)
+    accelerator.wait_for_everyone()
+
+
+def _cpu_distributed() -> bool:
+    """Several processes (torchrun, ``accelerate launch``) on a machine without a GPU.
+
+    accelerate forms a gloo group of CPU processes only when asked for CPU (``cpu=True`` or
+    ACCELERATE_USE_CPU); otherwise each process silently trains alone as rank 0 of 1, all of them
+    writing into one output folder. One process (world size 1) keeps accelerate's own choice.
+    """
+    world = 1
+    for key in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        try:
+            world = max(world, int(os.environ.get(key, "1") or 1))
+        except ValueError:
+            pass
+    if world <= 1:
+        return False
+    if torch.cuda.is_available():
+        return False
+    xpu = getattr(torch, "xpu", None)
+    return not (xpu is not None and xpu.is_available())
+
+
+def _truncate_log(log: Path, step: int) -> None:
+    """Drop log lines of steps after ``step`` (a resumed run logs them again)."""
+    if not log.is_file():
+        return
+    keep = []
+    for line in log.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] > step:
+                continue
+        except (ValueError, KeyError, TypeError):
+            continue
+        keep.append(line)
+    tmp = log.with_name(log.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, log)

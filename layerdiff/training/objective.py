@@ -1,0 +1,99 @@
+"""The training objective (METHOD.md section 3): one t per composable sample, independent noise per
+layer, epsilon MSE over all valid layers and all 8 channels (the background's mask channels
+excepted: its mask slot is a constant), CFG dropout of prompts, optional Min-SNR-gamma weighting
+and offset noise.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from layerdiff.model.bundle import LayerDiffModel
+from layerdiff.model.text import tokenize
+from layerdiff.training.settings import TrainConfig
+
+
+class LayerDiffTrainModule(nn.Module):
+    """UNet + text encoder under one module, so DDP syncs all trained weights; forward = loss."""
+
+    def __init__(self, model: LayerDiffModel):
+        super().__init__()
+        self.unet = model.unet
+        self.text_encoder = model.text_encoder
+        self.layer_prompt_tokens = model.config.layer_prompt_tokens
+
+    def forward(self, noisy, t, ids_global, ids_layers, valid, target, weight):
+        # noisy/target (B, L, 8, h, w); ids_global (B, T); ids_layers (B, L, T); weight (B, L, 8, 1, 1)
+        B, L = noisy.shape[:2]
+        glob = self.text_encoder(ids_global)[0]  # (B, T, D)
+        n = self.layer_prompt_tokens or None  # the same truncation as encode_prompts
+        lay = self.text_encoder(ids_layers.flatten(0, 1)[:, :n])[0].unflatten(0, (B, L))  # (B, L, T', D)
+        enhanced = self.unet.enhance(glob, lay)
+        pred = self.unet(noisy, t, glob.to(noisy.dtype), enhanced.to(noisy.dtype), valid=valid)
+        err = (pred.float() - target.float()) ** 2 * weight
+        count = (weight > 0).to(err.dtype).expand_as(err).sum()  # loss weights scale, they do not renormalise
+        return err.sum() / count.clamp(min=1)
+
+
+def loss_weights(valid: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(B, L) validity -> (B, L, 8, 1, 1) loss weights: valid layers, all channels, except the
+    background's mask channels (a constant white-image latent)."""
+    weight = valid[:, :, None, None, None].float().expand(-1, -1, 8, 1, 1).clone()
+    weight[:, 0, 4:] = 0
+    return weight
+
+
+class NoiseSchedule:
+    """Forward process q(x_t | x_0) of the model's scheduler config (DDPM betas)."""
+
+    def __init__(self, scheduler_config: dict):
+        from diffusers import DDPMScheduler
+
+        sched = DDPMScheduler.from_config(scheduler_config)
+        self.num_train_timesteps = sched.config.num_train_timesteps
+        self.alphas_cumprod = sched.alphas_cumprod.float()
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a = self.alphas_cumprod.to(x0.device)[t].view(-1, *([1] * (x0.ndim - 1)))
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+
+def make_batch(
+    latents: torch.Tensor,
+    valid: torch.Tensor,
+    global_prompts: list[str],
+    layer_prompts: list[list[str]],
+    tokenizer,
+    schedule: NoiseSchedule,
+    config: TrainConfig,
+    gen: torch.Generator,
+) -> dict:
+    """Noise a batch of clean layer latents (B, L, 8, h, w) and apply prompt dropout."""
+    B, L = latents.shape[:2]
+    t = torch.randint(0, schedule.num_train_timesteps, (B,), generator=gen)  # one t per composable sample
+    noise = torch.randn(latents.shape, generator=gen)  # independent per layer
+    u = torch.rand(B, generator=gen)
+    if config.offset_noise > 0:  # drawn after the rest: offset 0 keeps the stream of earlier runs
+        noise = noise + config.offset_noise * torch.randn(*latents.shape[:3], 1, 1, generator=gen)
+    globs, lays = [], []
+    for b in range(B):
+        drop_all = u[b] < config.drop_all
+        drop_layers = u[b] < config.drop_all + config.drop_layers
+        globs.append("" if drop_all else global_prompts[b])
+        lays.extend("" if drop_layers else p for p in layer_prompts[b])
+    noisy = schedule.add_noise(latents.float(), noise, t)
+    weight = loss_weights(valid, *latents.shape[-2:])
+    if config.snr_gamma > 0:  # Min-SNR-gamma for epsilon prediction: min(SNR, gamma) / SNR
+        a = schedule.alphas_cumprod[t]
+        snr = a / (1 - a)
+        weight = weight * (snr.clamp(max=config.snr_gamma) / snr).view(B, 1, 1, 1, 1)
+    return {
+        "noisy": noisy,
+        "t": t,
+        "ids_global": tokenize(tokenizer, globs),
+        "ids_layers": tokenize(tokenizer, lays).view(B, L, -1),
+        "valid": valid,
+        "target": noise,
+        "weight": weight,
+    }
