@@ -38,6 +38,18 @@ def split_sampler(name: str, scheduler: str | None = None) -> tuple[str, str | N
     return name, scheduler
 
 
+def sampler_choice(sampler: str | None, scheduler: str | None) -> tuple[str | None, str | None]:
+    """(sampler, scheduler) from a sampler and a scheduler input that may hold earlier versions'
+    values: a sampler name in ``scheduler`` (their one combined input) is the sampler, and a combined
+    name anywhere is split. Unknown values pass through, for the settings' check to name them."""
+    if isinstance(scheduler, str) and scheduler not in SCHEDULERS and scheduler in SAMPLERS + tuple(LEGACY_SAMPLERS):
+        sampler, scheduler = split_sampler(scheduler)
+        return sampler, scheduler or "normal"
+    if isinstance(sampler, str):
+        return split_sampler(sampler, scheduler)
+    return sampler, scheduler
+
+
 def _check_choice(value, name: str, choices: tuple[str, ...], extra: tuple[str, ...] = ()) -> str:
     if not isinstance(value, str) or value not in choices + extra:
         raise LayerDiffError(f"{name} {limits.show(value)} is unknown: choose one of {', '.join(choices)}")

@@ -15,6 +15,7 @@ from .layers import LayerDiffCompositeLayers, LayerDiffLayersFromImages, LayerDi
 from .loading import LayerDiffLoader
 from .prompting import LayerDiffLayerPrompt, LayerDiffPromptEnhancer
 from .sampling import LayerDiffKSampler
+from .upgrade import upgrade_request
 
 # Literal dicts, not comprehensions: ComfyUI-Manager's scanner reads the class names from this text to map
 # a workflow's missing nodes to this pack.
@@ -51,6 +52,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
 }
 
 _host.register_model_folder()  # models/layerdiff for folder_paths (cheap; no file scan)
+_host.add_prompt_handler(upgrade_request)  # API prompts saved by earlier versions (the sampler inputs)
 # One log line at load when diffusers/transformers cannot be imported; the nodes still register, and the
 # nodes that build a model raise the same line (with the command that fixes it) when they run.
 log_problem_once()

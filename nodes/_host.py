@@ -42,6 +42,23 @@ _FALLBACK_DEFAULTS = {
 }
 
 
+# ---------------------------------------------------------------------------- server
+def add_prompt_handler(handler) -> bool:
+    """Have ComfyUI's server pass every /prompt request through ``handler`` before it validates the
+    prompt; False outside ComfyUI (or a server without the hook)."""
+    if not IN_COMFYUI:
+        return False
+    try:
+        from server import PromptServer
+    except ImportError:
+        return False
+    server = getattr(PromptServer, "instance", None)
+    if server is None or not hasattr(server, "add_on_prompt_handler"):
+        return False
+    server.add_on_prompt_handler(handler)
+    return True
+
+
 # ---------------------------------------------------------------------------- folders
 
 

@@ -11,7 +11,7 @@ from layerdiff.edit import REGENERATE
 from layerdiff.errors import LayerDiffError
 from layerdiff.io.checkpoint import DEFAULT_MODEL, model_file, read_layerdiff_header
 from layerdiff.pipeline import check_size
-from layerdiff.settings import SAMPLERS, SCHEDULERS, SamplerSettings
+from layerdiff.settings import SAMPLERS, SCHEDULERS, SamplerSettings, sampler_choice
 
 
 def _builtin_sampling() -> SamplerSettings:
@@ -85,7 +85,7 @@ def layout_cleanup() -> tuple:
 def sampler_name() -> tuple:
     return (list(SAMPLERS), {"default": SAMPLING.sampler, "tooltip": (
         "Sampler (the solver); ddim is the paper's. The combined names of earlier versions (dpmpp_2m_karras, "
-        "unipc) still load.")})
+        "unipc) still load, here or in the scheduler input.")})
 
 
 def scheduler() -> tuple:
@@ -97,7 +97,8 @@ def sampler_settings(steps, cfg, sampler_name, scheduler="normal", **more) -> Sa
     """The node's widgets as settings; 0 for background_cfg and None for the others: the model's own."""
     if more.get("background_cfg") == 0:
         more["background_cfg"] = None
-    return SamplerSettings(steps=steps, cfg=cfg, sampler=sampler_name, scheduler=scheduler, **more)
+    sampler, scheduler = sampler_choice(sampler_name, scheduler)  # values of earlier versions' workflows
+    return SamplerSettings(steps=steps, cfg=cfg, sampler=sampler, scheduler=scheduler, **more)
 
 
 def size(name: str) -> tuple:
@@ -147,7 +148,8 @@ def validate(**values) -> bool | str:
                 continue
             limits.check_number(value, name, _KEYS.get(name, name))
         if values.get("sampler_name") is not None or values.get("scheduler") is not None:
-            SamplerSettings(sampler=values.get("sampler_name"), scheduler=values.get("scheduler"))
+            sampler, scheduler = sampler_choice(values.get("sampler_name"), values.get("scheduler"))
+            SamplerSettings(sampler=sampler, scheduler=scheduler)
         width, height = values.get("width"), values.get("height")
         if width is not None or height is not None:
             check_size(SIZE_MIN if width is None else width, SIZE_MIN if height is None else height, SIZE_STEP)

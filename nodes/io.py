@@ -7,9 +7,9 @@ import logging
 import os
 
 from layerdiff.errors import LayerDiffError
-from layerdiff.io.writing import png_bytes, to_uint8
 from layerdiff.io.psd import load_psd, save_psd
 from layerdiff.io.resultset import clean_stale_temp_files
+from layerdiff.io.writing import png_bytes, to_uint8
 
 from . import _host, convert
 

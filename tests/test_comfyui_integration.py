@@ -101,10 +101,11 @@ def main_graph(prefix: str, **sampler) -> dict:
               "inputs": {"model": ["1", 0], "prompts": ["4", 0], "global_prompt": "", "negative_prompt": ""}},
         "6": {"class_type": "LayerDiffKSampler",
               "inputs": {"model": ["1", 0], "conditioning": ["5", 0], "seed": 1, "steps": 3, "cfg": 7.5,
-                         "mask_guidance": 0.75, "mask_guidance_start": 0.25, "scheduler": "ddim", "width": 64,
-                         "height": 64, "batch_size": 2, **sampler}},
+                         "mask_guidance": 0.75, "mask_guidance_start": 0.25, "sampler_name": "ddim",
+                         "scheduler": "normal", "width": 64, "height": 64, "batch_size": 2, **sampler}},
         "7": {"class_type": "LayerDiffLayerEdit",
               "inputs": {"model": ["1", 0], "layers": ["6", 0], "layer_index": ["3", 1], "prompt": "a green heart",
+                         # an API prompt of an earlier version: one combined "scheduler" input (upgraded on arrival)
                          "seed": 2, "regenerate": "image and mask", "steps": 3, "cfg": 7.5, "scheduler": "ddim"}},
         "8": {"class_type": "LayerDiffSplitLayers", "inputs": {"layers": ["7", 0], "layer_index": 1}},
         "9": {"class_type": "LayerDiffCompositeLayers", "inputs": {"layers": ["7", 0]}},
@@ -159,7 +160,8 @@ def test_psd_back_in_restyled_transformed_inpainted(server):
         "20": {"class_type": "LayerDiffLoadPSD", "inputs": {"psd": name}},
         "21": {"class_type": "LayerDiffLayerStyle",
                "inputs": {"model": ["1", 0], "layers": ["20", 0], "style": "watercolor style", "strength": 0.5,
-                          "layers_to_style": "all", "seed": 3, "steps": 3, "cfg": 7.5, "scheduler": "ddim"}},
+                          "layers_to_style": "all", "seed": 3, "steps": 3, "cfg": 7.5,
+                          "scheduler": "dpmpp_2m_karras"}},  # earlier versions' combined input
         "22": {"class_type": "LayerDiffTransformLayer",
                "inputs": {"layers": ["21", 0], "layer_index": 1, "dx": 8, "dy": -8, "scale": 1.25, "move_to": 2,
                           "remove": False, "harmonize": 0.3, "seed": 4, "model": ["1", 0]}},
@@ -167,7 +169,7 @@ def test_psd_back_in_restyled_transformed_inpainted(server):
         "24": {"class_type": "LayerDiffLayerInpaint",
                "inputs": {"model": ["1", 0], "layers": ["22", 0], "layer_index": 0, "region": ["23", 0],
                           "prompt": "a snowy field", "seed": 5, "grow": 1, "regenerate": "image and mask",
-                          "steps": 3, "cfg": 7.5, "scheduler": "euler"}},
+                          "steps": 3, "cfg": 7.5, "sampler_name": "euler", "scheduler": "karras"}},
         "25": {"class_type": "LayerDiffCompositeLayers", "inputs": {"layers": ["24", 0]}},
         "26": {"class_type": "SaveImage", "inputs": {"images": ["25", 0], "filename_prefix": f"{server.run_id}/edited"}},
     }

@@ -104,3 +104,36 @@ def test_ksampler_maps_earlier_workflow_values(tiny_node_model):
     assert ks.VALIDATE_INPUTS(64, 64, sampler_name="dpmpp_2m_karras", scheduler="normal") is True
     assert "unknown" in ks.VALIDATE_INPUTS(64, 64, sampler_name="nope")
     assert "karras" in ks.VALIDATE_INPUTS(64, 64, sampler_name="ddim", scheduler="karras")
+
+
+def test_api_prompts_of_earlier_versions_are_upgraded_before_validation():
+    from nodes.upgrade import upgrade_request
+
+    body = {"client_id": "x", "prompt": {
+        "1": {"class_type": "LayerDiffKSampler", "inputs": {"scheduler": "dpmpp_2m_karras", "steps": 3}},
+        "2": {"class_type": "LayerDiffLayerEdit", "inputs": {"scheduler": "ddim"}},
+        "3": {"class_type": "LayerDiffLayerStyle", "inputs": {"sampler_name": "euler", "scheduler": "karras"}},
+        "4": {"class_type": "KSampler", "inputs": {"scheduler": "normal", "sampler_name": "euler"}},
+        "5": {"class_type": "LayerDiffLayerInpaint", "inputs": {"scheduler": ["9", 0]}},  # linked: left alone
+        "6": "junk", "7": {"class_type": "LayerDiffKSampler"}}}
+    out = upgrade_request(body)
+    p = out["prompt"]
+    assert p["1"]["inputs"] == {"sampler_name": "dpmpp_2m", "scheduler": "karras", "steps": 3}
+    assert p["2"]["inputs"] == {"sampler_name": "ddim", "scheduler": "normal"}
+    assert p["3"]["inputs"] == {"sampler_name": "euler", "scheduler": "karras"}
+    assert p["4"]["inputs"] == {"scheduler": "normal", "sampler_name": "euler"}
+    assert p["5"]["inputs"] == {"scheduler": ["9", 0]} and p["6"] == "junk"
+    assert upgrade_request(None) is None and upgrade_request({"prompt": 5}) == {"prompt": 5}
+
+
+def test_sampler_choice_reads_earlier_values_in_either_input():
+    from layerdiff.settings import sampler_choice
+
+    assert sampler_choice("ddim", "normal") == ("ddim", "normal")
+    assert sampler_choice("ddim", "dpmpp_2m_karras") == ("dpmpp_2m", "karras")  # an old API prompt loaded in the editor
+    assert sampler_choice("ddim", "euler") == ("euler", "normal")
+    assert sampler_choice("unipc", None) == ("uni_pc", "normal") and sampler_choice(None, None) == (None, None)
+    assert sampler_choice("ddim", "nope") == ("ddim", "nope")  # left for the settings' check to name
+    ks = nodes.NODE_CLASS_MAPPINGS["LayerDiffKSampler"]
+    assert ks.VALIDATE_INPUTS(64, 64, sampler_name="ddim", scheduler="dpmpp_2m_karras") is True
+    assert "scheduler 'nope' is unknown" in ks.VALIDATE_INPUTS(64, 64, sampler_name="ddim", scheduler="nope")

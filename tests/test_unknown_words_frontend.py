@@ -49,7 +49,7 @@ def text_to_layers(background: str, foreground: str, global_prompt: str) -> dict
             "model": ["1", 0], "prompts": ["3", 0], "global_prompt": global_prompt, "negative_prompt": ""}},
         "5": {"class_type": "LayerDiffKSampler", "inputs": {
             "model": ["1", 0], "conditioning": ["4", 0], "seed": 1, "steps": 2, "cfg": 3.0, "mask_guidance": 0.75,
-            "mask_guidance_start": 0.25, "scheduler": "ddim", "width": 128, "height": 128, "batch_size": 1}},
+            "mask_guidance_start": 0.25, "sampler_name": "ddim", "scheduler": "normal", "width": 128, "height": 128, "batch_size": 1}},
         "6": {"class_type": "LayerDiffCompositeLayers", "inputs": {"layers": ["5", 0]}},
         "7": {"class_type": "PreviewImage", "inputs": {"images": ["6", 0]}},
     }

@@ -97,7 +97,6 @@ def check_against_model(args, prompts) -> None:
 def run(args) -> int:
     from layerdiff.cli import sampler_flags
     from layerdiff.generate_files import generate_to_folder
-
     from layerdiff.io.checkpoint import check_model
 
     prompts = check_args(args)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from layerdiff.settings import LEGACY_SAMPLERS, SAMPLERS, SCHEDULERS, SamplerSettings, split_sampler
+from layerdiff.settings import LEGACY_SAMPLERS, SAMPLERS, SCHEDULERS, SamplerSettings, sampler_choice
 
 # flag -> help; every default is the model's own (SamplerSettings.resolve)
 HELP = {
@@ -36,9 +36,5 @@ def add(parser, names=tuple(HELP), help_overrides: dict | None = None) -> None:
 def settings(args, **fixed) -> SamplerSettings:
     """SamplerSettings from the parsed flags (None: the model's), ``fixed`` on top."""
     values = {name: getattr(args, name) for name in HELP if hasattr(args, name)}
-    sampler, scheduler = args.sampler, args.scheduler
-    if scheduler is not None and scheduler not in SCHEDULERS:  # --scheduler dpmpp_2m_karras: a sampler
-        sampler, scheduler = split_sampler(scheduler, None)
-    elif sampler is not None:
-        sampler, scheduler = split_sampler(sampler, scheduler)
+    sampler, scheduler = sampler_choice(args.sampler, args.scheduler)  # --scheduler dpmpp_2m_karras: a sampler
     return SamplerSettings(sampler=sampler, scheduler=scheduler, **{**values, **fixed})
