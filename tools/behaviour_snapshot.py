@@ -65,6 +65,17 @@ def file_hash(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def psd_layers(path: Path) -> list:
+    """(name, pixel hash) of every layer, back to front: what a PSD holds besides its bytes' layout."""
+    from psd_tools import PSDImage
+
+    out = []
+    for layer in PSDImage.open(path):
+        arr = np.asarray(layer.topil())
+        out.append([layer.name, hashlib.sha256(f"{arr.shape}".encode() + arr.tobytes()).hexdigest()])
+    return out
+
+
 def tensors_hash(path: Path) -> dict:
     from safetensors.torch import load_file
 
@@ -85,7 +96,7 @@ def hash_tree(root: Path) -> dict:
         elif path.suffix == ".safetensors":
             out[rel] = tensors_hash(path)
         elif path.suffix.lower() == ".psd":
-            out[rel] = file_hash(path)
+            out[rel] = {"bytes": file_hash(path), "layers": psd_layers(path)}
     return out
 
 
