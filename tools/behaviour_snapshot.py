@@ -199,6 +199,10 @@ def record(out: Path, parts: list[str]) -> None:
 
 
 def _diff(a, b, where: str, lines: list[str]) -> None:
+    if isinstance(a, str) and isinstance(b, dict) and "bytes" in b:  # a PSD recorded by an earlier version
+        b = b["bytes"]
+    elif isinstance(b, str) and isinstance(a, dict) and "bytes" in a:
+        a = a["bytes"]
     if isinstance(a, dict) and isinstance(b, dict):
         for k in sorted(set(a) | set(b)):
             if k not in a or k not in b:
