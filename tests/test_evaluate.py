@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from layerdiff.cli import main
-from layerdiff.data.toy import COLOURS, ToySpec, render_sample, sample_prompt_spec
+from layerdiff.data.toy import COLOURS, SHAPES, ToySpec, render_sample, sample_prompt_spec
 from layerdiff.errors import LayerDiffError
 from layerdiff.evaluation import metrics, scenes
 from layerdiff.stack import LayerStack
@@ -137,6 +137,42 @@ def test_rendered_ground_truth_scores_perfectly(truths):
             assert group[metric] == 1.0, metric
         assert group["overlap_fraction"] == 0.0 and group["empty_mask_rate"] == 0.0
         assert group["position_accuracy"] in (None, 1.0)
+    assert 0.8 <= summary["all"]["texture_fidelity"] <= 1.2  # the toy world's own backgrounds: about 1.0
+    for rec, (_, spec) in zip(records, _stacks(truths)):
+        assert rec["prompted_background"] == spec.background
+        assert [f["prompted"] for f in rec["foregrounds"]] == spec.to_dict()["objects"]
+
+
+def test_breakdown_per_prompted_word(truths):
+    records = [metrics.judge_sample(*t) for t in truths]
+    parts = metrics.breakdown(records)
+    assert set(parts) == set(metrics.BREAKDOWNS)
+    objects = [o for _, _, spec in truths for o in spec.objects]
+    for group in ("shape", "colour", "size", "position"):
+        words = [getattr(o, group) for o in objects if getattr(o, group) is not None]
+        assert {w: v["foregrounds"] for w, v in parts[group].items()} == {w: words.count(w) for w in set(words)}
+        for values in parts[group].values():
+            assert all(values[m] == 1.0 for m in metrics.BREAKDOWNS[group][1]), (group, values)
+    assert list(parts["shape"]) == [s for s in SHAPES if s in parts["shape"]]  # vocabulary order
+    backgrounds = [spec.background for _, _, spec in truths]
+    counts = {b: v["samples"] for b, v in parts["background"].items()}
+    assert counts == {b: backgrounds.count(b) for b in set(backgrounds)}
+    for name, values in parts["background"].items():
+        want = np.mean([r["texture_fidelity"] for r in records if r["prompted_background"] == name])
+        assert values["background_accuracy"] == 1.0 and values["texture_fidelity"] == pytest.approx(want, abs=1e-4)
+
+    # one recoloured object and one blurred background: only their own words lose
+    images, masks, spec = (x.copy() if isinstance(x, np.ndarray) else x for x in truths[2])
+    images[1][masks[0] > 0.5] = np.asarray(COLOURS[_other_colour(spec.objects[0].colour)], dtype=np.float32) / 255
+    blurred = Image.fromarray(np.rint(images[0] * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(2))
+    images[0] = np.asarray(blurred, dtype=np.float32) / 255
+    bad = metrics.judge_sample(images, masks, spec)
+    assert bad["texture_fidelity"] < 0.8 * records[2]["texture_fidelity"]
+    worse = metrics.breakdown([bad])
+    assert worse["colour"][spec.objects[0].colour]["colour_accuracy"] == 0.0
+    assert all(v["colour_accuracy"] == 1.0 for c, v in worse["colour"].items() if c != spec.objects[0].colour)
+    assert worse["background"][spec.background]["texture_fidelity"] == pytest.approx(bad["texture_fidelity"], abs=1e-4)
+    assert metrics.breakdown([]) == {g: {} for g in metrics.BREAKDOWNS}
 
 
 def test_a_batched_stack_is_judged_sample_by_sample(truths):
@@ -259,6 +295,17 @@ def test_eval_command_end_to_end(tmp_path, capsys):
     met = report["targets_met"]
     assert set(met["smg"]) == {"2", "3", "4", "all"} and met["all"] is False
     assert len(report["per_sample"]) == 6 and report["per_sample"][0]["seed"] == scenes.DEFAULT_SEED
+    assert set(report["breakdown"]) == {"cfg", "smg"}
+    for variant, parts in report["breakdown"].items():
+        assert set(parts) == set(metrics.BREAKDOWNS)
+        assert sum(v["foregrounds"] for v in parts["shape"].values()) == report[variant]["all"]["foregrounds"]
+        assert sum(v["foregrounds"] for v in parts["colour"].values()) == report[variant]["all"]["foregrounds"]
+        assert sum(v["samples"] for v in parts["background"].values()) == 6
+    for scene in report["per_sample"]:
+        for variant in ("cfg", "smg"):
+            assert 0.0 <= scene[variant]["texture_fidelity"] <= 1.5
+            assert scene[variant]["prompted_background"] == scene["spec"]["background"]
+            assert [f["prompted"] for f in scene[variant]["foregrounds"]] == scene["spec"]["objects"]
     img = Image.open(grid)  # scenes 0 (2 layers) and 1 (3 layers): composite, background, 2 fg, 2 masks
     assert img.size[0] == 128 * 6 and img.size[1] > 4 * 128  # a CFG row and an SMG row per scene
 

@@ -1,4 +1,5 @@
-"""The model-free toy judge, on fresh renders (a seed no dataset uses), clean and mildly degraded."""
+"""The model-free toy judge, on fresh renders (a seed no dataset uses), clean and mildly degraded;
+background texture fidelity on ground-truth and blurred backgrounds."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from layerdiff.data.toy import SHAPES, render_sample, shape_mask
+from layerdiff.data.toy import BACKGROUNDS, SHAPES, render_sample, shape_mask
 from layerdiff.errors import LayerDiffError
 from layerdiff.evaluation import judge
 
@@ -77,6 +78,7 @@ def test_judge_layers_summary(fresh):
     s = fresh[3]
     res = judge.judge_layers(s.background, s.foregrounds, s.masks, s.extra)
     assert res["background_ok"] and res["background_confidence"] > 0.9
+    assert res["texture_fidelity"] == judge.texture_fidelity(s.background, s.extra["background"])
     assert all(layer["shape_ok"] and layer["colour_ok"] and layer["size_ok"] and layer["position_ok"]
                and layer["mask_iou"] == 1.0 for layer in res["layers"])
     with pytest.raises(LayerDiffError, match="labelled objects"):
@@ -95,3 +97,64 @@ def test_input_layouts_and_errors():
         judge.classify_background(np.full((64, 64, 3), -0.8, dtype=np.float32))
     with pytest.raises(LayerDiffError, match="shape"):
         judge.classify_background(np.zeros((64, 64), dtype=np.float32))
+
+
+# ---------------------------------------------------------------------------------------------
+# background texture fidelity
+
+
+def backgrounds_per_class(size: int, per_class: int = 6) -> dict[str, list[Image.Image]]:
+    """Ground-truth backgrounds of fresh toy scenes at ``size``: the first ``per_class`` of each class."""
+    out: dict[str, list[Image.Image]] = {b: [] for b in BACKGROUNDS}
+    index = 0
+    while min(len(v) for v in out.values()) < per_class:
+        s = render_sample(FRESH_SEED, index, size)
+        index += 1
+        if len(out[s.extra["background"]]) < per_class:
+            out[s.extra["background"]].append(s.background)
+    return out
+
+
+@pytest.mark.parametrize("size", [64, 128])
+def test_texture_fidelity_is_one_on_ground_truth_and_falls_when_blurred(size):
+    scores, blurred = {}, {}
+    for name, images in backgrounds_per_class(size).items():
+        scores[name] = np.mean([judge.texture_fidelity(im, name) for im in images])
+        blurred[name] = np.mean([judge.texture_fidelity(im.filter(ImageFilter.GaussianBlur(1)), name) for im in images])
+        assert 0.9 <= scores[name] <= 1.1, (name, scores[name])
+        if name == "blue sky":  # no pixel-scale detail: its edge energy is its smooth gradient, which blur keeps
+            assert blurred[name] <= scores[name] + 1e-6
+        else:
+            assert blurred[name] <= 0.8 * scores[name], (name, blurred[name], scores[name])
+    assert 0.95 <= np.mean(list(scores.values())) <= 1.05
+    assert np.mean(list(blurred.values())) <= 0.7
+    for name, images in backgrounds_per_class(size, 2).items():  # a box blur too, and a stronger blur loses more
+        for im in images:
+            box, strong = im.filter(ImageFilter.BoxBlur(1)), im.filter(ImageFilter.GaussianBlur(2))
+            if name != "blue sky":
+                assert judge.texture_fidelity(strong, name) < judge.texture_fidelity(box, name) < 0.8 * \
+                    judge.texture_fidelity(im, name)
+
+
+def test_texture_fidelity_bounds_inputs_and_determinism():
+    flat = np.full((64, 64, 3), 0.4, dtype=np.float32)
+    assert judge.edge_energy(flat) == 0.0 and judge.texture_fidelity(flat, "brick wall") == 0.0
+    noise = np.random.default_rng(0).random((64, 64, 3)).astype(np.float32)
+    assert judge.texture_fidelity(noise, "blue sky") == judge.TEXTURE_CLIP  # more detail than the toy's: clipped
+    assert judge.texture_fidelity(noise, "blue sky", clip=None) > 10
+    # the same image as uint8, float, PIL and (3, H, W) scores the same
+    s = render_sample(FRESH_SEED, 5, 64)
+    u8 = np.asarray(s.background)
+    as_float = u8.astype(np.float32) / 255.0
+    want = judge.texture_fidelity(u8, s.extra["background"])
+    for img in (as_float, s.background, as_float.transpose(2, 0, 1)):
+        assert judge.texture_fidelity(img, s.extra["background"]) == pytest.approx(want, abs=1e-9)
+    # references depend only on the size, whatever was asked for before
+    refs = judge.texture_references(64)
+    judge.texture_references.cache_clear()
+    judge.texture_references(96)
+    assert judge.texture_references(64) == refs and set(refs) == set(BACKGROUNDS) and min(refs.values()) > 0
+    with pytest.raises(LayerDiffError, match="toy background 'lava' is unknown"):
+        judge.texture_fidelity(u8, "lava")
+    with pytest.raises(LayerDiffError, match="no neighbouring pixels"):
+        judge.edge_energy(np.zeros((1, 8, 3), dtype=np.float32))

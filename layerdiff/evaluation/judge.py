@@ -8,9 +8,31 @@ know only the toy renderer (``layerdiff/data/toy.py``), never the diffusion mode
 - colour: the median colour inside the mask, nearest palette entry;
 - shape: the mask normalised to its bounding box, best soft IoU against rendered templates of
   each shape at several pixel sizes (the toy draws shapes upright, so no rotation search);
-- the object actually drawn in a foreground layer: pixels far from the neutral grey fill.
+- the object actually drawn in a foreground layer: pixels far from the neutral grey fill;
+- background texture fidelity: the background's edge energy relative to the toy world's own
+  backgrounds of the prompted class (below).
 
 Images are (H, W, 3) float in 0..1 or uint8 (numpy, PIL, or CPU tensors of that layout).
+
+Texture fidelity. A background's *edge energy* (:func:`edge_energy`) is the mean absolute
+difference of luminance (the mean of R, G and B, 0..1) between horizontally and between vertically
+neighbouring pixels, averaged over the two directions, computed on the image as 8-bit pixels at its
+own size (no resampling: resizing would itself blur or sharpen the detail being measured). The toy
+backgrounds' detail is pixel-scale (mortar lines, grass blades, snowflakes and stars of one or two
+pixels, sand grains, wood grain, tile edges), and it is exactly this that a blurred or smoothed
+background loses, so the edge energy falls with it. :func:`texture_fidelity` divides it by the
+mean edge energy of :data:`TEXTURE_REFERENCES` renders of the *prompted* class by the toy renderer
+at the same size (:func:`texture_references`: fixed seeds, rendered once per size and then cached),
+so a background with the toy world's own amount of detail scores 1.0 on average, a flat one 0,
+and the score is comparable across classes whose raw edge energies differ widely. The ratio is
+clipped at :data:`TEXTURE_CLIP` (1.5): more edge energy than the toy world's is noise or artefacts,
+not fidelity, and one noisy background must not outweigh several flat ones in a mean. Ground-truth
+renders score about 1.0 on average and spread around it one by one (a class's renders differ, e.g.
+in how many clouds a sky has). It measures the amount of detail, not whether it is the right detail
+(which class a background shows is the background classifier's job). Two limits: a blue sky has
+almost no pixel-scale detail (its edge energy is mostly its smooth colour gradient), so blurring one
+barely lowers its score; and the two smoothest classes (blue sky, snowy field) score above 1 with
+even faint pixel noise.
 """
 
 from __future__ import annotations
@@ -36,9 +58,13 @@ OBJECT_THRESHOLD = 0.15  # |pixel - 0.5| above this (any channel) = drawn object
 # tips of large stars but never grows an object
 SIZE_THRESHOLD = SIZES["small"][1] + 0.01
 
+TEXTURE_CLIP = 1.5  # texture fidelity above this (more detail than the toy world's) counts as this
+TEXTURE_REFERENCES = 64  # renders per background class whose mean edge energy is the reference
+
 __all__ = [
-    "background_features", "classify_background", "classify_colour", "classify_position", "classify_shape",
-    "classify_size", "judge_layers", "mask_iou", "object_mask_from_layer",
+    "TEXTURE_CLIP", "TEXTURE_REFERENCES", "background_features", "classify_background", "classify_colour",
+    "classify_position", "classify_shape", "classify_size", "edge_energy", "judge_layers", "mask_iou",
+    "object_mask_from_layer", "texture_fidelity", "texture_references",
 ]
 
 
@@ -134,6 +160,46 @@ def classify_background(img) -> tuple[str, float]:
     p /= p.sum()
     best = int(p.argmax())
     return names[best], float(p[best])
+
+
+def edge_energy(img) -> float:
+    """Mean absolute luminance difference of neighbouring pixels (across and down, averaged), 0..1 units.
+
+    Luminance is the mean of R, G and B of the image as 8-bit pixels, at the image's own size.
+    """
+    x = _as_image(img, "background")
+    if min(x.shape[:2]) < 2:
+        raise LayerDiffError(f"background of {x.shape[0]}x{x.shape[1]} px has no neighbouring pixels: give 2x2 or more")
+    lum = np.rint(x * 255.0).mean(-1) / 255.0
+    return float(0.5 * (np.abs(np.diff(lum, axis=1)).mean() + np.abs(np.diff(lum, axis=0)).mean()))
+
+
+@lru_cache(maxsize=4)
+def texture_references(size: int) -> dict[str, float]:
+    """Each toy background's mean edge energy over the judge's own renders at ``size`` px (once per size).
+
+    Render ``i`` of class ``c`` uses the seed ``(judge seed, c, i)``, so the references do not depend on
+    which sizes were asked for before.
+    """
+    out = {}
+    for c, name in enumerate(BACKGROUNDS):
+        energies = [edge_energy(render_background(name, size, np.random.default_rng([_JUDGE_SEED, c, i])))
+                    for i in range(TEXTURE_REFERENCES)]
+        out[name] = float(np.mean(energies))
+    return out
+
+
+def texture_fidelity(img, background: str, clip: float | None = TEXTURE_CLIP) -> float:
+    """Edge energy of ``img`` over the mean edge energy of toy ``background`` renders at its size.
+
+    1.0: as much pixel-scale detail as the toy world's backgrounds of that class; 0: flat. Clipped
+    at ``clip`` (None: the raw ratio). A non-square image is compared with renders at its larger side.
+    """
+    if background not in BACKGROUNDS:
+        raise LayerDiffError(f"toy background {background!r} is unknown: use one of {', '.join(BACKGROUNDS)}")
+    x = _as_image(img, "background")
+    ratio = edge_energy(x) / texture_references(int(max(x.shape[:2])))[background]
+    return ratio if clip is None else min(ratio, float(clip))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,4 +371,5 @@ def judge_layers(background, foregrounds: Sequence, masks: Sequence, labels: Map
             "mask_iou": mask_iou(_as_mask(mask), drawn),
         })
     return {"background": bg_name, "background_confidence": bg_conf,
-            "background_ok": bg_name == labels["background"], "layers": layers}
+            "background_ok": bg_name == labels["background"],
+            "texture_fidelity": texture_fidelity(background, labels["background"]), "layers": layers}

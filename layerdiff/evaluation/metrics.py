@@ -6,6 +6,10 @@ renderer, never the model. A generated foreground mask is the decoded soft mask 
 never depends on another's):
 
 - ``background_accuracy``: ``classify_background(layer 0)`` names the prompted background;
+- ``texture_fidelity``: ``texture_fidelity(layer 0, prompted background)``, the background's edge
+  energy over that of the toy world's own backgrounds of the prompted class at the same size,
+  clipped at 1.5 (1.0: as much pixel-scale detail as the toy world's; see
+  :mod:`layerdiff.evaluation.judge`);
 - ``colour_accuracy``: the median colour of the layer image inside its generated mask is the
   prompted palette colour; ``shape_accuracy``: the generated mask's shape is the prompted one;
   ``size_accuracy`` and ``position_accuracy`` (objects with a named position only) likewise;
@@ -21,10 +25,11 @@ never depends on another's):
 - ``scene_accuracy``: composites with the right background and every foreground's colour and
   shape right.
 
-Rates are means over composites (background, overlap, scene) or over foregrounds (the rest)
-(:func:`summarise`). ``smg_minus_cfg`` is SMG minus CFG per metric; ``smg_minus_cfg_stderr`` the
-standard error of that difference, paired over identical prompts and seeds
-(:func:`compare_variants`).
+Rates are means over composites (background, texture, overlap, scene) or over foregrounds (the
+rest) (:func:`summarise`). :func:`breakdown` gives the same judgements over all layer counts per
+prompted word: per shape, colour, size, position and background class. ``smg_minus_cfg`` is SMG
+minus CFG per metric; ``smg_minus_cfg_stderr`` the standard error of that difference, paired over
+identical prompts and seeds (:func:`compare_variants`).
 
 The targets (for the trained built-in model, on >= 200 samples) are in :data:`TARGETS`;
 :func:`check_targets` says which ones a run meets, per variant and layer count. "SMG at least as
@@ -40,7 +45,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from layerdiff.data.toy import ToySpec
+from layerdiff.data.toy import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, ToySpec
 from layerdiff.errors import LayerDiffError
 from layerdiff.evaluation.judge import (
     classify_background,
@@ -50,6 +55,7 @@ from layerdiff.evaluation.judge import (
     classify_size,
     mask_iou,
     object_mask_from_layer,
+    texture_fidelity,
 )
 
 MASK_THRESHOLD = 0.5
@@ -67,6 +73,7 @@ TARGET_MIN_SAMPLES = 200
 # every reported metric: (name, unit it averages over, higher is better)
 METRICS: tuple[tuple[str, str, bool], ...] = (
     ("background_accuracy", "composite", True),
+    ("texture_fidelity", "composite", True),
     ("colour_accuracy", "foreground", True),
     ("shape_accuracy", "foreground", True),
     ("size_accuracy", "foreground", True),
@@ -77,11 +84,19 @@ METRICS: tuple[tuple[str, str, bool], ...] = (
     ("scene_accuracy", "composite", True),
 )
 VARIANTS = ("cfg", "smg")
+# breakdown group -> (the prompted words in vocabulary order, the metrics reported per word)
+BREAKDOWNS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "shape": (SHAPES, ("shape_accuracy", "mask_iou")),
+    "colour": (tuple(COLOURS), ("colour_accuracy", "mask_iou")),
+    "size": (tuple(SIZES), ("size_accuracy",)),
+    "position": (tuple(POSITIONS), ("position_accuracy",)),
+    "background": (tuple(BACKGROUNDS), ("background_accuracy", "texture_fidelity")),
+}
 
 __all__ = [
-    "MASK_THRESHOLD", "METRICS", "OVERLAP_TOLERANCE", "TARGETS", "TARGET_MIN_SAMPLES", "VARIANTS", "check_targets",
-    "compare_variants", "judge_sample", "judge_stack", "mask_overlap", "metric_values", "min_mask_area",
-    "paired_stderr", "summarise",
+    "BREAKDOWNS", "MASK_THRESHOLD", "METRICS", "OVERLAP_TOLERANCE", "TARGETS", "TARGET_MIN_SAMPLES", "VARIANTS",
+    "breakdown", "check_targets", "compare_variants", "judge_sample", "judge_stack", "mask_overlap", "metric_values",
+    "min_mask_area", "paired_stderr", "summarise",
 ]
 
 
@@ -128,6 +143,7 @@ def judge_sample(images: np.ndarray, masks: np.ndarray, spec: ToySpec) -> dict:
         positions = set() if empty else classify_position(m)
         drawn = object_mask_from_layer(img)
         layers.append({
+            "prompted": {"shape": obj.shape, "colour": obj.colour, "size": obj.size, "position": obj.position},
             "colour": colour, "colour_ok": colour == obj.colour,
             "shape": shape, "shape_ok": shape == obj.shape,
             "size": size, "size_ok": size == obj.size,
@@ -138,7 +154,9 @@ def judge_sample(images: np.ndarray, masks: np.ndarray, spec: ToySpec) -> dict:
     overlap = mask_overlap(hard)
     return {
         "layers_count": L,
+        "prompted_background": spec.background,
         "background": background, "background_ok": background == spec.background,
+        "texture_fidelity": texture_fidelity(images[0], spec.background),
         "foregrounds": layers,
         "max_overlap": round(overlap, 4), "overlap": overlap > OVERLAP_TOLERANCE,
         "scene_ok": background == spec.background and all(f["colour_ok"] and f["shape_ok"] for f in layers),
@@ -157,22 +175,32 @@ def judge_stack(stack, specs: Sequence[ToySpec]) -> list[dict]:
 # over many stacks
 
 
-def metric_values(records: Sequence[dict]) -> dict[str, np.ndarray]:
-    """Per-item values of every metric, in record order (so two variants pair up item by item)."""
-    fgs = [f for r in records for f in r["foregrounds"]]
-    f = lambda key: np.array([float(x[key]) for x in fgs], dtype=np.float64)  # noqa: E731
+def _composite_values(records: Sequence[dict]) -> dict[str, np.ndarray]:
     c = lambda key: np.array([float(r[key]) for r in records], dtype=np.float64)  # noqa: E731
     return {
         "background_accuracy": c("background_ok"),
+        "texture_fidelity": c("texture_fidelity"),
+        "overlap_fraction": c("overlap"),
+        "scene_accuracy": c("scene_ok"),
+    }
+
+
+def _foreground_values(fgs: Sequence[dict]) -> dict[str, np.ndarray]:
+    f = lambda key: np.array([float(x[key]) for x in fgs], dtype=np.float64)  # noqa: E731
+    return {
         "colour_accuracy": f("colour_ok"),
         "shape_accuracy": f("shape_ok"),
         "size_accuracy": f("size_ok"),
         "position_accuracy": np.array([float(x["position_ok"]) for x in fgs if x["position_ok"] is not None]),
         "mask_iou": f("mask_iou"),
-        "overlap_fraction": c("overlap"),
         "empty_mask_rate": f("empty"),
-        "scene_accuracy": c("scene_ok"),
     }
+
+
+def metric_values(records: Sequence[dict]) -> dict[str, np.ndarray]:
+    """Per-item values of every metric, in record order (so two variants pair up item by item)."""
+    values = {**_composite_values(records), **_foreground_values([f for r in records for f in r["foregrounds"]])}
+    return {m: values[m] for m, _, _ in METRICS}
 
 
 def paired_stderr(d: np.ndarray) -> float | None:
@@ -198,6 +226,29 @@ def summarise(records: Sequence[dict]) -> dict[str, dict]:
         values = metric_values(group)
         out[name] = {"samples": len(group), "foregrounds": sum(len(r["foregrounds"]) for r in group),
                      **{m: _mean(values[m]) for m, _, _ in METRICS}}
+    return out
+
+
+def breakdown(records: Sequence[dict]) -> dict[str, dict]:
+    """Over all layer counts, per prompted word: the metrics that judge it (:data:`BREAKDOWNS`).
+
+    {"shape": {"circle": {"foregrounds", "shape_accuracy", "mask_iou"}, ...}, "colour", "size",
+    "position" (foregrounds whose prompt names one) likewise, "background": {"blue sky":
+    {"samples", "background_accuracy", "texture_fidelity"}, ...}}; words no scene prompted are left out.
+    """
+    fgs = [f for r in records for f in r["foregrounds"]]
+    out: dict[str, dict] = {}
+    for group, (words, names) in BREAKDOWNS.items():
+        out[group] = {}
+        for word in words:
+            if group == "background":
+                chosen = [r for r in records if r["prompted_background"] == word]
+                values, count = _composite_values(chosen), {"samples": len(chosen)}
+            else:
+                chosen = [f for f in fgs if f["prompted"][group] == word]
+                values, count = _foreground_values(chosen), {"foregrounds": len(chosen)}
+            if chosen:
+                out[group][word] = {**count, **{m: _mean(values[m]) for m in names}}
     return out
 
 

@@ -21,6 +21,7 @@ from layerdiff.evaluation.metrics import (
     MASK_THRESHOLD,
     OVERLAP_TOLERANCE,
     VARIANTS,
+    breakdown,
     check_targets,
     compare_variants,
     summarise,
@@ -152,6 +153,7 @@ def eval_command(args, settings=None) -> int:
         "smg_minus_cfg": diff,
         "smg_minus_cfg_stderr": stderr,
         "targets_met": check_targets(results, diff, stderr, len(items)),
+        "breakdown": {v: breakdown(records[v]) for v in VARIANTS},
         "timing": {"scenes_s": round(t_specs, 1), **result["timing"]},
     }
     if args.grid is not None and keep:
