@@ -18,7 +18,6 @@ from layerdiff.conditioning import (
     LayerPrompts,
     check_model,
     check_prompt_sets,
-    check_prompts,
     encode_prompts,
 )
 from layerdiff.errors import LayerDiffError
@@ -69,13 +68,7 @@ def decode_stack(
 def _conditioning(model, source, batch: int) -> LayerConditioning:
     """Encoded prompts for ``batch`` samples: LayerPrompts / a list of them are encoded, a
     LayerConditioning is taken as it is; one prompt set is repeated over the batch."""
-    if isinstance(source, LayerConditioning):
-        cond = source
-    else:
-        sets = check_prompt_sets(source)
-        for p in sets:
-            check_prompts(p, model.max_layers)
-        cond = encode_prompts(model, sets)
+    cond = source if isinstance(source, LayerConditioning) else encode_prompts(model, source)  # checks the prompts
     if cond.batch_size == 1 and batch > 1:
         cond = cond.repeat(batch)
     elif cond.batch_size != batch:
