@@ -24,7 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from layerdiff.config_check import CONFIG_MAX_DEPTH, CONFIG_VERSION, MAX_CONFIG_CHARS, check_config_dict
+from layerdiff.config_check import (
+    CONFIG_MAX_DEPTH,
+    CONFIG_VERSION,
+    MAX_CONFIG_CHARS,
+    MAX_POSITION_FEATURES,
+    check_config_dict,
+)
 from layerdiff.errors import LayerDiffError
 from layerdiff.safe_json import parse_json
 from layerdiff.settings import DEFAULTS, SamplerSettings
@@ -97,6 +103,11 @@ class LayerDiffConfig:
     # text encoder is causal, so this equals encoding them at length N; it makes intra-layer
     # attention and the prompt enhancer cheaper.
     layer_prompt_tokens: int = 0
+    # Where an object goes ("on the left", "at the top"): each transformer block adds a learned
+    # projection (zero at the start, so a no-op) of fixed 2D Fourier features of its grid cells'
+    # positions to its input, at this many frequencies per axis (0 = none, as SD). Without them
+    # a small UNet learns positions only from the zero padding of its convolutions.
+    position_features: int = 0
     enhancer_blocks: int = 2
     enhancer_head_dim: int = 64
     image_size: int = 512  # default generation size (pixels)
@@ -110,6 +121,9 @@ class LayerDiffConfig:
             raise LayerDiffError(f"inter_layer_width {self.inter_layer_width} is out of range: use a fraction in (0, 1]")
         if int(self.layer_prompt_tokens) < 0 or 0 < int(self.layer_prompt_tokens) < 2:
             raise LayerDiffError(f"layer_prompt_tokens {self.layer_prompt_tokens} is out of range: use 0 (all) or 2 or more")
+        if not 0 <= int(self.position_features) <= MAX_POSITION_FEATURES:
+            raise LayerDiffError(f"position_features {self.position_features} is out of range: use 0 (none) to "
+                                 f"{MAX_POSITION_FEATURES} frequencies per axis")
         if self.intra_layer_mode not in ("separate", "shared"):
             raise LayerDiffError(f"intra_layer_mode {self.intra_layer_mode!r} is not known: use 'separate' or 'shared'")
         base = IMAGE_CHANNELS
@@ -269,6 +283,7 @@ def _toy() -> LayerDiffConfig:
         inter_layer_width=0.5,
         intra_layer_mode="shared",
         layer_prompt_tokens=16,  # the longest toy layer prompt is 7 words (9 tokens)
+        position_features=3,
         enhancer_head_dim=32,
         image_size=128,
         # the recipe's settings before calibration; the toy recipe's `calibrate` stage then picks both

@@ -40,6 +40,7 @@ TEXT_HEADS_MAX = 64
 VOCAB_MAX = 262_144  # CLIP: 49408
 TOKENS_MAX = 512  # tokenizer max length and position embeddings (CLIP: 77)
 ENHANCER_BLOCKS_MAX = 16  # prompt enhancer blocks (presets: 2)
+MAX_POSITION_FEATURES = 16  # Fourier frequencies per axis of the blocks' position features (toy: 3)
 IMAGE_SIZE_MAX = 2048  # default generation size in pixels (SD 1.5: 512)
 LATENT_SIZE_MAX = 512  # the UNet's nominal latent size (SD 1.5: 64)
 NORM_GROUPS_MAX = 256  # GroupNorm groups (SD 1.5: 32)
@@ -439,6 +440,7 @@ def check_config_dict(data: Any) -> None:
     tokens = top.int("layer_prompt_tokens", 0, TOKENS_MAX, default=0)
     if tokens == 1:
         top.fail("layer_prompt_tokens", tokens, "is out of range: use 0 (all tokens) or 2 or more")
+    top.int("position_features", 0, MAX_POSITION_FEATURES, default=0)
     top.int("enhancer_blocks", 0, ENHANCER_BLOCKS_MAX, default=2)
     top.int("enhancer_head_dim", 1, HEAD_DIM_MAX, default=64)
     factor = 2 ** (vae["levels"] - 1) * 2 ** (unet["levels"] - 1)  # LayerDiffModel.latent_factor

@@ -743,13 +743,35 @@ def test_vae_recipe_options_train_and_bad_schedule_is_named(data, tmp_path):
 
     vae = build_random_model(get_preset("tiny"), seed=0).vae
     cfg = VaeTrainConfig(steps=3, batch_size=2, crop=32, images=12, object_weight=4.0, sample_posterior=False,
-                         edge_weight=8.0, lr_schedule="cosine", checkpoint_every=3)
+                         edge_weight=8.0, lr_schedule="cosine", checkpoint_every=3, texture_weight=1.0)
     train_vae(vae, data, tmp_path / "vae", cfg, size=SIZE, progress=False)
     assert all(torch.isfinite(p).all() for p in vae.parameters()) and vae.config.scaling_factor > 0
     with pytest.raises(LayerDiffError, match="VAE lr_schedule 'step'"):
         train_vae(vae, data, tmp_path / "vae2", VaeTrainConfig(steps=1, lr_schedule="step"), size=SIZE, progress=False)
     with pytest.raises(LayerDiffError, match="VAE edge_weight -2.0 must be 0 or more"):
         train_vae(vae, data, tmp_path / "vae3", VaeTrainConfig(steps=1, edge_weight=-2.0), size=SIZE, progress=False)
+
+
+def test_texture_loss_asks_for_detail_of_the_right_amount_not_its_phase():
+    from layerdiff.training.settings import VaeTrainConfig
+    from layerdiff.training.vae import detail_energy, texture_loss
+
+    g = torch.Generator().manual_seed(0)
+    texture = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    blurred = torch.nn.functional.avg_pool2d(texture, 3, 1, 1)
+    flat = torch.zeros_like(texture)
+    shifted = torch.roll(texture, shifts=(1, 1), dims=(2, 3))  # the same texture, another phase
+    assert detail_energy(texture).shape == (2, 2, 3, 4, 4)
+    assert texture_loss(texture, texture) == 0
+    # blurring loses most detail, a flat image all of it; moving the texture by a pixel keeps it
+    assert texture_loss(flat, texture) > texture_loss(blurred, texture) > 5 * texture_loss(shifted, texture)
+    rec = blurred.clone().requires_grad_(True)
+    texture_loss(rec, texture).backward()
+    assert rec.grad.abs().sum() > 0
+    with pytest.raises(LayerDiffError, match="not a multiple of 8"):
+        texture_loss(texture[..., :12], texture[..., :12])
+    with pytest.raises(LayerDiffError, match="texture_weight"):
+        VaeTrainConfig.from_dict({"texture_weight": -1}, "decoder.")
 
 
 def test_decoder_fine_tuning_keeps_the_encoder_and_its_latent_scale(data, tmp_path):

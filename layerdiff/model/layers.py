@@ -30,6 +30,33 @@ class LayerContext:
     valid: torch.Tensor  # (B, L) bool, False for empty slots
     layer_tokens: torch.Tensor | None  # (B*L, T, D) enhanced layer-prompt embeddings, or None
     all_valid: bool = False  # no empty slot anywhere: inter-layer attention needs no key mask
+    latent_size: tuple[int, int] | None = None  # (h, w) of the UNet's input: the blocks' grids follow
+
+
+def block_grid(tokens: int, latent_size: tuple[int, int]) -> tuple[int, int]:
+    """(rows, columns) of a transformer block's grid of ``tokens`` cells in a UNet whose input is
+    ``latent_size``: the input halved (rounding up, as a stride-2 convolution with padding 1) until
+    it has that many cells."""
+    h, w = latent_size
+    while h * w > tokens:
+        h, w = -(-h // 2), -(-w // 2)
+    if h * w != tokens:
+        raise LayerDiffError(f"a transformer block has {tokens} positions, which no downsampling of the "
+                             f"{latent_size[0]}x{latent_size[1]} latent gives: the UNet is not an SD-style UNet")
+    return h, w
+
+
+def position_features(rows: int, cols: int, frequencies: int, device=None, dtype=None) -> torch.Tensor:
+    """(rows * cols, 4 * frequencies) fixed features of each grid cell's centre (u, v) in (-1, 1):
+    sin and cos of (pi / 2) 2^k u and of (pi / 2) 2^k v for k < ``frequencies``. The lowest
+    frequency is monotone across the image (left/right, top/bottom) and its cosine peaks at the
+    centre; the grid's size does not matter, so any image size and aspect ratio works."""
+    v = (torch.arange(rows, device=device, dtype=torch.float32) + 0.5) / rows * 2 - 1
+    u = (torch.arange(cols, device=device, dtype=torch.float32) + 0.5) / cols * 2 - 1
+    vv, uu = torch.meshgrid(v, u, indexing="ij")
+    scales = (torch.pi / 2) * 2.0 ** torch.arange(frequencies, device=device, dtype=torch.float32)
+    parts = [f(c.reshape(-1, 1) * scales) for c in (uu, vv) for f in (torch.sin, torch.cos)]
+    return torch.cat(parts, 1).to(dtype)
 
 
 def _heads(dim: int, head_dim: int) -> int:
@@ -172,12 +199,13 @@ class LayeredTransformerBlock(nn.Module):
 
     The original block's sub-modules are re-registered under their own names (norm1, attn1, ...),
     so the UNet's state-dict keys stay those of diffusers and SD weights load unchanged.
-    Order: self-attn -> inter-layer attn -> cross-attn (global prompt) -> intra-layer attn -> FF
+    Order: (position features, when the config has them) -> self-attn -> inter-layer attn ->
+    cross-attn (global prompt) -> intra-layer attn -> FF
     (with ``intra_layer_mode="shared"`` the last two run as one, sharing query and output projections).
     """
 
     def __init__(self, block: nn.Module, max_layers: int, layer_head_dim: int, inter_layer_width: float = 1.0,
-                 intra_layer_mode: str = "separate"):
+                 intra_layer_mode: str = "separate", position_features: int = 0):
         super().__init__()
         _check_plain_block(block)
         self.norm1, self.attn1 = block.norm1, block.attn1
@@ -191,6 +219,11 @@ class LayeredTransformerBlock(nn.Module):
         self.inter_layer_attn = InterLayerAttention(dim, max_layers, layer_head_dim, inter_layer_width)
         self.intra_layer_attn = IntraLayerAttention(dim, context_dim, heads, head_dim, intra_layer_mode)
         self.intra_layer_attn.copy_from_cross_attention(attn2, block.norm2)
+        self.frequencies = int(position_features)
+        if self.frequencies:  # zero projection: an exact no-op until trained
+            self.position = nn.Linear(4 * self.frequencies, dim)
+            nn.init.zeros_(self.position.weight)
+            nn.init.zeros_(self.position.bias)
 
     # Same positional order as diffusers' BasicTransformerBlock.forward (gradient checkpointing
     # calls blocks positionally).
@@ -209,6 +242,9 @@ class LayeredTransformerBlock(nn.Module):
         ctx: LayerContext | None = kwargs.pop("layerdiff", None)
         kwargs.pop("scale", None)
         h = hidden_states  # (B*L, N, C)
+        if self.frequencies and ctx is not None and ctx.latent_size is not None:
+            rows, cols = block_grid(h.shape[1], ctx.latent_size)
+            h = h + self.position(position_features(rows, cols, self.frequencies, h.device, h.dtype))
         h = self.attn1(self.norm1(h), encoder_hidden_states=None, attention_mask=attention_mask, **kwargs) + h
         if h.ndim == 4:
             h = h.squeeze(1)

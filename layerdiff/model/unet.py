@@ -51,7 +51,7 @@ def _widen_conv(conv: nn.Conv2d, in_channels: int | None = None, out_channels: i
 
 
 def _wrap_transformer_blocks(unet: nn.Module, max_layers: int, layer_head_dim: int, inter_layer_width: float = 1.0,
-                            intra_layer_mode: str = "separate") -> int:
+                            intra_layer_mode: str = "separate", position_features: int = 0) -> int:
     count = 0
     for module in unet.modules():
         blocks = getattr(module, "transformer_blocks", None)
@@ -59,7 +59,7 @@ def _wrap_transformer_blocks(unet: nn.Module, max_layers: int, layer_head_dim: i
             for i, block in enumerate(blocks):
                 if not isinstance(block, LayeredTransformerBlock):
                     blocks[i] = LayeredTransformerBlock(block, max_layers, layer_head_dim, inter_layer_width,
-                                                        intra_layer_mode)
+                                                        intra_layer_mode, position_features)
                     count += 1
     return count
 
@@ -91,7 +91,7 @@ class LayerDiffUNet(nn.Module):
         # keep the diffusers config truthful about the widened convolutions
         base.register_to_config(in_channels=LAYER_CHANNELS, out_channels=LAYER_CHANNELS)
         n = _wrap_transformer_blocks(base, config.max_layers, config.layer_head_dim, config.inter_layer_width,
-                                     config.intra_layer_mode)
+                                     config.intra_layer_mode, config.position_features)
         if n == 0:
             raise LayerDiffError("base UNet has no transformer blocks: LayerDiff needs a text-conditioned SD UNet")
         text_dim = int(base.config.cross_attention_dim)  # the text encoder's width, by construction
@@ -154,7 +154,8 @@ class LayerDiffUNet(nn.Module):
         x = rearrange(sample, "b l c h w -> (b l) c h w")
         context = global_tokens.repeat_interleave(L, dim=0)  # (B*L, T, D)
         tokens = None if layer_tokens is None else rearrange(layer_tokens, "b l t d -> (b l) t d")
-        ctx = LayerContext(num_layers=L, valid=valid, layer_tokens=tokens, all_valid=bool(valid.all()))
+        ctx = LayerContext(num_layers=L, valid=valid, layer_tokens=tokens, all_valid=bool(valid.all()),
+                           latent_size=(int(sample.shape[-2]), int(sample.shape[-1])))
         out = self.unet(x, t, encoder_hidden_states=context, cross_attention_kwargs={"layerdiff": ctx}).sample
         out = rearrange(out, "(b l) c h w -> b l c h w", b=B)
         return torch.where(valid[:, :, None, None, None], out, torch.zeros((), dtype=out.dtype, device=out.device))

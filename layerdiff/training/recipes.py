@@ -27,11 +27,11 @@ TOY_RECIPE = {
             "object_weight": 4.0, "sample_posterior": False, "scale_equivariance": 1.0,
             "scale_equivariance_factors": [2, 4]},
     # then the decoder alone learns to decode noisy latents (the encoder, so the latents, stay fixed),
-    # with the pixels on object outlines weighted x16 (sharp edges that agree with the masks) and
-    # noise up to 0.6
+    # with the pixels on object outlines weighted x16 (sharp edges that agree with the masks), noise
+    # up to 0.6, and the texture statistics loss (backgrounds decoded with their detail, not its blur)
     "decoder": {"steps": 3000, "batch_size": 8, "crop": 64, "lr": 3e-4, "lr_schedule": "cosine", "focus": 0.75,
                 "object_weight": 4.0, "edge_weight": 16.0, "sample_posterior": False, "decoder_only": True,
-                "latent_noise": 0.6},
+                "latent_noise": 0.6, "texture_weight": 10.0},
     "train": {
         "steps": 8800,
         "batch_size": 8,

@@ -254,6 +254,12 @@ class VaeTrainConfig:
     # The pooling factors it is taught at (the loss is their mean); a factor as large as the
     # crop's latent size pools to one latent pixel, whose decoding must be the crop's mean colour.
     scale_equivariance_factors: tuple[int, ...] = (2,)
+    # Texture statistics loss weight (0 = off): the decoded image's local detail energy (mean
+    # absolute difference of neighbouring pixels, at full and half resolution, per 8x8 patch) must
+    # match the image's. A pixel loss alone decodes a random texture (grass blades, stars, mortar)
+    # to its blurred mean; this asks for detail of the right amount where the image has it, without
+    # asking for its exact phase.
+    texture_weight: float = 0.0
 
     def __post_init__(self):
         check_settings({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, VAE_SETTINGS, "VAE ")
@@ -295,6 +301,7 @@ VAE_SETTINGS = {
     "lr_schedule": Setting("choice", choices=LR_SCHEDULES),
     "decoder_only": Setting("bool"),
     "latent_noise": Setting("float", 0.0, 100.0, hint="0 = off, e.g. 0.6"),
+    "texture_weight": Setting("float", 0.0, 1000.0, hint="0 = off, e.g. 1"),
     "latent_stats": Setting("choice", choices=("global", "channel")),
     "scale_equivariance": Setting("float", 0.0, 10_000.0, hint="0 = off, e.g. 1"),
     "scale_equivariance_factors": Setting("ints", 1, 1024, hint="pooling factors, e.g. [2, 4]"),

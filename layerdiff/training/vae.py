@@ -182,6 +182,8 @@ def train_vae(vae, data, out: str | Path, config: VaeTrainConfig, size: int = 12
             w = w + (config.edge_weight - 1.0) * _outline(x, foreground[idx], is_mask[idx])
         err = rec - x
         loss = ((err.abs() + err**2) * w).mean() + config.kl_weight * kl
+        if config.texture_weight > 0:
+            loss = loss + config.texture_weight * texture_loss(rec, x)
         if config.scale_equivariance > 0:  # decoder-only stages learn it too (encoder frozen)
             loss = loss + config.scale_equivariance * scale_equivariance_loss(vae, z, x, factors)
         opt.zero_grad(set_to_none=True)
@@ -204,6 +206,26 @@ def train_vae(vae, data, out: str | Path, config: VaeTrainConfig, size: int = 12
     if not config.decoder_only:  # a frozen encoder keeps its latents, and so its scale
         set_scaling_factor(vae, pool[:256], per_channel=config.latent_stats == "channel")
     return vae
+
+
+def detail_energy(x: torch.Tensor, patch: int = 8) -> torch.Tensor:
+    """(N, C, H, W) images -> (N, 2, C, H/patch, W/patch): the mean absolute difference of
+    neighbouring pixels (across and down, averaged) per patch, at full resolution and 2x2-pooled."""
+    out = []
+    for level in (x, F.avg_pool2d(x, 2)):
+        p = max(1, patch // (x.shape[-1] // level.shape[-1]))
+        dx = F.pad((level[..., :, 1:] - level[..., :, :-1]).abs(), (0, 1))
+        dy = F.pad((level[..., 1:, :] - level[..., :-1, :]).abs(), (0, 0, 0, 1))
+        out.append(F.avg_pool2d((dx + dy) / 2, p))
+    return torch.stack(out, 1)
+
+
+def texture_loss(rec: torch.Tensor, x: torch.Tensor, patch: int = 8) -> torch.Tensor:
+    """L1 distance of the decoded and true images' per-patch detail energy (:func:`detail_energy`):
+    zero when every patch holds as much pixel-scale detail as the image, whatever its phase."""
+    if x.shape[-1] % patch or x.shape[-2] % patch:
+        raise LayerDiffError(f"VAE texture loss: crops of {x.shape[-2]}x{x.shape[-1]} px are not a multiple of {patch}")
+    return (detail_energy(rec, patch) - detail_energy(x, patch)).abs().mean()
 
 
 def scale_equivariance_loss(vae, z: torch.Tensor, x: torch.Tensor, factors: tuple[int, ...]) -> torch.Tensor:
