@@ -31,7 +31,7 @@ TOY_RECIPE = {
     # up to 0.6, and the texture statistics loss (backgrounds decoded with their detail, not its blur)
     "decoder": {"steps": 3000, "batch_size": 8, "crop": 64, "lr": 3e-4, "lr_schedule": "cosine", "focus": 0.75,
                 "object_weight": 4.0, "edge_weight": 16.0, "sample_posterior": False, "decoder_only": True,
-                "latent_noise": 0.6, "texture_weight": 10.0},
+                "latent_noise": 0.6, "texture_weight": 30.0},
     "train": {
         "steps": 8800,
         "batch_size": 8,
