@@ -262,6 +262,19 @@ def test_smg_minus_cfg_is_paired_and_targets_are_checked(truths):
     reverse = metrics.compare_variants(good, bad)
     worse = metrics.check_targets({"cfg": results["smg"], "smg": results["cfg"]}, *reverse, samples=240)
     assert not worse["smg_at_least_as_good_as_cfg"]["strict"]["all"] and not worse["all"]
+    # the overall verdict follows the model's default variant; each shape is held to the floor
+    parts = {"cfg": metrics.breakdown(bad), "smg": metrics.breakdown(good)}
+    by_cfg = metrics.check_targets(results, diff, se, samples=240, breakdowns=parts, primary="cfg")
+    assert by_cfg["primary"] == "cfg" and not by_cfg["all"]
+    by_smg = metrics.check_targets(results, diff, se, samples=240, breakdowns=parts, primary="smg")
+    assert by_smg["all"] and by_smg["smg"]["every_shape"]["all"] and not by_smg["cfg"]["every_shape"]["all"]
+    assert set(by_smg["smg"]["every_shape"]) == {r["prompted"]["shape"] for g in good for r in g["foregrounds"]} | {"all"}
+    # CFG as the default: SMG's own shortfalls against CFG do not count
+    swapped = metrics.check_targets({"cfg": results["smg"], "smg": results["cfg"]}, *reverse, samples=240,
+                                    breakdowns={"cfg": parts["smg"], "smg": parts["cfg"]}, primary="cfg")
+    assert swapped["all"] and not swapped["smg_at_least_as_good_as_cfg"]["strict"]["all"]
+    with pytest.raises(LayerDiffError, match="primary variant 'both'"):
+        metrics.check_targets(results, diff, se, samples=240, primary="both")
 
 
 # ---------------------------------------------------------------------------------------------

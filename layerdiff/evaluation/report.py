@@ -138,6 +138,8 @@ def eval_command(args, settings=None) -> int:
     records = result["records"]
     results = {v: summarise(records[v]) for v in VARIANTS}
     diff, stderr = compare_variants(records["cfg"], records["smg"])
+    parts = {v: breakdown(records[v]) for v in VARIANTS}
+    primary = "smg" if (model.config.sampling.mask_guidance or 0) > 0 else "cfg"  # what the model's defaults run
     report = {
         "model": model.source or str(args.model or DEFAULT_MODEL),
         "samples": len(items),
@@ -152,8 +154,8 @@ def eval_command(args, settings=None) -> int:
         "smg": results["smg"],
         "smg_minus_cfg": diff,
         "smg_minus_cfg_stderr": stderr,
-        "targets_met": check_targets(results, diff, stderr, len(items)),
-        "breakdown": {v: breakdown(records[v]) for v in VARIANTS},
+        "targets_met": check_targets(results, diff, stderr, len(items), parts, primary),
+        "breakdown": parts,
         "timing": {"scenes_s": round(t_specs, 1), **result["timing"]},
     }
     if args.grid is not None and keep:

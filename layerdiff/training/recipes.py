@@ -200,6 +200,9 @@ def run_toy_recipe(args, settings: dict) -> int:
     from layerdiff.io.checkpoint import load_layerdiff, save_layerdiff
 
     trained = load_layerdiff(final)
+    # the shipped sampler defaults are the preset's of this invocation (a checkpoint written by an
+    # earlier invocation keeps the ones of its time), with the calibrated guidance scales
+    trained.config = trained.config.replace(sampling=config.sampling)
     t = time.time()
     calibration = None
     if recipe["calibration"]["samples"]:
