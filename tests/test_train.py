@@ -897,6 +897,13 @@ def test_toy_recipe_runs_every_stage_and_ships_its_unet_override(tmp_path, capsy
     again = calibrate(model, out / "layerdiff" / "model.safetensors", out / "calibration.json", 0, 6,
                        calibration["settings"])
     assert json.loads((out / "calibration.json").read_text())["sampler"] == redone["sampler"] == again["sampler"]
+    # but not one that differs only in self-mask guidance, which the calibration never runs
+    assert not any(k.startswith("mask_guidance") for k in again["sampler"])
+    (out / "calibration.json").write_text(json.dumps({**again, "sampler": {**again["sampler"], "mask_guidance": 0.75}}))
+    before = (out / "calibration.json").stat().st_mtime_ns
+    kept = calibrate(model, out / "layerdiff" / "model.safetensors", out / "calibration.json", 0, 6,
+                     calibration["settings"])
+    assert kept["sampler"]["mask_guidance"] == 0.75 and (out / "calibration.json").stat().st_mtime_ns == before
 
 
 @pytest.mark.parametrize(("settings", "needles"), [

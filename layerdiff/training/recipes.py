@@ -260,13 +260,16 @@ def calibrate(model, weights: Path, file: Path, seed: int, samples: int, setting
     from layerdiff.evaluation.scenes import training_signatures
 
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()
-    # the sampler it judges with, less the two scales it picks: a change to it redoes the stage
-    sampler = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(model.config.sampling))).items()
-               if k not in ("cfg", "background_cfg")}
+    # the sampler it judges with, less the two scales it picks and the self-mask guidance settings
+    # (it judges plain CFG): a change to it redoes the stage
+    def judged(sampling: dict) -> dict:
+        return {k: v for k, v in sampling.items() if k not in ("cfg", "background_cfg") and not k.startswith("mask_guidance")}
+
+    sampler = judged(json.loads(json.dumps(dataclasses.asdict(model.config.sampling))))
     if file.is_file():
         done = json.loads(file.read_text())
         if (done.get("weights_sha256") == digest and done.get("settings") == settings and done.get("rules") == RULES
-                and done.get("sampler") == sampler):
+                and isinstance(done.get("sampler"), dict) and judged(done["sampler"]) == sampler):
             return done
     result = calibrate_guidance(model, settings["candidates"], settings.get("foreground_candidates", []),
                                 samples=settings["samples"], exclude=training_signatures(seed=seed, samples=samples))
