@@ -2,7 +2,8 @@
 
 SD 1.5 brings its own VAE; the built-in toy model needs one of its own. It is convolutional, so
 it trains on random crops of layer images and of mask images (masks are encoded as 3-channel
-images, METHOD.md section 2). Loss: L1 + MSE reconstruction + a small KL term. After training the
+images, METHOD.md section 2). Loss: L1 + MSE reconstruction + a small KL term, optionally the
+texture statistics loss (:func:`texture_loss`) and scale equivariance. After training the
 latent scaling factor is set to 1 / std of the latents, as SD's 0.18215 was chosen.
 Its settings are :class:`layerdiff.training.settings.VaeTrainConfig`.
 """
