@@ -118,7 +118,7 @@ def generate(r: Recipe, model: Node, prompts: list[Node], global_prompt: str, se
              title=None, **sampler) -> Node:
     enhancer = r.node("LayerDiffPromptEnhancer", col, size=(320, 190), group=group, model=model.out(),
                       prompts=prompts[-1].out(0), global_prompt=global_prompt, negative_prompt="")
-    settings = dict(seed=seed, steps=STEPS, cfg=CFG, mask_guidance=0.75, mask_guidance_start=0.25,
+    settings = dict(seed=seed, steps=STEPS, cfg=CFG, mask_guidance=0.0, mask_guidance_start=0.25,
                     sampler_name="ddim", scheduler="normal", width=SIZE, height=SIZE, batch_size=1)
     settings.update(sampler)
     return r.node("LayerDiffKSampler", col, title=title, group=group, model=model.out(),
