@@ -306,7 +306,8 @@ def test_eval_command_end_to_end(tmp_path, capsys):
         for m in ("background_accuracy", "colour_accuracy", "shape_accuracy", "mask_iou", "overlap_fraction"):
             assert 0.0 <= group[m] <= 1.0
     met = report["targets_met"]
-    assert set(met["smg"]) == {"2", "3", "4", "all"} and met["all"] is False
+    assert set(met["smg"]) == {"2", "3", "4", "all", "every_shape"} and met["all"] is False
+    assert met["primary"] == "smg"  # the tiny model's own defaults run self-mask guidance
     assert len(report["per_sample"]) == 6 and report["per_sample"][0]["seed"] == scenes.DEFAULT_SEED
     assert set(report["breakdown"]) == {"cfg", "smg"}
     for variant, parts in report["breakdown"].items():
