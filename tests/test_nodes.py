@@ -110,14 +110,16 @@ def test_widget_defaults_are_the_builtin_models_own_settings():
     from layerdiff.io.files import read_safetensors_header
     from layerdiff.settings import SamplerSettings
 
-    shipped = json.loads(read_safetensors_header(WEIGHTS_DIR / BUILTIN_FILES["layerdiff-toy"])[1]["config"])
+    meta = read_safetensors_header(WEIGHTS_DIR / BUILTIN_FILES["layerdiff-toy"])[1]
+    shipped = json.loads(meta["config"])
     d = SamplerSettings.from_dict(shipped["sampling"])
     req = NODES["LayerDiffKSampler"].INPUT_TYPES()["required"]
     opt = NODES["LayerDiffKSampler"].INPUT_TYPES()["optional"]  # optional: older workflows keep loading
     for name in ("LayerDiffKSampler", "LayerDiffLayerEdit", "LayerDiffLayerInpaint", "LayerDiffLayerStyle"):
         spec = NODES[name].INPUT_TYPES()
         assert spec["required"]["steps"][1]["default"] == d.steps == 20, name
-        assert spec["required"]["cfg"][1]["default"] == d.cfg == 3.0, name  # one default everywhere
+        # one default everywhere: the guidance the model's calibration picked
+        assert spec["required"]["cfg"][1]["default"] == d.cfg == json.loads(meta["calibration"])["cfg"], name
         assert spec["required"]["sampler_name"][0] == list(SAMPLERS) and spec["required"]["sampler_name"][1]["default"] == "ddim"
         assert spec["optional"]["scheduler"][0] == list(SCHEDULERS) and spec["optional"]["scheduler"][1]["default"] == "normal"
         assert list(spec["optional"])[-1] == "scheduler", name  # last: earlier workflows' widget values keep their places
