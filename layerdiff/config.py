@@ -52,6 +52,15 @@ SD_SCHEDULER = {
     "prediction_type": "epsilon",
 }
 
+# The toy preset's schedule: DDPM's linear betas (Ho et al. 2020, made for 32x32 images). A schedule
+# leaves the same signal-to-noise ratio per pixel at every resolution, but a small latent has fewer
+# pixels to average it over, so SD's schedule, made for 64x64 latents, still shows a 16x16 latent's
+# layout at its noisiest training step, and a model trained on it reads the layout off the starting
+# noise instead of choosing it from the prompt (position words then steer nothing). The linear
+# schedule ends about 100x lower in signal-to-noise ratio (the resolution shift of Hoogeboom et al.
+# 2023, "simple diffusion", asks for 16x lower at a quarter of the side).
+LOW_RES_SCHEDULER = {**SD_SCHEDULER, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear"}
+
 # Words of the toy world's prompts (layerdiff.data.toy) plus a few style words; the toy and tiny
 # presets tokenize by whole words, unknown words map to "[UNK]".
 TOY_WORDS = (
@@ -279,6 +288,7 @@ def _toy() -> LayerDiffConfig:
             "eos_token_id": 2,
         },
         tokenizer=words,
+        scheduler=dict(LOW_RES_SCHEDULER),
         layer_head_dim=32,
         inter_layer_width=0.5,
         intra_layer_mode="shared",
