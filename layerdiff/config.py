@@ -58,8 +58,13 @@ SD_SCHEDULER = {
 # layout at its noisiest training step, and a model trained on it reads the layout off the starting
 # noise instead of choosing it from the prompt (position words then steer nothing). The linear
 # schedule ends about 100x lower in signal-to-noise ratio (the resolution shift of Hoogeboom et al.
-# 2023, "simple diffusion", asks for 16x lower at a quarter of the side).
-LOW_RES_SCHEDULER = {**SD_SCHEDULER, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear"}
+# 2023, "simple diffusion", asks for 16x lower at a quarter of the side). At so little signal a noise
+# prediction says almost nothing about the clean latent (its error there is the clean latent's error
+# times sqrt(SNR)), so the model predicts v (Salimans & Ho 2022), whose loss weighs the clean latent's
+# error at least 1x at every noise level: what the prompt asks for where the noise shows nothing
+# (layout, position words) is learned.
+LOW_RES_SCHEDULER = {**SD_SCHEDULER, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+                     "prediction_type": "v_prediction"}
 
 # Words of the toy world's prompts (layerdiff.data.toy) plus a few style words; the toy and tiny
 # presets tokenize by whole words, unknown words map to "[UNK]".

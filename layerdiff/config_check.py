@@ -54,6 +54,7 @@ DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+PREDICTION_TYPES = ("epsilon", "v_prediction")  # what the UNet predicts: the noise, or v (Salimans & Ho 2022)
 FLOAT_DTYPE_NAMES = ("float32", "float16", "bfloat16")
 
 _MISSING = object()
@@ -375,7 +376,7 @@ def _check_scheduler(f: _Fields) -> None:
     f.number("clip_sample_range", 0, 100, default=1.0, above=True)
     f.number("sample_max_value", 0, 100, default=1.0, above=True)
     f.number("dynamic_thresholding_ratio", 0, 1, default=0.995, above=True)
-    f.choice("prediction_type", ("epsilon",), default="epsilon")
+    f.choice("prediction_type", PREDICTION_TYPES, default="epsilon")
     f.choice("timestep_spacing", TIMESTEP_SPACINGS, default="leading")
     f.finish("scheduler")
 

@@ -78,6 +78,9 @@ def sample(unet, cond, height: int, width: int, seeds: list[int], settings=None,
         return init_latents.clone()
     partial = init_latents is not None and strength < 1.0
     sched = make_scheduler(s.sampler, s.scheduler, scheduler_config or {})
+    # a v-prediction model's output is turned into the noise it predicts: guidance, the hooks and
+    # the scheduler (made for the noise by make_scheduler) all work on noise predictions
+    v_prediction = (scheduler_config or {}).get("prediction_type") == "v_prediction"
     if s.steps > max_steps(sched):
         raise LayerDiffError(f"steps {s.steps} is more than this model's schedule allows: use at most {max_steps(sched)}")
     sched.set_timesteps(s.steps, device=device)
@@ -113,6 +116,9 @@ def sample(unet, cond, height: int, width: int, seeds: list[int], settings=None,
         extra = [(hook, x_extra) for hook, x_extra in extra if x_extra is not None]
         inputs = [step.x_in] + ([step.x_in] if cfg.active or extra else []) + [x_extra for _, x_extra in extra]
         step.eps = _predict(unet, inputs, t, cond, dtype, max_batch)
+        if v_prediction:  # every pass as the noise it predicts, from its own input
+            step.eps = tuple(math.sqrt(step.a) * v + math.sqrt(1 - step.a) * x_pass.float()
+                             for v, x_pass in zip(step.eps, inputs))
         step.guided = cfg(step.eps)
         for (hook, _), eps in zip(extra, step.eps[2:]):
             hook.post_cfg(step, eps)

@@ -27,7 +27,8 @@ _VE_SCHEDULERS = {"EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler"}  
 
 def make_scheduler(sampler: str, scheduler: str | None, config: dict):
     """A fresh diffusers scheduler for ``sampler`` with ``scheduler``'s noise levels, from the
-    model's scheduler config."""
+    model's scheduler config. It steps with noise predictions whatever the model predicts (the
+    sampling loop turns a v-prediction into the noise it predicts)."""
     import diffusers
 
     sampler, scheduler = split_sampler(sampler, scheduler)
@@ -37,7 +38,7 @@ def make_scheduler(sampler: str, scheduler: str | None, config: dict):
         raise LayerDiffError(f"unknown scheduler {scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
     cls_name, extra = SAMPLER_CLASSES[sampler]
     cls = getattr(diffusers, cls_name)
-    return cls.from_config({**config, **extra, **SCHEDULER_CONFIG[scheduler or "normal"]})
+    return cls.from_config({**config, **extra, **SCHEDULER_CONFIG[scheduler or "normal"], "prediction_type": "epsilon"})
 
 
 def start_scheduler(sampler: str, scheduler: str | None, config: dict, steps: int, start: int, device):

@@ -1,7 +1,7 @@
 """The training objective (METHOD.md section 3): one t per composable sample, independent noise per
-layer, epsilon MSE over all valid layers and all 8 channels (the background's mask channels
-excepted: its mask slot is a constant), CFG dropout of prompts, optional Min-SNR-gamma weighting
-and offset noise.
+layer, MSE of the model's prediction (the noise, or v for a v-prediction schedule) over all valid
+layers and all 8 channels (the background's mask channels excepted: its mask slot is a constant),
+CFG dropout of prompts, optional Min-SNR-gamma weighting and offset noise.
 """
 
 from __future__ import annotations
@@ -53,10 +53,28 @@ class NoiseSchedule:
         sched = DDPMScheduler.from_config(scheduler_config)
         self.num_train_timesteps = sched.config.num_train_timesteps
         self.alphas_cumprod = sched.alphas_cumprod.float()
+        self.v_prediction = sched.config.prediction_type == "v_prediction"
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         a = self.alphas_cumprod.to(x0.device)[t].view(-1, *([1] * (x0.ndim - 1)))
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the UNet learns to predict: the noise, or v = sqrt(a) noise - sqrt(1 - a) x0."""
+        if not self.v_prediction:
+            return noise
+        a = self.alphas_cumprod.to(x0.device)[t].view(-1, *([1] * (x0.ndim - 1)))
+        return a.sqrt() * noise - (1 - a).sqrt() * x0
+
+    def snr_weight(self, t: torch.Tensor, gamma: float) -> torch.Tensor:
+        """Min-SNR-gamma loss weights (B,) (Hang et al. 2023): the clean latent's error is weighed
+        at most ``gamma``. For the noise: min(SNR, gamma) / SNR. For v, whose loss already weighs it
+        SNR + 1 (at least 1, so the noisiest steps still teach the clean latent): min(SNR + 1, gamma) / (SNR + 1)."""
+        a = self.alphas_cumprod[t]
+        snr = a / (1 - a)
+        if self.v_prediction:
+            return (snr + 1).clamp(max=gamma) / (snr + 1)
+        return snr.clamp(max=gamma) / snr
 
 
 def make_batch(
@@ -84,16 +102,14 @@ def make_batch(
         lays.extend("" if drop_layers else p for p in layer_prompts[b])
     noisy = schedule.add_noise(latents.float(), noise, t)
     weight = loss_weights(valid, *latents.shape[-2:])
-    if config.snr_gamma > 0:  # Min-SNR-gamma for epsilon prediction: min(SNR, gamma) / SNR
-        a = schedule.alphas_cumprod[t]
-        snr = a / (1 - a)
-        weight = weight * (snr.clamp(max=config.snr_gamma) / snr).view(B, 1, 1, 1, 1)
+    if config.snr_gamma > 0:
+        weight = weight * schedule.snr_weight(t, config.snr_gamma).view(B, 1, 1, 1, 1)
     return {
         "noisy": noisy,
         "t": t,
         "ids_global": tokenize(tokenizer, globs),
         "ids_layers": tokenize(tokenizer, lays).view(B, L, -1),
         "valid": valid,
-        "target": noise,
+        "target": schedule.target(latents.float(), noise, t),
         "weight": weight,
     }
