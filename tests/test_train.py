@@ -914,8 +914,11 @@ def test_toy_recipe_runs_every_stage_and_ships_its_unet_override(tmp_path, capsy
     ({"calibration": {"samples": 2}}, ("calibration", "calibration samples 2 must be 0")),
     ({"calibration": {"candidates": [10, -1]}}, ("calibration", "calibration candidates [10, -1]")),
     ({"calibration": {"foreground_candidates": "3"}}, ("calibration", "foreground_candidates '3'", "[] keeps")),
+    ({"scheduler": {"prediction_type": "sample"}}, ('"scheduler" setting', "prediction_type", "sample", "v_prediction")),
+    ({"scheduler": {"beta_shedule": "linear"}}, ('"scheduler" setting', "beta_shedule")),
+    ({"scheduler": "linear"}, ('"scheduler" setting', '"linear"')),
 ], ids=["unet-typo", "unet-not-an-object", "calibration-typo", "calibration-samples", "calibration-candidates",
-        "calibration-foreground-candidates"])
+        "calibration-foreground-candidates", "scheduler-prediction", "scheduler-typo", "scheduler-not-an-object"])
 def test_toy_recipe_names_a_bad_setting_before_any_work(tmp_path, capsys, settings, needles):
     from layerdiff.cli import main
 

@@ -58,7 +58,7 @@ TOY_RECIPE = {
 }
 
 MAX_TOY_SAMPLES = 10_000_000
-RECIPE_KEYS = ("model", "samples", "train", "vae", "decoder", "unet", "calibration")  # --preset toy's --config
+RECIPE_KEYS = ("model", "samples", "train", "vae", "decoder", "unet", "scheduler", "calibration")  # --preset toy's --config
 _LATENT_STATS = ("latents_mean", "latents_std")  # per-channel latent scaling (VaeTrainConfig.latent_stats)
 
 
@@ -78,6 +78,25 @@ def _unet_override(value) -> dict:
     if unknown:
         raise LayerDiffError(f"the recipe's \"unet\" setting has unknown key(s) {unknown}: use keys of diffusers' "
                              "UNet2DConditionModel config, e.g. block_out_channels, down_block_types")
+    return dict(value)
+
+
+def _scheduler_override(value) -> dict:
+    """The recipe's ``"scheduler"`` setting: keys of the noise schedule (the model config's
+    ``scheduler``, e.g. ``layerdiff.config.LOW_RES_SCHEDULER``), checked as a model file's are."""
+    from layerdiff.config import get_preset
+    from layerdiff.config_check import check_config_dict
+    from layerdiff.errors import LayerDiffError
+
+    if not isinstance(value, dict):
+        raise LayerDiffError(f"the recipe's \"scheduler\" setting is {json.dumps(value)[:40]}: give an object of "
+                             'noise schedule keys, e.g. {"beta_schedule": "linear", "prediction_type": "v_prediction"}')
+    config = get_preset("toy").to_dict()
+    config["scheduler"] = {**config["scheduler"], **value}
+    try:
+        check_config_dict(config)
+    except LayerDiffError as exc:
+        raise LayerDiffError(f"the recipe's \"scheduler\" setting: {exc}") from None
     return dict(value)
 
 
@@ -113,7 +132,7 @@ def _toy_recipe(args, settings: dict) -> tuple[dict, int]:
         raise LayerDiffError(f"--config: key {unknown[0]!r} is unknown for --preset toy: use some of "
                              f"{list(RECIPE_KEYS)} (training settings go under \"train\", e.g. "
                              '{"train": {"steps": 1000}})')
-    for key in ("train", "vae", "calibration", "unet", "decoder"):
+    for key in ("train", "vae", "calibration", "unet", "scheduler", "decoder"):
         value = settings.get(key)
         if key in settings and not isinstance(value, dict) and not (key == "decoder" and value is None):
             raise LayerDiffError(f"--config: the \"{key}\" setting is {json.dumps(value)[:40]}, not an object of settings")
@@ -126,6 +145,8 @@ def _toy_recipe(args, settings: dict) -> tuple[dict, int]:
     recipe["vae"].update(settings.get("vae", {}))
     if "unet" in settings:
         recipe["unet"] = _unet_override(settings["unet"])
+    if "scheduler" in settings:
+        recipe["scheduler"] = _scheduler_override(settings["scheduler"])
     recipe["calibration"] = _calibration_settings({**recipe["calibration"], **settings.get("calibration", {})})
     if "decoder" in settings:
         recipe["decoder"] = {**recipe.get("decoder", {}), **settings["decoder"]} if settings["decoder"] else {}
@@ -142,12 +163,23 @@ def _toy_recipe(args, settings: dict) -> tuple[dict, int]:
     return recipe, args.samples or samples
 
 
+def recipe_config(recipe: dict):
+    """The toy preset's config with the recipe's "unet" and "scheduler" settings applied."""
+    from layerdiff.config import get_preset
+
+    config = get_preset("toy")
+    if recipe.get("unet"):
+        config = config.replace(unet={**config.unet, **recipe["unet"]})
+    if recipe.get("scheduler"):
+        config = config.replace(scheduler={**config.scheduler, **recipe["scheduler"]})
+    return config
+
+
 def run_toy_recipe(args, settings: dict) -> int:
     """data -> VAE -> decoder fine-tuning -> LayerDiff for the built-in toy model; every stage resumable."""
     import torch
 
     from layerdiff.conditioning import LayerPrompts
-    from layerdiff.config import get_preset
     from layerdiff.data.format import list_shards
     from layerdiff.errors import LayerDiffError
     from layerdiff.io.checkpoint import build_random_model
@@ -155,10 +187,8 @@ def run_toy_recipe(args, settings: dict) -> int:
     from layerdiff.training.settings import TrainConfig
 
     recipe, samples = _toy_recipe(args, settings)  # every setting checked before any work
-    config = get_preset("toy")
+    config = recipe_config(recipe)
     try:
-        if recipe.get("unet"):
-            config = config.replace(unet={**config.unet, **recipe["unet"]})
         model = build_random_model(config, seed=args.seed)
     except LayerDiffError:
         raise
