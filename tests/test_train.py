@@ -170,11 +170,12 @@ def test_resume_with_streaming_data(data, straight, tmp_path):
 
 # ----------------------------------------------------------------------------- 2. two processes (gloo)
 def test_two_process_training_and_resume(data, tmp_path):
-    """Two CPU ranks (gloo, rank variables as torchrun sets them, ACCELERATE_USE_CPU unset): DDP
-    keeps the ranks' weights identical although each rank draws its own batches; a run stopped at
-    step 2 and resumed in two new processes ends bit-identical to an uninterrupted two-process run."""
+    """Two CPU ranks (gloo, rank variables as torchrun sets them, ACCELERATE_USE_CPU unset), two
+    accumulated micro-batches per step (the ranks synchronise at the second only): DDP keeps the
+    ranks' weights identical although each rank draws its own batches; a run stopped at step 2 and
+    resumed in two new processes ends bit-identical to an uninterrupted two-process run."""
     a, b = tmp_path / "a", tmp_path / "b"
-    cfg = settings(steps=4)
+    cfg = settings(steps=4, gradient_accumulation_steps=2)
     job = {"data": str(data), "config": cfg}
     launch_forked(2, [{**job, "out": str(a)}, {**job, "out": str(b), "stop_after": 2}], tmp_path)
 
@@ -186,7 +187,7 @@ def test_two_process_training_and_resume(data, tmp_path):
     assert_same_state(a / "checkpoints" / "step-000002", b / "checkpoints" / "step-000002")
     # the ranks really trained on different batches: one process alone ends elsewhere
     one = tmp_path / "one"
-    run(data, one, steps=2)
+    run(data, one, steps=2, gradient_accumulation_steps=2)
     ta, _ = read_state(one / "checkpoints" / "step-000002")
     tb, _ = read_state(b / "checkpoints" / "step-000002")
     assert not all(torch.equal(ta[k], tb[k]) for k in ta if k.startswith("model."))
@@ -953,3 +954,47 @@ def test_make_adamw_fuses_where_torch_can_and_steps_like_the_loop():
     # a device torch cannot fuse on gets the per-weight loop
     meta = [torch.nn.Parameter(torch.empty(3, device="meta"))]
     assert not make_adamw([{"params": meta, "lr": 1e-3}], 0.0, "meta").defaults.get("fused")
+
+
+def test_gradient_accumulation_steps_like_one_batch_of_all_its_micro_batches(trained_like_tiny_model):
+    """Two micro-batches accumulated give the update of one batch holding both (equal valid counts),
+    and the mean loss; one micro-batch alone gives another update. Plain SGD, so an update is the
+    (clipped) gradient itself (Adam's first step is its sign, which rounding can flip where it is ~0)."""
+    import copy
+
+    from accelerate import Accelerator
+
+    from layerdiff.training.loop import _optimizer_step
+
+    config = TrainConfig(drop_all=0.0, drop_layers=0.0, lr_new=1e-3, lr_base=1e-3, grad_clip=1.0)
+    schedule = NoiseSchedule(trained_like_tiny_model.config.scheduler)
+
+    def batch(seed):
+        g = torch.Generator().manual_seed(seed)
+        latents = torch.randn(2, 2, 8, 8, 8, generator=g)
+        return make_batch(latents, torch.ones(2, 2, dtype=torch.bool), ["a red star", "a blue sky"],
+                          [["a brick wall", "a red star"], ["a blue sky", "a blue circle"]],
+                          trained_like_tiny_model.tokenizer, schedule, config, g)
+
+    a, b = batch(1), batch(2)
+    both = {k: torch.cat([a[k], b[k]]) for k in a}
+    accelerator = Accelerator(cpu=True)
+
+    def step(batches):
+        model = copy.deepcopy(trained_like_tiny_model)
+        module = LayerDiffTrainModule(model).train()
+        optimizer = torch.optim.SGD(param_groups(module, config), lr=1.0)
+        for g in optimizer.param_groups:
+            g["base_lr"] = g["lr"]
+        loss = _optimizer_step(accelerator, module, module, optimizer, batches, config, 1.0)
+        return float(loss), {n: p.detach().clone() for n, p in module.named_parameters()}
+
+    loss_ab, accumulated = step([a, b])
+    loss_both, together = step([both])
+    loss_a, alone = step([a])
+    assert loss_ab == pytest.approx(loss_both, rel=1e-5)
+    assert loss_ab == pytest.approx((step([a])[0] + step([b])[0]) / 2, rel=1e-5)
+    for name, p in accumulated.items():
+        torch.testing.assert_close(p, together[name], atol=1e-6, rtol=1e-5)
+    moved = max((alone[n] - accumulated[n]).abs().max().item() for n in accumulated)
+    assert moved > 1e-5, "one micro-batch alone must update differently"

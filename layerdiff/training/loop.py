@@ -14,6 +14,7 @@ them all again), so only noise, timesteps and prompt dropout match an uninterrup
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -116,7 +117,10 @@ def train(
     ck = latest_checkpoint(out)
     if ck is not None:
         start, _ = load_training_state(ck, module, optimizer, ema)
-        logger.info("resumed from %s (step %d)", ck, start)
+        logger.warning("resumed from step %d (%s)", start, ck)
+    logger.info("batch: %d per process x %d accumulated micro-batches x %d processes = %d samples per step",
+                config.batch_size, config.gradient_accumulation_steps, accelerator.num_processes,
+                config.batch_size * config.gradient_accumulation_steps * accelerator.num_processes)
     ddp_module, optimizer = accelerator.prepare(module, optimizer)
     schedule = NoiseSchedule(model.config.scheduler)
     draw = _latent_batches(model, data, out, config, accelerator, start)
@@ -132,12 +136,15 @@ def train(
     losses, t0 = [], time.time()
     step = start
     end = config.steps if stop_after is None else min(config.steps, start + stop_after)
+    accumulate = config.gradient_accumulation_steps
     while step < end:
-        gen = step_generator(config.seed, step, rank)
-        latents, valid, gp, lp = draw(gen)
-        batch = make_batch(latents.cpu(), valid.cpu(), gp, lp, model.tokenizer, schedule, config, gen)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        loss = _optimizer_step(accelerator, ddp_module, module, optimizer, batch, config, config.lr_scale(step))
+        batches = []
+        for micro in range(accumulate):  # micro-batch m of step s draws what step s * accumulate + m would
+            gen = step_generator(config.seed, step * accumulate + micro, rank)
+            latents, valid, gp, lp = draw(gen)
+            batch = make_batch(latents.cpu(), valid.cpu(), gp, lp, model.tokenizer, schedule, config, gen)
+            batches.append({k: v.to(device) for k, v in batch.items()})
+        loss = _optimizer_step(accelerator, ddp_module, module, optimizer, batches, config, config.lr_scale(step))
         step += 1
         if ema is not None:
             d = min(config.ema_decay, (1 + step) / (10 + step))
@@ -228,14 +235,22 @@ def _latent_batches(model: LayerDiffModel, data, out: Path, config: TrainConfig,
     return draw
 
 
-def _optimizer_step(accelerator, ddp_module, module, optimizer, batch: dict, config: TrainConfig,
+def _optimizer_step(accelerator, ddp_module, module, optimizer, batches: list[dict], config: TrainConfig,
                     lr_scale: float) -> torch.Tensor:
-    """One forward, backward and update, every group at ``lr_scale`` times its ``base_lr``; the loss."""
+    """One update from the mean gradient of ``batches`` (micro-batches: one forward and backward
+    each; the processes synchronise at the last only), every group at ``lr_scale`` times its
+    ``base_lr``; the mean loss."""
     for g in optimizer.param_groups:
         g["lr"] = g["base_lr"] * lr_scale
-    with accelerator.autocast():
-        loss = ddp_module(**batch)
-    accelerator.backward(loss)
+    total = 0.0
+    for i, batch in enumerate(batches):
+        last = i == len(batches) - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(ddp_module):
+            with accelerator.autocast():
+                loss = ddp_module(**batch)
+            accelerator.backward(loss / len(batches))
+        total = total + loss.detach()
+    loss = total / len(batches)
     if config.grad_clip > 0:
         accelerator.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], config.grad_clip)
     optimizer.step()

@@ -19,7 +19,10 @@ class TrainConfig:
     """Settings of :func:`layerdiff.training.loop.train`; every field checked against TRAIN_SETTINGS."""
 
     steps: int = 1000
-    batch_size: int = 8
+    batch_size: int = 8  # per process and per micro-batch
+    # micro-batches whose gradients are averaged into one optimizer step: a step sees
+    # batch_size x gradient_accumulation_steps x processes samples (the global batch)
+    gradient_accumulation_steps: int = 1
     lr_base: float = 1e-5  # SD weights (METHOD.md: 1e-5)
     lr_new: float = 1e-4  # new modules + conv_in/conv_out
     lr_text: float = 0.0  # text encoder (0 = frozen, as for SD 1.5)
@@ -169,7 +172,8 @@ def check_settings(values: dict, rules: dict[str, Setting], where: str = "") -> 
 # (a sign, a few digits too many, a string) is refused before anything loads.
 TRAIN_SETTINGS = {
     "steps": Setting("int", 1, MAX_STEPS, hint="optimizer steps"),
-    "batch_size": Setting("int", 1, 1024, hint="samples per step"),
+    "batch_size": Setting("int", 1, 1024, hint="samples per process and micro-batch"),
+    "gradient_accumulation_steps": Setting("int", 1, 1024, hint="micro-batches per optimizer step, e.g. 4"),
     "lr_base": Setting("float", 0.0, 1.0, hint="learning rate of the SD weights, e.g. 1e-5"),
     "lr_new": Setting("float", 0.0, 1.0, hint="learning rate of the new modules, e.g. 1e-4"),
     "lr_text": Setting("float", 0.0, 1.0, hint="learning rate of the text encoder; 0 = frozen"),
