@@ -58,7 +58,7 @@ SD_SCHEDULER = {
 # per-pixel signal over); this one ends about 100x lower in signal-to-noise ratio, and v's loss weighs
 # the clean latent's error at least 1x at every noise level, where a noise prediction's weighs it
 # SNR. The toy recipe can train with it (its "scheduler" setting); the built-in model does not
-# (docs/experiments.md: it hid the layout, but its shapes were worse and placement no better).
+# (why: docs/experiments.md).
 LOW_RES_SCHEDULER = {**SD_SCHEDULER, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
                      "prediction_type": "v_prediction"}
 
