@@ -998,3 +998,15 @@ def test_gradient_accumulation_steps_like_one_batch_of_all_its_micro_batches(tra
         torch.testing.assert_close(p, together[name], atol=1e-6, rtol=1e-5)
     moved = max((alone[n] - accumulated[n]).abs().max().item() for n in accumulated)
     assert moved > 1e-5, "one micro-batch alone must update differently"
+
+
+def test_ema_on_cpu_keeps_the_average_in_cpu_memory_and_trains_the_same(data, straight, tmp_path):
+    """The EMA copy's place is a memory choice: the exported (EMA) weights are bit-identical."""
+    from layerdiff.training.loop import _trained_module
+
+    _, _, trained, ema = _trained_module(tiny(), TrainConfig(**settings(ema_on_cpu=True)), "cpu")
+    assert sorted(ema) == sorted(trained)
+    assert all(e.device.type == "cpu" and e.dtype == torch.float32 for e in ema.values())
+    out = tmp_path / "ema-cpu"
+    run(data, out, ema_on_cpu=True)
+    assert_same_tensors(straight(True) / "model.safetensors", out / "model.safetensors")

@@ -85,7 +85,7 @@ def ema_update(ema: dict, params: dict, decay: float) -> None:
         torch._foreach_lerp_(e, p, 1 - decay)
     else:
         for a, b in zip(e, p):
-            a.lerp_(b.to(a.dtype), 1 - decay)
+            a.lerp_(b.to(device=a.device, dtype=a.dtype), 1 - decay)
 
 
 def train(
@@ -201,7 +201,9 @@ def _trained_module(model: LayerDiffModel, config: TrainConfig, device) -> tuple
                 if n.endswith("intra_layer_attn.gate"):
                     p.fill_(config.intra_gate_init)
     trained = {n: p for n, p in module.named_parameters() if p.requires_grad}
-    ema = {n: p.detach().clone().float() for n, p in trained.items()} if config.ema_decay > 0 else None
+    ema_device = "cpu" if config.ema_on_cpu else None
+    ema = ({n: p.detach().float().to(device=ema_device or p.device, copy=True) for n, p in trained.items()}
+           if config.ema_decay > 0 else None)
     return module, optimizer, trained, ema
 
 

@@ -30,6 +30,9 @@ class TrainConfig:
     weight_decay: float = 1e-2
     grad_clip: float = 1.0
     ema_decay: float = 0.0  # 0 disables EMA
+    # keep the EMA copy (fp32) in CPU memory instead of beside the weights on the GPU; each update
+    # then copies the trained weights to the CPU
+    ema_on_cpu: bool = False
     freeze_base: bool = False
     drop_all: float = 0.10  # CFG dropout: global and layer prompts together
     drop_layers: float = 0.05  # CFG dropout: layer prompts only
@@ -181,6 +184,7 @@ TRAIN_SETTINGS = {
     "weight_decay": Setting("float", 0.0, 10.0, hint="e.g. 0.01"),
     "grad_clip": Setting("float", 0.0, 1e6, hint="0 = off, e.g. 1"),
     "ema_decay": Setting("float", 0.0, 0.999999, hint="0 = off, e.g. 0.999"),
+    "ema_on_cpu": Setting("bool"),
     "freeze_base": Setting("bool"),
     "drop_all": Setting("float", 0.0, 1.0, hint="share of samples with all prompts dropped, e.g. 0.1"),
     "drop_layers": Setting("float", 0.0, 1.0, hint="share of samples with layer prompts dropped, e.g. 0.05"),
