@@ -1,6 +1,7 @@
 """Two probes of how a toy model decides where objects go, for a model file or a training checkpoint.
 
-    OMP_NUM_THREADS=1 python tools/layout_probe.py [--model FILE | --run RUN_DIR --step N] [--steps 999,900,800]
+    OMP_NUM_THREADS=1 python tools/layout_probe.py [--model FILE | --run RUN_DIR --step N [--config RECIPE]]
+        [--steps 999,900,800]
 
 1. *Is the layout visible in the noisy input?* 32 fresh one-object toy scenes are noised to each
    timestep; the mask of the model's clean-latent prediction is compared (IoU) with the scene's own
@@ -12,7 +13,8 @@
    The same prompts with "small" instead of "large" are the control (a word the model does follow).
 
 A training checkpoint (``RUN_DIR/layerdiff/checkpoints/step-N``) is read with its EMA weights, the
-toy preset's current config and the run's ``vae-decoder.safetensors``.
+toy preset's config with the run's recipe settings (``--config``: the file the run was trained with,
+whose "unet" and "scheduler" settings shape the model) and the run's ``vae-decoder.safetensors``.
 """
 
 from __future__ import annotations
@@ -32,9 +34,12 @@ def load(args):
 
     if args.run is None:
         return load_model(args.model).eval()
-    from layerdiff.config import get_preset
+    import json
 
-    config = get_preset("toy")
+    from layerdiff.training.recipes import recipe_config
+
+    recipe = json.loads(args.config.read_text()) if args.config else {}
+    config = recipe_config({k: recipe[k] for k in ("unet", "scheduler") if k in recipe})
     vae, meta = read_safetensors(args.run / "vae-decoder.safetensors")
     model = build_random_model(config, seed=0)
     model.vae.load_state_dict(vae)
@@ -128,6 +133,7 @@ def main() -> int:
     p.add_argument("--model", default=None, help="model file or built-in name (default: layerdiff-toy)")
     p.add_argument("--run", type=Path, default=None, help="a toy recipe's output folder (with --step)")
     p.add_argument("--step", type=int, default=None, help="the training checkpoint's step")
+    p.add_argument("--config", type=Path, default=None, help="the recipe file the run was trained with (--run)")
     p.add_argument("--steps", default="999,900,800,700,600,400", help="timesteps to probe")
     args = p.parse_args()
     if (args.run is None) != (args.step is None):
