@@ -7,7 +7,8 @@ Layout of a LayerDiff file:
   built-in toy model is). An SD 1.5 LayerDiff usually omits the VAE and text encoder: they come
   from the user's SD 1.5 checkpoint (``base``).
 - metadata ``format = "layerdiff"``, ``config`` (the :class:`LayerDiffConfig` as JSON),
-  ``components`` (comma-separated) and ``layerdiff_version``.
+  ``components`` (comma-separated) and ``layerdiff_version``; ``kind = "adapter"`` marks a file
+  that holds only the layer modules (:mod:`layerdiff.io.adapter`) and needs an SD base UNet.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from layerdiff import __version__
 from layerdiff.config import LayerDiffConfig, get_preset
 from layerdiff.deps import require_model_libraries
 from layerdiff.errors import CheckpointError, LayerDiffError
+from layerdiff.io.adapter import ADAPTER, FULL, KIND_KEY, KINDS, split_names, unet_on_base
 from layerdiff.io.files import (
     DTYPE_BYTES,
     path_exists,
@@ -108,11 +110,21 @@ def save_layerdiff(
     overwrite: bool = False,
     dtype: torch.dtype | None = None,
     extra_metadata: dict[str, str] | None = None,
+    kind: str = FULL,
 ) -> Path:
-    """Write the model as one .safetensors file (atomic; never overwrites unless asked)."""
+    """Write the model as one .safetensors file (atomic; never overwrites unless asked).
+
+    ``kind="adapter"``: only the layer modules and widened convolutions (never a VAE or text encoder).
+    """
     config = model.config
-    components = CORE + (OPTIONAL if include_vae_and_text_encoder and isinstance(model, LayerDiffModel) else ())
+    if kind not in KINDS:
+        raise CheckpointError(f"kind {kind!r} is unknown: choose {' or '.join(KINDS)}")
+    full = include_vae_and_text_encoder and isinstance(model, LayerDiffModel) and kind == FULL
+    components = CORE + (OPTIONAL if full else ())
     tensors = model_state_dict(model, components)
+    if kind == ADAPTER:
+        _, keep = split_names({k: tuple(v.shape) for k, v in tensors.items() if k.startswith("unet.")}, config)
+        tensors = {k: v for k, v in tensors.items() if k in keep or not k.startswith("unet.")}
     # position_ids buffers are rebuilt by transformers; keep files free of them
     tensors = {k: v for k, v in tensors.items() if not k.endswith("position_ids")}
     if dtype is not None:
@@ -122,6 +134,7 @@ def save_layerdiff(
         "config": config.to_json(),
         "components": ",".join(components),
         "layerdiff_version": __version__,
+        **({KIND_KEY: ADAPTER} if kind == ADAPTER else {}),
         **(extra_metadata or {}),
     }
     return save_safetensors_atomic(tensors, path, metadata=metadata, overwrite=overwrite)
@@ -159,9 +172,26 @@ def check_layerdiff_file(path: str | Path) -> tuple[LayerDiffConfig, dict[str, t
                 "or build one from an SD 1.5 checkpoint with `python -m layerdiff convert --base FILE --out OUT`"
             )
     config = read_config(metadata, path)
+    kind = read_kind(metadata, path)
     parts = _meta_parts(config, path)
-    _check_tensors(path, shapes, parts)
+    _check_tensors(path, shapes, parts, kind)
     return config, parts, shapes
+
+
+def read_kind(metadata: dict[str, str], path) -> str:
+    """``full`` or ``adapter`` (:mod:`layerdiff.io.adapter`) from a LayerDiff file's metadata."""
+    kind = metadata.get(KIND_KEY, FULL)
+    if kind not in KINDS:
+        raise CheckpointError(
+            f"{path} has LayerDiff kind {str(kind)[:40]!r}, which this version does not know ({', '.join(KINDS)}): "
+            "update the pack, or export the file again"
+        )
+    return kind
+
+
+def layerdiff_kind(path: str | Path) -> str:
+    """``full`` or ``adapter``: what a LayerDiff file holds (header only)."""
+    return read_kind(read_safetensors_header(path)[1], path)
 
 
 def read_config(metadata: dict[str, str], path) -> LayerDiffConfig:
@@ -196,9 +226,12 @@ def _meta_parts(config: LayerDiffConfig, path) -> dict[str, torch.nn.Module]:
         ) from None
 
 
-def _expected_tensors(parts: dict[str, torch.nn.Module]) -> dict[str, dict[str, tuple[int, ...]]]:
+def _expected_tensors(parts: dict[str, torch.nn.Module], kind: str = FULL) -> dict[str, dict[str, tuple[int, ...]]]:
     """Component -> {name in a file: shape} of the meta model (file names: ``unet.*``, ``vae.*``, ...)."""
     out = {"unet": {k: tuple(v.shape) for k, v in parts["unet"].state_dict().items()}}
+    if kind == ADAPTER:
+        _, keep = split_names({k: v for k, v in out["unet"].items() if k.startswith("unet.")}, parts["unet"].config)
+        out["unet"] = {k: v for k, v in out["unet"].items() if k in keep or not k.startswith("unet.")}
     for name in OPTIONAL:
         sd = parts[name].state_dict()
         if name == "text_encoder":
@@ -210,9 +243,11 @@ def _expected_tensors(parts: dict[str, torch.nn.Module]) -> dict[str, dict[str, 
 _FLOAT_TAGS = ("F32", "F16", "BF16", "F64", "F8_E4M3", "F8_E5M2")
 
 
-def _check_tensors(path, shapes: dict[str, tuple[str, tuple[int, ...]]], parts: dict[str, torch.nn.Module]) -> None:
+def _check_tensors(
+    path, shapes: dict[str, tuple[str, tuple[int, ...]]], parts: dict[str, torch.nn.Module], kind: str = FULL
+) -> None:
     """Every tensor of the file belongs to a component the config builds, with that component's shape."""
-    expected = _expected_tensors(parts)
+    expected = _expected_tensors(parts, kind)
     found: dict[str, dict[str, tuple[int, ...]]] = {}
     for name, (dtype, shape) in shapes.items():
         prefix = name.split(".", 1)[0]
@@ -355,13 +390,24 @@ def load_layerdiff(
     check_memory(path, load_memory_bytes(meta, shapes, dtype), dtype)
     tensors, _ = read_safetensors(path)
     tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-    unet = meta["unet"]
-    _load_into(unet, {k: v for k, v in tensors.items() if k.split(".", 1)[0] in CORE}, "UNet", path)
+    kind = layerdiff_kind(path)
     have = {name for name in OPTIONAL if any(k.startswith(name + ".") for k in tensors)}
     parts = {}
     need = tuple(n for n in OPTIONAL if n not in have)
-    if base is not None and need:
-        parts = load_base_components(base, dtype=dtype, components=need, config=config)
+    if kind == ADAPTER:
+        if base is None:
+            raise CheckpointError(
+                f"{path} is a LayerDiff adapter (layer modules only): give the SD 1.5 checkpoint to put it on "
+                "(--base FILE, the base_checkpoint input of Load LayerDiff, or Apply LayerDiff to Model)"
+            )
+        parts = load_base_components(base, dtype=dtype, components=("unet",) + need, config=config)
+        core = {k: v for k, v in tensors.items() if k.split(".", 1)[0] in CORE}
+        unet = unet_on_base(parts.pop("unet"), config, core, ADAPTER, source=str(path))
+    else:
+        unet = meta["unet"]
+        _load_into(unet, {k: v for k, v in tensors.items() if k.split(".", 1)[0] in CORE}, "UNet", path)
+        if base is not None and need:
+            parts = load_base_components(base, dtype=dtype, components=need, config=config)
     for name in OPTIONAL:
         if name in have:
             module = meta[name]
@@ -451,6 +497,7 @@ def describe_file(path: str | Path) -> dict:
             "image_size": config.image_size,
             "components": ",".join(c for c in CORE + OPTIONAL if any(k.startswith(c + ".") for k in shapes)),
             "block_out_channels": config.unet.get("block_out_channels"),
+            "kind": layerdiff_kind(path),
         }
         info["layerdiff_version"] = " ".join(metadata.get("layerdiff_version", "").split())[:40]
     return info

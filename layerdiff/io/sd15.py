@@ -310,6 +310,37 @@ def load_sd15_single_file(
     header, _ = read_safetensors_header(path)
     p = Path(path).expanduser()
     shapes = {k: shape for k, (_, shape) in header.items()}
+
+    def fetch(names):
+        return read_safetensors(p, keys=names)[0]
+
+    models = _load_components(p, shapes, fetch, dtype, components, (unet_config, vae_config, text_config), use_ema)
+    logger.info("loaded %s from %s (%s)", ", ".join(components), p, str(dtype).removeprefix("torch."))
+    return models
+
+
+def load_sd15_state_dict(
+    tensors: Mapping[str, torch.Tensor],
+    source: str = "the state dict",
+    dtype: torch.dtype = torch.float32,
+    components: Iterable[str] = COMPONENTS,
+    unet_config: Mapping | None = None,
+    vae_config: Mapping | None = None,
+    text_config: Mapping | None = None,
+) -> dict[str, torch.nn.Module]:
+    """The same modules from original-layout tensors already in memory (a host application's loaded
+    model); ``source`` names them in errors. The tensors are copied, never modified."""
+    components = _check_components(components)
+    require_model_libraries()
+    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+
+    def fetch(names):
+        return {n: tensors[n] for n in names}
+
+    return _load_components(source, shapes, fetch, dtype, components, (unet_config, vae_config, text_config), False)
+
+
+def _load_components(p, shapes, fetch, dtype, components, configs, use_ema) -> dict[str, torch.nn.Module]:
     arch = detect_architecture(shapes)
     if arch != "sd15":
         raise _wrong_architecture(p, arch, list(shapes))
@@ -321,7 +352,7 @@ def load_sd15_single_file(
             )
 
     defaults = load_sd15_configs()
-    overrides = {"unet": unet_config, "vae": vae_config, "text_encoder": text_config}
+    overrides = dict(zip(COMPONENTS, configs))
     models, plans = {}, {}
     for c in components:
         config = copy.deepcopy(dict(overrides[c])) if overrides[c] is not None else defaults[c]
@@ -338,17 +369,17 @@ def load_sd15_single_file(
             "epsilon prediction: fine-tune from an epsilon-prediction SD 1.5 checkpoint instead", p
         )  # fmt: skip
     wanted = sorted({name for plan in plans.values() for name in plan.values()})
-    tensors, _ = read_safetensors(p, keys=wanted)
+    tensors = dict(fetch(wanted))
     for c in components:
         model, plan = models[c], plans[c]
         targets = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         state = {}
         for key, name in plan.items():
             t = compat.fit_to_shape(name, tensors.pop(name), targets[key])
-            state[key] = t.to(dtype) if t.is_floating_point() else t
+            # a copy: the tensors may belong to a host's loaded model, which must stay as it was
+            state[key] = t.to(dtype, copy=True) if t.is_floating_point() else t.clone()
         _load_into(p, c, model, state)
         models[c] = model.eval()
-    logger.info("loaded %s from %s (%s)", ", ".join(components), p, str(dtype).removeprefix("torch."))
     return models
 
 
