@@ -12,7 +12,7 @@ from . import _host
 from .editing import LayerDiffLayerEdit, LayerDiffLayerInpaint, LayerDiffLayerStyle, LayerDiffTransformLayer
 from .io import LayerDiffLoadPSD, LayerDiffSavePSD
 from .layers import LayerDiffCompositeLayers, LayerDiffLayersFromImages, LayerDiffSplitLayers
-from .loading import LayerDiffLoader
+from .loading import LayerDiffApplyModel, LayerDiffLoader
 from .prompting import LayerDiffLayerPrompt, LayerDiffPromptEnhancer
 from .sampling import LayerDiffKSampler
 from .upgrade import upgrade_request
@@ -33,6 +33,7 @@ NODE_CLASS_MAPPINGS = {
     "LayerDiffLayersFromImages": LayerDiffLayersFromImages,
     "LayerDiffSavePSD": LayerDiffSavePSD,
     "LayerDiffLoadPSD": LayerDiffLoadPSD,
+    "LayerDiffApplyModel": LayerDiffApplyModel,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -49,6 +50,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "LayerDiffLayersFromImages": "Layers from Images",
     "LayerDiffSavePSD": "Save Layers as PSD",
     "LayerDiffLoadPSD": "Load PSD as Layers",
+    "LayerDiffApplyModel": "Apply LayerDiff to Model",
 }
 
 _host.register_model_folder()  # models/layerdiff for folder_paths (cheap; no file scan)

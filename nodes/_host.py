@@ -256,6 +256,68 @@ def sampling_memory(model, batch: int, layers: int, height: int, width: int) -> 
     return int(base + run_bytes(model.config, batch, layers, height, width, model.dtype))
 
 
+# ---------------------------------------------------------------------------- users' models
+SD15_UNET, SD15_VAE, SD15_CLIP = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
+_CLIP_SKIPPED = ("text_projection", "logit_scale")
+
+
+def _patched(entries, key: str) -> torch.Tensor:
+    """A weight with ComfyUI's patches on it: ``entries`` is one value of ``get_key_patches()``
+    (the unpatched weight with its convert function, then the patches)."""
+    import comfy.lora
+
+    weight, convert = entries[0]
+    if len(entries) == 1 and convert is None:
+        return weight
+    out = weight.to(device="cpu", dtype=torch.float32, copy=True)
+    if convert is not None:
+        out = convert(out, inplace=True)
+    return comfy.lora.calculate_weight(entries[1:], out, key) if len(entries) > 1 else out
+
+
+def sd15_weights(model, clip, vae) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int | None]:
+    """What ComfyUI's MODEL, CLIP and VAE hold, as one SD 1.5 checkpoint in the original layout.
+
+    Returns (tensors with every weight patch (LoRA) applied; the UNet's weight changes those patches
+    make, original names; the text encoder's layer count Set Last Layer asks for, None for all).
+    ComfyUI's objects are read, never changed; unpatched tensors are shared, not copied.
+    """
+    if not IN_COMFYUI:
+        raise LayerDiffError("MODEL, CLIP and VAE inputs exist only inside ComfyUI")
+    inner = getattr(model, "model", None)
+    model_type = getattr(getattr(inner, "model_type", None), "name", "EPS")
+    if model_type != "EPS":
+        raise LayerDiffError(
+            f"the MODEL predicts {model_type}, but LayerDiff on SD 1.5 works with noise (eps) prediction models: "
+            "load an SD 1.5 checkpoint or fine-tune that predicts noise (most do)"
+        )
+    tensors, deltas = {}, {}
+    for key, entries in model.get_key_patches("diffusion_model.").items():
+        name = "model." + key
+        tensors[name] = _patched(entries, key)
+        if len(entries) > 1:
+            deltas[name] = tensors[name].float() - entries[0][0].to(device="cpu", dtype=torch.float32)
+    clip_keys = clip.patcher.get_key_patches()
+    prefix = next((p for p in ("clip_l.transformer.", "transformer.") if any(k.startswith(p) for k in clip_keys)), None)
+    if prefix is None:
+        found = sorted({k.split(".", 1)[0] for k in clip_keys})[:4]
+        raise LayerDiffError(
+            f"the CLIP input is not SD 1.5's text encoder (it holds {', '.join(found)}): connect the CLIP output of the "
+            "same SD 1.5 checkpoint as the MODEL"
+        )
+    for key, entries in clip_keys.items():
+        if key.startswith(prefix) and not key.endswith(_CLIP_SKIPPED):
+            tensors[SD15_CLIP + key[len(prefix):]] = _patched(entries, key)
+    for key, value in vae.get_sd().items():
+        tensors[SD15_VAE + key] = value
+    layer_idx = getattr(clip, "layer_idx", None)
+    layers = None
+    if layer_idx is not None and int(layer_idx) < -1:
+        total = len({k.split(".")[4] for k in tensors if k.startswith(SD15_CLIP + "text_model.encoder.layers.")})
+        layers = total + int(layer_idx) + 1
+    return tensors, deltas, layers
+
+
 # ---------------------------------------------------------------------------- progress
 
 

@@ -92,3 +92,65 @@ class LayerDiffLoader:
         _host.free_memory(size, torch_device)  # make room before our (unmanaged) weights arrive
         logger.info("loading LayerDiff %s (base %s) on %s as %s", model_name, base_checkpoint, torch_device, torch_dtype)
         return (load_model(source, base=base, device=torch_device, dtype=torch_dtype),)
+
+
+BASE_WEIGHTS = ["model", "layerdiff"]
+
+
+class LayerDiffApplyModel:
+    DESCRIPTION = (
+        "Puts a LayerDiff file (a full SD 1.5 LayerDiff or an adapter: layer modules only) on your own SD 1.5 "
+        "checkpoint: connect MODEL, CLIP and VAE from Load Checkpoint, after any Load LoRA nodes. The prompts go "
+        "through your CLIP (Set Last Layer is followed), layers and masks through your VAE."
+    )
+    CATEGORY = "LayerDiff/loaders"
+    RETURN_TYPES = ("LAYERDIFF_MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The LayerDiff model bundle on your checkpoint's weights, for Layered KSampler.",)
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "An SD 1.5 MODEL (Load Checkpoint, then any LoRA loaders)."}),
+                "clip": ("CLIP", {"tooltip": "The CLIP of the same checkpoint (after the same LoRA loaders)."}),
+                "vae": ("VAE", {"tooltip": "The VAE that encodes and decodes the layers and masks."}),
+                "layerdiff_name": (_host.model_files(), {"tooltip": (
+                    "An SD 1.5 LayerDiff file or adapter in models/layerdiff. Put new files there and press R.")}),
+                "base_weights": (BASE_WEIGHTS, {"default": "model", "tooltip": (
+                    "model: the layer modules run on your MODEL's weights (your fine-tune and LoRAs; adapters allow "
+                    "only this). layerdiff: a full LayerDiff file keeps the SD weights it was trained with, and "
+                    "only your LoRAs' changes are added to them.")}),
+                "dtype": (DTYPES, {"default": "auto", "tooltip": (
+                    "Weight precision. auto: ComfyUI's choice for the device (fp32 on a CPU, fp16/bf16 on a GPU).")}),
+                "device": (DEVICES, {"default": "auto", "tooltip": "Where the model runs. auto: ComfyUI's device."}),
+            }
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, layerdiff_name):
+        if layerdiff_name is None or _host.model_path(layerdiff_name) is not None:
+            return True
+        folders = ", ".join(_host.model_folders())
+        return (
+            f"layerdiff_name {layerdiff_name!r} is not a file in models/layerdiff ({folders}): copy the SD 1.5 LayerDiff "
+            ".safetensors file there and press R, or pick another"
+        )
+
+    def apply(self, model, clip, vae, layerdiff_name, base_weights="model", dtype="auto", device="auto"):
+        from layerdiff.io.on_model import load_on_weights
+
+        path = _host.model_path(layerdiff_name)
+        if path is None:
+            raise CheckpointError(self.VALIDATE_INPUTS(layerdiff_name))
+        torch_device = _host.torch_device(device)
+        tensors, deltas, text_layers = _host.sd15_weights(model, clip, vae)
+        size = sum(t.numel() for t in tensors.values()) * 2 + os.path.getsize(path)
+        torch_dtype = _host.torch_dtype(dtype, torch_device, parameters=size // 2)
+        check_model(path, torch_dtype)
+        _host.free_memory(size, torch_device)
+        logger.info("applying LayerDiff %s to the MODEL (SD weights: %s) on %s as %s",
+                    layerdiff_name, base_weights, torch_device, torch_dtype)
+        return (load_on_weights(path, tensors, deltas=deltas, base_weights=base_weights, device=torch_device,
+                                dtype=torch_dtype, source="the MODEL/CLIP/VAE inputs", text_layers=text_layers),)

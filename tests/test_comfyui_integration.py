@@ -35,6 +35,7 @@ NODES = {
     "LayerDiffTransformLayer": "Transform Layer", "LayerDiffCompositeLayers": "Composite Layers",
     "LayerDiffSplitLayers": "Split Layers", "LayerDiffLayersFromImages": "Layers from Images",
     "LayerDiffSavePSD": "Save Layers as PSD", "LayerDiffLoadPSD": "Load PSD as Layers",
+    "LayerDiffApplyModel": "Apply LayerDiff to Model",
 }
 
 

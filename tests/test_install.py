@@ -105,7 +105,7 @@ def test_node_mappings_are_literal_dicts_that_a_text_scanner_reads():
     tree = ast.parse(source)
     classes = _literal_mapping(tree, "NODE_CLASS_MAPPINGS")
     names = _literal_mapping(tree, "NODE_DISPLAY_NAME_MAPPINGS")
-    assert set(classes) == set(nodes.NODE_CLASS_MAPPINGS) == set(names) and len(classes) == 13
+    assert set(classes) == set(nodes.NODE_CLASS_MAPPINGS) == set(names) and len(classes) == 14
     for key, value in classes.items():
         assert isinstance(value, ast.Name) and value.id == key, f"{key!r} maps to a class of another name"
     for key, value in names.items():
@@ -152,7 +152,7 @@ def test_the_pack_loads_without_diffusers_and_the_model_node_names_the_fix(tmp_p
                           env=env, cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout.strip().splitlines()[-1])
-    assert out["nodes"] == 13
+    assert out["nodes"] == 14
     error = out["error"]
     assert error is not None and "\n" not in error
     assert "resolve_revision" in error and "install.py" in error and sys.executable in error
@@ -289,7 +289,7 @@ def test_manager_install_moves_nothing_and_the_library_generates(tmp_path, torch
     assert {n: after[n] for n in PROTECTED} == {n: before[n] for n in PROTECTED}
     assert after["diffusers"] is not None
     out = _smoke(python, "--generate", cwd=tmp_path)
-    assert out["nodes"] == 13 and out["metadata_problem"] is None and out["finite"]
+    assert out["nodes"] == 14 and out["metadata_problem"] is None and out["finite"]
     assert out["images"] == [1, 2, 128, 128, 3]
     print(f"\n{host[0]}: {before} -> {after}")
 
@@ -305,7 +305,7 @@ def test_install_py_repairs_a_host_broken_by_a_line_by_line_diffusers_install(tm
     broken = _versions(python)
     assert broken["huggingface-hub"].startswith("0.")
     out = _smoke(python, cwd=tmp_path)
-    assert out["nodes"] == 13 and out["metadata_problem"] is not None
+    assert out["nodes"] == 14 and out["metadata_problem"] is not None
     [line] = [r for r in out["log"] if "install.py" in r]
     assert "huggingface-hub" in line and str(python) in line
     _manager_install(python)

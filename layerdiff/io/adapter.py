@@ -16,11 +16,13 @@ file's SD weights and adds the base's LoRA deltas to them.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 
 from layerdiff.config import LayerDiffConfig
 from layerdiff.errors import CheckpointError
+from layerdiff.io.files import read_safetensors_header
 from layerdiff.model.unet import LayerDiffUNet
 
 KIND_KEY = "kind"  # metadata key; absent or "full" in full files
@@ -51,6 +53,22 @@ def split_names(layerdiff_shapes: Mapping[str, tuple], config: LayerDiffConfig) 
         raise CheckpointError(f"LayerDiff UNet of config {config.name!r} lacks SD weights {missing[:3]}")
     base_only = {k for k, shape in plain.items() if tuple(layerdiff_shapes[k]) == shape}
     return base_only, set(layerdiff_shapes) - base_only
+
+
+def read_kind(metadata: dict[str, str], path) -> str:
+    """``full`` or ``adapter`` (:mod:`layerdiff.io.adapter`) from a LayerDiff file's metadata."""
+    kind = metadata.get(KIND_KEY, FULL)
+    if kind not in KINDS:
+        raise CheckpointError(
+            f"{path} has LayerDiff kind {str(kind)[:40]!r}, which this version does not know ({', '.join(KINDS)}): "
+            "update the pack, or export the file again"
+        )
+    return kind
+
+
+def layerdiff_kind(path: str | Path) -> str:
+    """``full`` or ``adapter``: what a LayerDiff file holds (header only)."""
+    return read_kind(read_safetensors_header(path)[1], path)
 
 
 def widened(name: str, plain_shape: tuple[int, ...] | None, shape: tuple[int, ...]) -> int | None:

@@ -24,7 +24,16 @@ from layerdiff import __version__
 from layerdiff.config import LayerDiffConfig, get_preset
 from layerdiff.deps import require_model_libraries
 from layerdiff.errors import CheckpointError, LayerDiffError
-from layerdiff.io.adapter import ADAPTER, FULL, KIND_KEY, KINDS, split_names, unet_on_base
+from layerdiff.io.adapter import (
+    ADAPTER,
+    FULL,
+    KIND_KEY,
+    KINDS,
+    layerdiff_kind,
+    read_kind,
+    split_names,
+    unet_on_base,
+)
 from layerdiff.io.files import (
     DTYPE_BYTES,
     path_exists,
@@ -176,22 +185,6 @@ def check_layerdiff_file(path: str | Path) -> tuple[LayerDiffConfig, dict[str, t
     parts = _meta_parts(config, path)
     _check_tensors(path, shapes, parts, kind)
     return config, parts, shapes
-
-
-def read_kind(metadata: dict[str, str], path) -> str:
-    """``full`` or ``adapter`` (:mod:`layerdiff.io.adapter`) from a LayerDiff file's metadata."""
-    kind = metadata.get(KIND_KEY, FULL)
-    if kind not in KINDS:
-        raise CheckpointError(
-            f"{path} has LayerDiff kind {str(kind)[:40]!r}, which this version does not know ({', '.join(KINDS)}): "
-            "update the pack, or export the file again"
-        )
-    return kind
-
-
-def layerdiff_kind(path: str | Path) -> str:
-    """``full`` or ``adapter``: what a LayerDiff file holds (header only)."""
-    return read_kind(read_safetensors_header(path)[1], path)
 
 
 def read_config(metadata: dict[str, str], path) -> LayerDiffConfig:

@@ -66,6 +66,7 @@ def load_on_weights(
     dtype: torch.dtype = torch.float32,
     source: str = "the MODEL",
     tokenizer_dirs: list[str] | None = None,
+    text_layers: int | None = None,
 ) -> LayerDiffModel:
     """The LayerDiff model of file ``path`` on SD 1.5 weights held in memory.
 
@@ -74,6 +75,8 @@ def load_on_weights(
     fine-tune's look; adapters allow only this); ``"layerdiff"`` keeps a full file's own SD weights
     and adds ``deltas`` (original names -> weight change: what the host's LoRAs did). The VAE and
     text encoder always come from ``tensors``. ``tensors`` are copied, never changed.
+    ``text_layers``: use only the first n layers of the text encoder (then its final layer norm), as
+    a CLIP skip does.
     """
     if base_weights not in BASE_WEIGHTS:
         raise CheckpointError(f"base_weights {base_weights!r} is unknown: choose {' or '.join(BASE_WEIGHTS)}")
@@ -92,10 +95,21 @@ def load_on_weights(
     file_part = sum(_weight_bytes(m.state_dict(), dtype) for name, m in meta.items() if name == "unet")
     check_memory(path, file_part + _weight_bytes(tensors, dtype), dtype)
     components = ("unet", "vae", "text_encoder")
+    text_config = dict(config.text_encoder)
+    if text_layers is not None:
+        total = int(text_config["num_hidden_layers"])
+        if not 1 <= int(text_layers) <= total:
+            raise CheckpointError(
+                f"the text encoder has {total} layers; {text_layers} cannot be used: set the CLIP's last layer "
+                f"between -{total} and -1"
+            )
+        text_config["num_hidden_layers"] = int(text_layers)
+        skipped = tuple(f"{CLIP_PREFIX}text_model.encoder.layers.{i}." for i in range(int(text_layers), total))
+        tensors = {k: v for k, v in tensors.items() if not k.startswith(skipped)} if skipped else tensors
     try:
         parts = load_sd15_state_dict(
             tensors, source=source, dtype=dtype, components=components,
-            unet_config=config.unet, vae_config=config.vae, text_config=config.text_encoder,
+            unet_config=config.unet, vae_config=config.vae, text_config=text_config,
         )  # fmt: skip
     except CheckpointError as exc:
         raise CheckpointError(
