@@ -272,7 +272,15 @@ def _patched(entries, key: str) -> torch.Tensor:
     out = weight.to(device="cpu", dtype=torch.float32, copy=True)
     if convert is not None:
         out = convert(out, inplace=True)
-    return comfy.lora.calculate_weight(entries[1:], out, key) if len(entries) > 1 else out
+    if len(entries) == 1:
+        return out
+    out = comfy.lora.calculate_weight(entries[1:], out, key)
+    if weight.dtype != torch.float32:  # rounded back to the stored precision exactly as ComfyUI patches it
+        import comfy.float
+        from comfy.model_patcher import string_to_seed
+
+        out = comfy.float.stochastic_rounding(out, weight.dtype, seed=string_to_seed(key))
+    return out
 
 
 def sd15_weights(model, clip, vae) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int | None]:
@@ -313,7 +321,8 @@ def sd15_weights(model, clip, vae) -> tuple[dict[str, torch.Tensor], dict[str, t
     layer_idx = getattr(clip, "layer_idx", None)
     layers = None
     if layer_idx is not None and int(layer_idx) < -1:
-        total = len({k.split(".")[4] for k in tensors if k.startswith(SD15_CLIP + "text_model.encoder.layers.")})
+        head = SD15_CLIP + "text_model.encoder.layers."
+        total = len({k[len(head):].split(".", 1)[0] for k in tensors if k.startswith(head)})
         layers = total + int(layer_idx) + 1
     return tensors, deltas, layers
 

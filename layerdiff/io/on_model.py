@@ -9,6 +9,7 @@ node *Apply LayerDiff to Model* hands their weights here in the original (CompVi
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -16,8 +17,8 @@ import torch
 
 from layerdiff.errors import CheckpointError
 from layerdiff.io import _diffusers_compat as compat
-from layerdiff.io.adapter import ADAPTER, BASE_WEIGHTS, base_shapes, unet_on_base
-from layerdiff.io.checkpoint import CORE, check_layerdiff_file, check_memory, layerdiff_kind
+from layerdiff.io.adapter import ADAPTER, BASE_WEIGHTS, base_shapes, split_names, unet_on_base
+from layerdiff.io.checkpoint import check_layerdiff_file, check_memory, layerdiff_kind
 from layerdiff.io.files import read_safetensors
 from layerdiff.io.sd15 import load_sd15_state_dict
 from layerdiff.model.bundle import LayerDiffModel
@@ -92,8 +93,12 @@ def load_on_weights(
         raise CheckpointError(
             f"{path.name} is an adapter (layer modules only) and has no SD weights of its own: set base_weights to 'model'"
         )
-    file_part = sum(_weight_bytes(m.state_dict(), dtype) for name, m in meta.items() if name == "unet")
-    check_memory(path, file_part + _weight_bytes(tensors, dtype), dtype)
+    unet_shapes = {k: tuple(v.shape) for k, v in meta["unet"].state_dict().items()}
+    _, adapter_names = split_names({k: v for k, v in unet_shapes.items() if k.startswith("unet.")}, config)
+    keep = adapter_names | {k for k in unet_shapes if not k.startswith("unet.")}
+    wanted = sorted(keep if base_weights == "model" else unet_shapes)
+    file_bytes = sum(math.prod(unet_shapes[k]) for k in wanted) * torch.empty((), dtype=dtype).element_size()
+    check_memory(path, file_bytes + _weight_bytes(tensors, dtype), dtype)  # the new modules; the file is read once
     components = ("unet", "vae", "text_encoder")
     text_config = dict(config.text_encoder)
     if text_layers is not None:
@@ -116,9 +121,7 @@ def load_on_weights(
             f"{source} does not fit the SD 1.5 architecture {path.name} was built on ({exc}): use the checkpoint "
             "family the LayerDiff file was made for (SD 1.5 and its fine-tunes)"
         ) from None
-    file_tensors, _ = read_safetensors(path)
-    core = {k: v for k, v in file_tensors.items() if k.split(".", 1)[0] in CORE}
-    del file_tensors
+    core, _ = read_safetensors(path, keys=[k for k in wanted if k in shapes])
     unet_deltas = diffusers_deltas(deltas, config.unet) if deltas and base_weights == "layerdiff" else None
     unet = unet_on_base(parts["unet"], config, core, kind, base_weights, unet_deltas, source=str(path))
     tokenizer = build_tokenizer(config.tokenizer, tokenizer_dirs)

@@ -1,0 +1,68 @@
+"""LayerDiff on a user's own SD 1.5 MODEL, CLIP, VAE and LoRA, against a real ComfyUI (issue 27).
+
+Real-size SD 1.5 checkpoints with random weights, saved with the keys ComfyUI's CheckpointSave writes,
+and a random LoRA (kohya names, a LoCon on conv_in among them) are loaded by ComfyUI's own loaders in
+ComfyUI's Python (tests/comfy_models_check.py). An untrained LayerDiff file (zero-initialised layer
+modules) on those weights must reproduce ComfyUI's own noise prediction, prompt encoding (also with
+Set Last Layer -2) and VAE decode. Skipped where no ComfyUI host is set up (comfy_private.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import comfy_private as harness  # noqa: E402
+
+_reason = harness.host_skip_reason()
+if _reason:
+    pytest.skip(_reason, allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def user_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("user_models")
+    # in a process of its own, so the gigabytes it allocates go back to the system before ComfyUI loads them
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(harness.REPO)}
+    run = subprocess.run([sys.executable, str(Path(__file__).with_name("sd15_random_files.py")), str(root)],
+                         capture_output=True, text=True, timeout=1200, env=env)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return root
+
+
+@pytest.fixture(scope="module")
+def measured(user_files):
+    out = user_files / "results.json"
+    root = user_files
+    cmd = [str(harness.COMFY_VENV / "bin" / "python"), str(Path(__file__).with_name("comfy_models_check.py")),
+           str(harness.COMFY_DIR), str(out), str(root / "a.safetensors"), str(root / "b.safetensors"),
+           str(root / "lora.safetensors"), str(root / "layerdiff" / "untrained_sd15.safetensors")]
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("case", ["a", "a_lora", "b"])
+def test_untrained_layerdiff_on_the_model_matches_comfyuis_own_prediction(measured, case):
+    r = measured[case]
+    assert r["eps_scale"] > 0.1  # a real prediction, not zeros
+    assert r["eps_max_abs"] <= 1e-4 * max(1.0, r["eps_scale"]), r
+    assert r["text_max_abs"] <= 1e-4 * max(1.0, r["text_scale"]), r
+    assert r["clip_skip_max_abs"] <= 1e-4 * max(1.0, r["text_scale"]), r
+    assert r["clip_skip_vs_last"] > 1e-2  # Set Last Layer -2 really gives other states
+    assert r["image_max_abs"] <= 2e-4, r
+
+
+def test_the_lora_and_the_other_checkpoint_change_the_result(measured):
+    base, lora, other = (torch.tensor(measured[k]["eps_comfy"]) for k in ("a", "a_lora", "b"))
+    assert (base - lora).abs().max() > 1e-3 and (base - other).abs().max() > 1e-3
+    text_base, text_lora = (torch.tensor(measured[k]["text_comfy"]) for k in ("a", "a_lora"))
+    assert (text_base - text_lora).abs().max() > 1e-3
