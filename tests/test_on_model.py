@@ -185,3 +185,29 @@ def test_bad_combinations_are_refused_with_the_fix(files, tmp_path):
             UNET + "input_blocks.0.0.weight": torch.zeros(2, 4, 3, 3)}
     with pytest.raises(CheckpointError, match="SDXL"):
         load_on_weights(files["trained"], sdxl, source="my MODEL")
+
+
+def test_convert_writes_adapters_from_a_layerdiff_file_and_from_a_base(files, tmp_path, capsys):
+    out = tmp_path / "from_file.safetensors"
+    assert main(["convert", "--layerdiff", str(files["trained"]), "--adapter", "--out", str(out)]) == 0
+    from layerdiff.io.files import read_safetensors
+
+    ours, reference = read_safetensors(out)[0], read_safetensors(files["adapter"])[0]
+    assert set(ours) == set(reference) and all(torch.equal(ours[k], reference[k]) for k in ours)
+    assert layerdiff_kind(out) == "adapter"
+    assert main(["convert", "--layerdiff", str(files["trained"]), "--adapter", "--out", str(out)]) == 1
+    assert "already exists" in capsys.readouterr().err
+    assert main(["convert", "--layerdiff", str(out), "--adapter", "--out", str(tmp_path / "x.safetensors")]) == 1
+    assert "already an adapter" in capsys.readouterr().err
+    assert main(["convert", "--layerdiff", str(files["trained"]), "--out", str(tmp_path / "y.safetensors")]) == 1
+    assert "add --adapter" in capsys.readouterr().err
+    config = get_preset("sd15", max_layers=3)
+    untrained = convert_sd15(files["root"] / "a.safetensors", tmp_path / "base_adapter.safetensors", config=config,
+                             base_config=config.replace(**TINY_CONFIGS), adapter=True)
+    assert layerdiff_kind(untrained) == "adapter"
+    # an untrained adapter on checkpoint B reproduces B's UNet for one layer
+    model = load_on_weights(untrained, comfyui_saved_state_dict(files["b"]))
+    x, ctx = _inputs()
+    with torch.no_grad():
+        ref = files["b"]["unet"](x[:, 0, :4], 321, encoder_hidden_states=ctx).sample
+    torch.testing.assert_close(_one_layer(model, x, ctx)[:, 0, :4], ref, atol=1e-5, rtol=1e-5)

@@ -13,8 +13,13 @@ def register(sub) -> None:
     info.add_argument("--json", action="store_true", help="print the whole description as JSON")
     info.set_defaults(func=run_info)
 
-    conv = sub.add_parser("convert", help="build an untrained LayerDiff checkpoint from an SD 1.5 checkpoint")
-    conv.add_argument("--base", required=True, help="SD 1.5 single-file .safetensors (original layout) or diffusers folder")
+    conv = sub.add_parser("convert", help=(
+        "build an untrained LayerDiff checkpoint from an SD 1.5 checkpoint, or the adapter of a LayerDiff file"))
+    src = conv.add_mutually_exclusive_group(required=True)
+    src.add_argument("--base", help="SD 1.5 single-file .safetensors (original layout) or diffusers folder")
+    src.add_argument("--layerdiff", help="a full LayerDiff .safetensors file to take the adapter of (with --adapter)")
+    conv.add_argument("--adapter", action="store_true", help=(
+        "write only the layer modules (an adapter: applies to any SD 1.5-architecture checkpoint)"))
     conv.add_argument("--out", required=True, help="LayerDiff .safetensors file to write")
     conv.add_argument("--max-layers", type=int, default=4, help="layer slots (background + foregrounds), default 4")
     conv.add_argument("--full", action="store_true", help="also store the VAE and text encoder in the file")

@@ -20,6 +20,7 @@ def run_info(args) -> int:
         c = info["layerdiff_config"]
         line += (
             f"; LayerDiff config {c['name']!r}: max_layers {c['max_layers']}, image size {c['image_size']}, "
+            f"{'an adapter (layer modules only: needs an SD 1.5 base), ' if c.get('kind') == 'adapter' else ''}"
             f"components {c['components']}; loading as fp32 needs about {info['load_memory_bytes'] / 2**30:,.2f} GiB"
         )
         available = available_memory()
@@ -38,8 +39,18 @@ def run_convert(args) -> int:
     import torch
 
     from layerdiff.config import get_preset
-    from layerdiff.io.convert import convert_sd15
+    from layerdiff.errors import LayerDiffError
+    from layerdiff.io.convert import convert_sd15, write_adapter
 
+    dtype = torch.float16 if args.fp16 else None
+    if args.layerdiff is not None:
+        if not args.adapter:
+            raise LayerDiffError("--layerdiff FILE takes the adapter of a LayerDiff file: add --adapter (or use --base)")
+        out = write_adapter(args.layerdiff, args.out, overwrite=args.overwrite, dtype=dtype)
+        print(f"wrote {out}", file=sys.stderr)
+        return 0
+    if args.adapter and args.full:
+        raise LayerDiffError("--adapter holds the layer modules only; --full adds a VAE and text encoder: choose one")
     config = get_preset("sd15", max_layers=args.max_layers)
     out = convert_sd15(
         args.base,
@@ -47,7 +58,8 @@ def run_convert(args) -> int:
         config=config,
         include_vae_and_text_encoder=args.full,
         overwrite=args.overwrite,
-        dtype=torch.float16 if args.fp16 else None,
+        dtype=dtype,
+        adapter=args.adapter,
     )
     print(f"wrote {out}", file=sys.stderr)
     return 0
