@@ -72,7 +72,7 @@ def main(root: Path) -> None:
     save_safetensors_atomic(random_lora(2), root / "lora.safetensors", metadata={"ss_network_module": "networks.lora"})
     layerdiff = root / "layerdiff" / "untrained_sd15.safetensors"
     layerdiff.parent.mkdir(exist_ok=True)
-    convert_sd15(root / "a.safetensors", layerdiff, config=get_preset("sd15", max_layers=2), dtype=torch.float16,
+    convert_sd15(root / "a.safetensors", layerdiff, config=get_preset("sd15"), dtype=torch.float16,
                  overwrite=True)
 
 

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -66,3 +67,43 @@ def test_the_lora_and_the_other_checkpoint_change_the_result(measured):
     assert (base - lora).abs().max() > 1e-3 and (base - other).abs().max() > 1e-3
     text_base, text_lora = (torch.tensor(measured[k]["text_comfy"]) for k in ("a", "a_lora"))
     assert (text_base - text_lora).abs().max() > 1e-3
+
+
+def test_the_checkpoint_and_lora_workflow_runs_on_a_real_server_with_random_user_files(user_files, tmp_path):
+    """example_workflows/11 with a ComfyUI-saved random SD 1.5 file, a random LoRA and an untrained
+    LayerDiff file under the names its note gives, through the real loaders; at 64x64 and 2 steps
+    (the shipped 512x512, 20 steps takes many minutes on a CPU). The LoRA's strength changes the result."""
+    sys.path.insert(0, str(harness.REPO / "tools"))
+    import build_workflows as bw
+    import comfy_run as cr
+    import workflow_format as wf
+    from PIL import Image
+
+    from layerdiff.io.psd import load_psd
+
+    path = cr.WORKFLOWS / "11 Your checkpoint and LoRA to layers.json"
+    base = tmp_path / "base"
+    for folder, name, source in (("checkpoints", bw.USER_CHECKPOINT, "a.safetensors"),
+                                 ("loras", bw.USER_LORA, "lora.safetensors"),
+                                 ("layerdiff", bw.USER_LAYERDIFF, "layerdiff/untrained_sd15.safetensors")):
+        (base / "models" / folder).mkdir(parents=True, exist_ok=True)
+        (base / "models" / folder / name).symlink_to(user_files / source)
+    with cr.private_server(base) as server:
+        composites = []
+        for strength in (1.0, 0.0):
+            prompt = server.api_prompt(wf.load(path), f"user_models_{int(strength)}")
+            for node in prompt.values():
+                if node["class_type"] == "LayerDiffKSampler":
+                    node["inputs"].update(width=64, height=64, steps=2)
+                if node["class_type"] == "LoraLoader":
+                    node["inputs"].update(strength_model=strength, strength_clip=strength)
+            entry, _ = server.run_prompt(prompt, timeout=1200, cold=False)
+            assert entry["status"]["status_str"] == "success", cr.error_text(entry)
+            by_title = {n.get("title"): str(n["id"]) for n in wf.load(path)["nodes"]}
+            layers = server.output_files(entry, by_title["Save layers (transparent PNGs)"])
+            assert len(layers) == 3 and all(Image.open(f).size == (64, 64) for f in layers)
+            (psd,) = server.output_files(entry, by_title["Save layers as PSD"], "psd")
+            assert load_psd(psd).num_layers == 3
+            (composite,) = server.output_files(entry, by_title["Save composite"])
+            composites.append(np.asarray(Image.open(composite), dtype=np.int16))
+        assert np.abs(composites[0] - composites[1]).max() > 0

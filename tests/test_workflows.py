@@ -41,9 +41,12 @@ FILES = wf.workflow_files(FOLDER)
 EXPECTED = [
     "01 Text to 2 layers", "02 Text to 3 layers", "03 Text to 4 layers", "04 CFG vs self-mask guidance",
     "05 Edit one layer", "06 Inpaint part of a layer", "07 Restyle layers", "08 Move and reorder layers",
-    "09 Layers from your images", "10 Layers from generated images",
+    "09 Layers from your images", "10 Layers from generated images", "11 Your checkpoint and LoRA to layers",
 ]
 TOY = get_preset("toy")
+USER_FILES = {("CheckpointLoaderSimple", "ckpt_name"), ("LoraLoader", "lora_name"), ("LayerDiffApplyModel", "layerdiff_name")}
+USER_FILE_WORKFLOWS = [p for p in FILES if any(n["type"] == "LayerDiffApplyModel" for n in wf.load(p)["nodes"])]
+TOY_WORKFLOWS = [p for p in FILES if p not in USER_FILE_WORKFLOWS]
 TOY_INSTALLED = "layerdiff-toy" in builtin_names()
 
 
@@ -59,6 +62,8 @@ def combo_ok(node_type: str, input_name: str):
     """Choice lists that depend on the machine (wf.MACHINE_CHOICES): model files, input images."""
     if (node_type, input_name) == ("LayerDiffLoader", "model_name"):
         return lambda v: v in BUILTIN_FILES  # listed once its weights are installed
+    if (node_type, input_name) in USER_FILES:  # the user's own files, named in the workflow's note
+        return lambda v: isinstance(v, str) and v.endswith(".safetensors")
     if (node_type, input_name) == ("LoadImage", "image"):
         return lambda v: (INPUTS / v).is_file()  # shipped, copied to ComfyUI's input folder by the user
     return None
@@ -94,7 +99,8 @@ def problems(workflow: dict, defs: dict) -> list[str]:
             if why:
                 out.append(f"{where}: widget {slot.name}: {why}")
         validate = getattr(nodes.NODE_CLASS_MAPPINGS.get(node["type"]), "VALIDATE_INPUTS", None)
-        if validate and (node["type"] != "LayerDiffLoader" or TOY_INSTALLED):  # the loader's needs the weights
+        # the loader's check needs the built-in weights; Apply LayerDiff to Model's needs the user's file
+        if validate and (node["type"] != "LayerDiffLoader" or TOY_INSTALLED) and node["type"] != "LayerDiffApplyModel":
             wanted = inspect.signature(validate).parameters
             answer = validate(**{k: values.get(k) for k in wanted})
             if answer is not True:
@@ -204,7 +210,24 @@ def test_nodes_links_and_widgets_match_the_node_definitions(path):
     assert problems(wf.load(path), definitions()) == []
 
 
-@pytest.mark.parametrize("path", FILES, ids=ids)
+@pytest.mark.parametrize("path", USER_FILE_WORKFLOWS, ids=ids)
+def test_a_workflow_on_the_users_files_names_each_file_in_its_note(path):
+    """It cannot run as shipped (no SD 1.5 file ships): the note says which files go where, every
+    model file it loads is one of those, and it runs at SD 1.5's size."""
+    workflow = wf.load(path)
+    note = next(n for n in workflow["nodes"] if n["type"] in wf.FRONTEND_ONLY)["widgets_values"][0]
+    api = wf.to_api(workflow, definitions())
+    named = [(n["class_type"], k, v) for n in api.values() for k, v in n["inputs"].items()
+             if (n["class_type"], k) in USER_FILES]
+    assert {kind for kind, _, _ in named} == {kind for kind, _ in USER_FILES}
+    folders = {"ckpt_name": "models/checkpoints", "lora_name": "models/loras", "layerdiff_name": "models/layerdiff"}
+    for _, key, value in named:
+        assert f"{value} ({folders[key]})" in note
+    sampler = next(n["inputs"] for n in api.values() if n["class_type"] == "LayerDiffKSampler")
+    assert (sampler["width"], sampler["height"]) == (512, 512)
+
+
+@pytest.mark.parametrize("path", TOY_WORKFLOWS, ids=ids)
 def test_runs_on_the_builtin_toy_model_at_its_size_with_its_vocabulary(path):
     """The built-in layerdiff-toy, 128x128, prompts it can read: each runs on a CPU in well under a minute."""
     workflow = wf.load(path)

@@ -351,6 +351,32 @@ def layers_from_generated_images() -> Recipe:
     return r
 
 
+# The files the user-checkpoint workflow names (its note says where each goes); tests supply random ones.
+USER_CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
+USER_LORA = "your_sd15_lora.safetensors"
+USER_LAYERDIFF = "layerdiff_sd15.safetensors"
+USER_SIZE = 512
+
+
+def your_checkpoint_to_layers() -> Recipe:
+    r = Recipe("11 Your checkpoint and LoRA to layers",
+               f"Your SD 1.5 checkpoint + LoRA -> Apply LayerDiff to Model -> 3 layers and a PSD. Needs {USER_CHECKPOINT} "
+               f"(models/checkpoints), {USER_LORA} (models/loras), {USER_LAYERDIFF} (models/layerdiff).",
+               [0, 380, 720, 1080, 1380])
+    ckpt = r.node("CheckpointLoaderSimple", 0, group="Model", ckpt_name=USER_CHECKPOINT)
+    lora = r.node("LoraLoader", 0, group="Model", model=ckpt.out("MODEL"), clip=ckpt.out("CLIP"), lora_name=USER_LORA,
+                  strength_model=1.0, strength_clip=1.0)
+    model = r.node("LayerDiffApplyModel", 0, group="Model", model=lora.out("MODEL"), clip=lora.out("CLIP"),
+                   vae=ckpt.out("VAE"), layerdiff_name=USER_LAYERDIFF, base_weights="model", dtype="auto",
+                   device="auto")
+    chain = prompt_chain(r, ["a sunny beach with palm trees", "a red beach umbrella on the left",
+                             "a golden retriever lying on the sand"])
+    layers = generate(r, model, chain, "a golden retriever lying on the sand beside a red beach umbrella on a sunny "
+                      "beach with palm trees", seed=11, width=USER_SIZE, height=USER_SIZE, cfg=7.5)
+    save_layers(r, layers, 3)
+    return r
+
+
 def recipes() -> list[Recipe]:
     return [
         text_to_layers("01 Text to 2 layers", ["a brick wall", "a large red star"],
@@ -368,6 +394,7 @@ def recipes() -> list[Recipe]:
         layers_from_images(),
         layers_from_generated_images(),
         cfg_vs_self_mask_guidance(),
+        your_checkpoint_to_layers(),
     ]
 
 
@@ -504,9 +531,46 @@ def build(port: int, only: list[str], canvas_dir: Path) -> int:
         path = WORKFLOWS / f"{recipe.name}.json"
         workflow = wf.stamp_pack(res["workflow"], *wf.pack_identity(REPO))
         path.write_text(json.dumps(workflow, indent=2) + "\n")
+        if needs_user_files(workflow):
+            canvas_thumbnail(canvas_dir / f"{recipe.name}.canvas.png", workflow, path.with_suffix(".jpg"))
         print(f"{path.relative_to(REPO)}: {len(res['workflow']['nodes'])} nodes, {len(res['workflow']['links'])} "
               f"links; canvas screenshot {canvas_dir / (recipe.name + '.canvas.png')}")
     return failures
+
+
+def needs_user_files(workflow: dict) -> bool:
+    """A workflow that runs on the user's own model files (none ship): its thumbnail is its canvas."""
+    return any(n["type"] == "LayerDiffApplyModel" for n in workflow["nodes"])
+
+
+CANVAS_ORIGIN = (64, 77)  # where the graph canvas starts on the page (side bar, top bars; frontend 1.27)
+
+
+def canvas_thumbnail(screenshot: Path, workflow: dict, out: Path, side: int = 512) -> None:
+    """The editor's screenshot cut to the graph (its nodes and groups, placed by the saved view
+    extra.ds), square on a dark backdrop."""
+    from PIL import Image
+
+    ds = workflow["extra"]["ds"]
+    scale, (ox, oy) = ds["scale"], ds["offset"]
+    boxes = [(n["pos"][0], n["pos"][1] - 30, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
+             for n in workflow["nodes"]]
+    boxes += [(g["bounding"][0], g["bounding"][1], g["bounding"][0] + g["bounding"][2],
+               g["bounding"][1] + g["bounding"][3]) for g in workflow.get("groups", [])]
+    x0, y0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
+    x1, y1 = max(b[2] for b in boxes), max(b[3] for b in boxes)
+    left, top = CANVAS_ORIGIN
+    page = [left + round((x0 + ox) * scale) - 8, top + round((y0 + oy) * scale) - 8,
+            left + round((x1 + ox) * scale) + 8, top + round((y1 + oy) * scale) + 8]
+    with Image.open(screenshot) as im:
+        view = im.convert("RGB").crop((max(page[0], 0), max(page[1], 0), min(page[2], im.width),
+                                       min(page[3], im.height)))
+    factor = side / max(view.size)
+    view = view.resize((max(1, round(view.width * factor)), max(1, round(view.height * factor))), Image.LANCZOS)
+    square = Image.new("RGB", (side, side), (32, 32, 32))
+    square.paste(view, ((side - view.width) // 2, (side - view.height) // 2))
+    square.save(out, quality=90, optimize=True)
+    print(f"{out}: thumbnail from the editor canvas (the workflow needs the user's model files)")
 
 
 # ---------------------------------------------------------------------------- inputs and snapshot

@@ -29,7 +29,8 @@ UPLOAD_KEYS = ("image_upload", "video_upload", "audio_upload")
 # Combo inputs whose choices are the files of this machine (model folders, input folder): a snapshot
 # stores them empty and comparisons skip them.
 MACHINE_CHOICES = {("LoadImage", "image"), ("LayerDiffLoader", "model_name"), ("LayerDiffLoader", "base_checkpoint"),
-                   ("LayerDiffLoadPSD", "psd")}
+                   ("LayerDiffLoadPSD", "psd"), ("CheckpointLoaderSimple", "ckpt_name"), ("LoraLoader", "lora_name"),
+                   ("LayerDiffApplyModel", "layerdiff_name")}
 # Frontend-only nodes: they never reach the server. Their widgets (name, type).
 FRONTEND_ONLY = {
     "Note": [("text", "STRING")],
