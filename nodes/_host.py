@@ -247,6 +247,68 @@ def free_memory(required_bytes: int, device: torch.device) -> None:
         model_management.free_memory(int(required_bytes), device)
 
 
+class _Weights(torch.nn.Module):
+    """The bundle's modules under one root, as ComfyUI's ModelPatcher wants a model (a plain module
+    whose ``device`` attribute it may set)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.unet, self.vae, self.text_encoder = model.unet, model.vae, model.text_encoder
+
+
+def _castable(root: torch.nn.Module) -> int:
+    """Give every plain Linear / Conv / norm / Embedding layer ComfyUI's castable class of the same
+    layer (comfy.ops.disable_weight_init): the same forward until ComfyUI loads the model partially
+    (lowvram), when such a layer's weights stay on the offload device and are cast per call."""
+    import comfy.ops
+
+    ops = comfy.ops.disable_weight_init
+    classes = {torch.nn.Linear: ops.Linear, torch.nn.Conv2d: ops.Conv2d, torch.nn.GroupNorm: ops.GroupNorm,
+               torch.nn.LayerNorm: ops.LayerNorm, torch.nn.Embedding: ops.Embedding}
+    n = 0
+    for module in root.modules():
+        castable = classes.get(type(module))
+        if castable is not None:
+            module.__class__ = castable
+            n += 1
+    return n
+
+
+def manage(model, device: torch.device):
+    """Hand a loaded bundle's weights to ComfyUI's model management: a ModelPatcher of their own that
+    ComfyUI loads onto ``device`` when a node needs them (:func:`ready`), offloads when other models
+    need the memory, loads partially in lowvram mode, and frees with its other models. Outside
+    ComfyUI the bundle is returned as it is."""
+    if not IN_COMFYUI:
+        return model
+    import comfy.model_patcher
+
+    offload = model_management.unet_offload_device()
+    model.to(device=offload)
+    weights = _Weights(model)
+    _castable(weights)
+    weights.device = offload
+    model.host_patcher = comfy.model_patcher.ModelPatcher(weights, load_device=device, offload_device=offload)
+    model.unet.compute_device = device
+    return model
+
+
+def staging_device(device: torch.device) -> torch.device:
+    """Where a loader puts new weights: ComfyUI's offload device (:func:`manage` moves them to
+    ``device`` when needed); outside ComfyUI ``device`` itself."""
+    return model_management.unet_offload_device() if IN_COMFYUI else device
+
+
+def ready(model, memory_required: int = 0) -> None:
+    """Before a node uses the bundle's weights: ComfyUI loads them (making room for them and for
+    ``memory_required`` more bytes, unloading or offloading other models as far as needed)."""
+    patcher = getattr(model, "host_patcher", None)
+    if patcher is not None:
+        model_management.load_models_gpu([patcher], memory_required=int(memory_required))
+    else:
+        free_memory(memory_required, model.device)
+
+
 def sampling_memory(model, batch: int, layers: int, height: int, width: int) -> int:
     """Rough bytes needed to sample and decode (layerdiff.limits.run_bytes, the estimate the library
     refuses a run by) plus ComfyUI's own minimum for inference."""

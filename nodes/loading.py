@@ -58,8 +58,8 @@ class LayerDiffLoader:
                 "dtype": (DTYPES, {"default": "auto", "tooltip": (
                     "Weight precision. auto: ComfyUI's choice for the device (fp32 on a CPU, fp16/bf16 on a GPU).")}),
                 "device": (DEVICES, {"default": "auto", "tooltip": (
-                    "Where the model runs. auto: ComfyUI's device. On a GPU, ComfyUI's other models are unloaded "
-                    "first as far as needed; the model stays there while it is loaded.")}),
+                    "Where the model runs. auto: ComfyUI's device. ComfyUI loads it there when a node needs it, "
+                    "unloading other models as far as needed, and offloads it when they need the memory.")}),
             }
         }
 
@@ -89,9 +89,9 @@ class LayerDiffLoader:
         torch_dtype = _host.torch_dtype(dtype, torch_device, parameters=size // 2)
         if model_name not in builtin_names():  # a bad or too large file fails before other models are unloaded
             check_model(source, torch_dtype)
-        _host.free_memory(size, torch_device)  # make room before our (unmanaged) weights arrive
-        logger.info("loading LayerDiff %s (base %s) on %s as %s", model_name, base_checkpoint, torch_device, torch_dtype)
-        return (load_model(source, base=base, device=torch_device, dtype=torch_dtype),)
+        logger.info("loading LayerDiff %s (base %s) for %s as %s", model_name, base_checkpoint, torch_device, torch_dtype)
+        model = load_model(source, base=base, device=_host.staging_device(torch_device), dtype=torch_dtype)
+        return (_host.manage(model, torch_device),)
 
 
 BASE_WEIGHTS = ["model", "layerdiff"]
@@ -149,8 +149,9 @@ class LayerDiffApplyModel:
         size = sum(t.numel() for t in tensors.values()) * 2 + os.path.getsize(path)
         torch_dtype = _host.torch_dtype(dtype, torch_device, parameters=size // 2)
         check_model(path, torch_dtype)
-        _host.free_memory(size, torch_device)
-        logger.info("applying LayerDiff %s to the MODEL (SD weights: %s) on %s as %s",
+        logger.info("applying LayerDiff %s to the MODEL (SD weights: %s) for %s as %s",
                     layerdiff_name, base_weights, torch_device, torch_dtype)
-        return (load_on_weights(path, tensors, deltas=deltas, base_weights=base_weights, device=torch_device,
-                                dtype=torch_dtype, source="the MODEL/CLIP/VAE inputs", text_layers=text_layers),)
+        model = load_on_weights(path, tensors, deltas=deltas, base_weights=base_weights,
+                                device=_host.staging_device(torch_device), dtype=torch_dtype,
+                                source="the MODEL/CLIP/VAE inputs", text_layers=text_layers)
+        return (_host.manage(model, torch_device),)

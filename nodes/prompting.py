@@ -121,6 +121,7 @@ class LayerDiffPromptEnhancer:
         scene = global_prompt.strip() or prompts.global_prompt.strip() or describe_scene(prompts.layers)
         negative = negative_prompt.strip() or prompts.negative
         full = LayerPrompts(scene, prompts.layers, negative, prompts.names)
+        _host.ready(model)
         with unknown_word_notes() as notes:
             cond = encode_prompts(model, full)
         return with_notes((convert.conditioning_to(cond, _host.intermediate_device()),), notes)

@@ -14,8 +14,8 @@ def progress(model, steps: int) -> _host.Progress:
 
 
 def prepare(model, batch: int, layers: int, height: int, width: int) -> None:
-    """Make room on the GPU for sampling (ComfyUI does not manage our model)."""
-    _host.free_memory(_host.sampling_memory(model, batch, layers, height, width), model.device)
+    """Have ComfyUI load the model's weights and make room for sampling."""
+    _host.ready(model, _host.sampling_memory(model, batch, layers, height, width))
 
 
 class LayerDiffKSampler:

@@ -86,7 +86,32 @@ def main(argv: list[str]) -> int:
             "eps_comfy": eps_comfy.flatten()[:64].tolist(),
             "text_comfy": text_comfy.flatten()[:64].tolist(),
         }
+        if name == "a":
+            results["managed"] = managed(ld, x8, t)
         del ld, ld_skip
+
+    def managed(ld, x8, t):
+        """ComfyUI's model management holds the bundle: loaded by ready(), listed, unloaded with
+        ComfyUI's models, and loaded partially (lowvram: layers cast per call) with the same output."""
+        host = sys.modules["comfyui_layerdiff.nodes._host"]
+        loaded = lambda: any(m.model is ld.host_patcher for m in comfy.model_management.current_loaded_models)  # noqa: E731
+        out = {"before_ready": loaded()}
+        host.ready(ld, 2**20)
+        out["after_ready"] = loaded()
+        with torch.no_grad():
+            full = ld.unet(x8, t, ctx, ld.unet.enhance(ctx, ctx[:, None]))
+        comfy.model_management.unload_all_models()
+        out["after_unload"] = loaded()
+        patcher = ld.host_patcher
+        patcher.load(torch.device("cpu"), lowvram_model_memory=256 * 2**20)
+        modules = list(patcher.model.modules())
+        out["cast_layers"] = sum(bool(getattr(m, "comfy_cast_weights", False)) for m in modules)
+        out["castable_layers"] = sum(hasattr(m, "comfy_cast_weights") for m in modules)
+        with torch.no_grad():
+            partial = ld.unet(x8, t, ctx, ld.unet.enhance(ctx, ctx[:, None]))
+        out["lowvram_max_abs"] = float((partial - full).abs().max())
+        patcher.detach()
+        return out
 
     model_a, clip_a, vae_a, *_ = comfy.sd.load_checkpoint_guess_config(a, output_vae=True, output_clip=True)
     check("a", model_a, clip_a, vae_a)

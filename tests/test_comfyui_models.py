@@ -62,6 +62,13 @@ def test_untrained_layerdiff_on_the_model_matches_comfyuis_own_prediction(measur
     assert r["image_max_abs"] <= 2e-4, r
 
 
+def test_comfyuis_model_management_loads_unloads_and_partially_loads_the_weights(measured):
+    m = measured["managed"]
+    assert not m["before_ready"] and m["after_ready"] and not m["after_unload"]
+    assert m["castable_layers"] > 500 and 0 < m["cast_layers"] < m["castable_layers"]  # a partial load
+    assert m["lowvram_max_abs"] == 0.0  # the same weights, cast per call on this CPU
+
+
 def test_the_lora_and_the_other_checkpoint_change_the_result(measured):
     base, lora, other = (torch.tensor(measured[k]["eps_comfy"]) for k in ("a", "a_lora", "b"))
     assert (base - lora).abs().max() > 1e-3 and (base - other).abs().max() > 1e-3

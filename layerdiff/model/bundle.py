@@ -91,7 +91,7 @@ class LayerDiffModel:
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         """prompts (N) -> CLIP last hidden states (N, T, D) in the UNet's dtype."""
-        ids = tokenize(self.tokenizer, prompts).to(self.text_encoder.device)
+        ids = tokenize(self.tokenizer, prompts).to(self.device)
         hidden = self.text_encoder(ids)[0]
         return hidden.to(self.dtype)
 
@@ -100,14 +100,14 @@ class LayerDiffModel:
     def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """images (N, 3, H, W) in [-1, 1] -> scaled latents (N, 4, h, w) (posterior mean)."""
         vae_dtype = next(self.vae.parameters()).dtype
-        dist = self.vae.encode(images.to(self.vae.device, vae_dtype)).latent_dist
+        dist = self.vae.encode(images.to(self.device, vae_dtype)).latent_dist
         return to_model_latents(self.vae, dist.mean).to(self.dtype)
 
     @torch.no_grad()
     def decode_images(self, latents: torch.Tensor) -> torch.Tensor:
         """scaled latents (N, 4, h, w) -> images (N, 3, H, W) in [-1, 1]."""
         vae_dtype = next(self.vae.parameters()).dtype
-        return self.vae.decode(from_model_latents(self.vae, latents.to(self.vae.device, vae_dtype))).sample.float()
+        return self.vae.decode(from_model_latents(self.vae, latents.to(self.device, vae_dtype))).sample.float()
 
     @torch.no_grad()
     def encode_layers(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:

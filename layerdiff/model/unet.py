@@ -116,9 +116,12 @@ class LayerDiffUNet(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.unet.dtype
 
+    compute_device: torch.device | None = None  # set by a host that moves weights itself (ComfyUI lowvram)
+
     @property
     def device(self) -> torch.device:
-        return self.unet.device
+        """Where inputs go: the weights' device, or the host's compute device when it manages them."""
+        return self.compute_device if self.compute_device is not None else self.unet.device
 
     def enhance(self, global_tokens: torch.Tensor, layer_tokens: torch.Tensor) -> torch.Tensor:
         """(B, T, D), (B, L, T, D) -> enhanced layer tokens (B, L, T, D)."""
