@@ -123,3 +123,33 @@ def test_truncated_or_corrupt_files(tmp_path, case):
     for reader in (read_safetensors, read_safetensors_header):
         with pytest.raises(CheckpointError, match=rf"{case}\.safetensors is truncated or corrupt"):
             reader(path)
+
+
+def test_tensors_are_read_into_memory_of_their_own_with_any_dtype(tmp_path):
+    """Every dtype reads back bit-exact and 64-byte aligned, ``dtype`` converts only floating tensors,
+    and the tensors own their memory: rewriting the file in place afterwards changes none of them
+    (a memory-mapped tensor would change, or fault)."""
+    from safetensors.torch import load_file, save_file
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "f32": torch.randn(3, 5, generator=g), "f16": torch.randn(7, generator=g).half(),
+        "bf16": torch.randn(2, 2, 2, generator=g).bfloat16(), "i64": torch.arange(5), "u8": torch.arange(9, dtype=torch.uint8),
+        "bool": torch.tensor([True, False, True]), "empty": torch.zeros(0, 4), "scalar": torch.tensor(2.5),
+    }
+    path = tmp_path / "all.safetensors"
+    save_file(tensors, str(path))
+    ours, _ = read_safetensors(path)
+    reference = load_file(str(path))
+    for k, v in reference.items():
+        assert ours[k].dtype == v.dtype and torch.equal(ours[k], v), k
+        assert ours[k].data_ptr() % 64 == 0 or ours[k].numel() == 0, k
+    converted, _ = read_safetensors(path, dtype=torch.float64, keys=["f16", "i64", "bool"])
+    assert converted["f16"].dtype == torch.float64 and torch.equal(converted["f16"], tensors["f16"].double())
+    assert converted["i64"].dtype == torch.int64 and converted["bool"].dtype == torch.bool
+    size = path.stat().st_size
+    with open(path, "r+b") as f:  # the same file, its bytes overwritten in place
+        f.seek(size // 2)
+        f.write(b"\xff" * (size - size // 2))
+    for k, v in reference.items():
+        assert torch.equal(ours[k], tensors[k]), k

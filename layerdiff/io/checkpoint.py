@@ -381,8 +381,7 @@ def load_layerdiff(
     path = Path(path)
     config, meta, shapes = check_layerdiff_file(path)  # the whole header, before a byte of data is read
     check_memory(path, load_memory_bytes(meta, shapes, dtype), dtype)
-    tensors, _ = read_safetensors(path)
-    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    tensors, _ = read_safetensors(path, dtype=dtype)
     kind = layerdiff_kind(path)
     have = {name for name in OPTIONAL if any(k.startswith(name + ".") for k in tensors)}
     parts = {}

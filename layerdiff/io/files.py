@@ -202,31 +202,62 @@ def read_safetensors_header(
     return {k: (v["dtype"], tuple(v["shape"])) for k, v in header.items()}, dict(metadata)
 
 
-def _aligned(t: torch.Tensor) -> torch.Tensor:
-    """A CPU copy on a 64-byte boundary when safetensors hands out an unaligned buffer.
+_TORCH_DTYPES = {
+    tag: getattr(torch, name, None) for tag, name in {
+        "BOOL": "bool", "U8": "uint8", "I8": "int8", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+        "I16": "int16", "U16": "uint16", "F16": "float16", "BF16": "bfloat16", "I32": "int32", "U32": "uint32",
+        "F32": "float32", "I64": "int64", "U64": "uint64", "F64": "float64", "C64": "complex64",
+        "F8_E8M0": "float8_e8m0fnu",
+    }.items()
+}  # fmt: skip
 
-    Unaligned weights make oneDNN pick other kernels: slower, and results differ in the last bit
-    from the same weights in ordinary torch memory.
-    """
-    return t.clone() if t.device.type == "cpu" and t.data_ptr() % 64 else t
+
+def _read_into(f, offset: int, out: torch.Tensor) -> None:
+    """Fill the CPU tensor ``out`` with the file's bytes from ``offset`` (plain reads, no memory map)."""
+    view = memoryview(out.view(-1).view(torch.uint8).numpy())
+    f.seek(offset)
+    done = 0
+    while done < len(view):
+        n = f.readinto(view[done:])
+        if not n:
+            raise OSError(f"the file ends {len(view) - done} bytes early")
+        done += n
 
 
 def read_safetensors(
-    path: str | os.PathLike, device: str | torch.device = "cpu", *, keys: Iterable[str] | None = None
+    path: str | os.PathLike, device: str | torch.device = "cpu", *, keys: Iterable[str] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of a safetensors file; ``keys`` reads only those tensors (all must exist)."""
-    from safetensors import safe_open
+    """(tensors, metadata) of a safetensors file; ``keys`` reads only those tensors (all must exist);
+    ``dtype`` converts floating-point tensors one by one as they are read (the peak is the result
+    plus one tensor, not the file plus the result).
 
+    Each tensor is read into memory of its own with plain reads: no memory map stays behind the
+    weights (a mapped file's pages would count twice beside converted copies), and every tensor is
+    aligned as torch aligns its own allocations.
+    """
     p = _check_path(path)
     header, metadata = _read_header(p)
     wanted = list(header) if keys is None else list(keys)
     absent = [k for k in wanted if k not in header]
     if absent:
         raise CheckpointError(f"{p} has no tensor {absent[0]!r} ({len(absent)} requested tensors are absent)")
+    tensors = {}
     try:
-        with safe_open(str(p), framework="pt", device=str(device)) as f:
-            tensors = {k: _aligned(f.get_tensor(k)) for k in wanted}
-    except (_SafetensorError, OSError, RuntimeError, ValueError) as e:
+        with open(p, "rb") as f:
+            start = 8 + struct.unpack("<Q", f.read(8))[0]
+            for k in wanted:
+                entry = header[k]
+                stored = _TORCH_DTYPES.get(entry["dtype"])
+                if stored is None:
+                    raise CheckpointError(f"{p}: tensor {_name(k)} has dtype {entry['dtype']}, which this torch cannot hold")
+                t = torch.empty(tuple(entry["shape"]), dtype=stored)
+                if t.numel():
+                    _read_into(f, start + entry["data_offsets"][0], t)
+                if dtype is not None and t.is_floating_point():
+                    t = t.to(dtype)
+                tensors[k] = t if str(device) == "cpu" else t.to(device)
+    except (OSError, RuntimeError, ValueError) as e:
         raise _corrupt(p, f"{type(e).__name__}: {e}") from None
     logger.debug("read %d tensors from %s", len(tensors), p)
     return tensors, dict(metadata)

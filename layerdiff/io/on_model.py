@@ -121,7 +121,7 @@ def load_on_weights(
             f"{source} does not fit the SD 1.5 architecture {path.name} was built on ({exc}): use the checkpoint "
             "family the LayerDiff file was made for (SD 1.5 and its fine-tunes)"
         ) from None
-    core, _ = read_safetensors(path, keys=[k for k in wanted if k in shapes])
+    core, _ = read_safetensors(path, keys=[k for k in wanted if k in shapes], dtype=dtype)
     unet_deltas = diffusers_deltas(deltas, config.unet) if deltas and base_weights == "layerdiff" else None
     unet = unet_on_base(parts["unet"], config, core, kind, base_weights, unet_deltas, source=str(path))
     tokenizer = build_tokenizer(config.tokenizer, tokenizer_dirs)
