@@ -18,6 +18,7 @@ from layerdiff.settings import SamplerSettings
 
 def generate_to_folder(out: Path, prompts: LayerPrompts, settings: SamplerSettings, *, model_name=None, base=None,
                        device="cpu", width=None, height=None, seed: int = 0, batch: int = 1, psd: bool = True,
+                       dtype=None,
                        overwrite: bool = False, progress: bool = True) -> list[Path]:
     """Generate ``batch`` images (seeds seed, seed + 1, ...) into ``out`` (sample_000, ... for a batch);
     files already there are refused before the generation unless ``overwrite``. Returns the files."""
@@ -38,7 +39,7 @@ def generate_to_folder(out: Path, prompts: LayerPrompts, settings: SamplerSettin
                  if f.exists()]
         if taken:
             raise LayerDiffError(f"{taken[0]} already exists: pass --overwrite or choose another --out")
-    model = load_model(model_name, base=base, device=device)
+    model = load_model(model_name, base=base, device=device, dtype=dtype or torch.float32)
     stack = generate(model, prompts, settings, width=width, height=height, seed=seed, batch=batch,
                      callback=progress_bar() if progress else None)
     resolved = settings.resolve(model)
@@ -51,6 +52,7 @@ def generate_to_folder(out: Path, prompts: LayerPrompts, settings: SamplerSettin
         "model": model.source,
         "batch": batch,
         "torch": torch.__version__,
+        "dtype": str(model.dtype).removeprefix("torch."),
     }
     return write_layer_sets(stack, out, meta, overwrite=overwrite, psd=psd)
 

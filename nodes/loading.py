@@ -153,5 +153,5 @@ class LayerDiffApplyModel:
                     layerdiff_name, base_weights, torch_device, torch_dtype)
         model = load_on_weights(path, tensors, deltas=deltas, base_weights=base_weights,
                                 device=_host.staging_device(torch_device), dtype=torch_dtype,
-                                source="the MODEL/CLIP/VAE inputs", text_layers=text_layers)
+                                source="the MODEL/CLIP/VAE inputs", text_layers=text_layers, share=True)
         return (_host.manage(model, torch_device),)

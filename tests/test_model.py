@@ -153,3 +153,24 @@ def test_base_unet_with_wrong_channels_is_refused(tiny_config):
     cfg = dict(tiny_config.unet, in_channels=9)
     with pytest.raises(LayerDiffError, match="4-channel"):
         LayerDiffUNet.from_base(UNet2DConditionModel(**cfg), tiny_config)
+
+
+def test_vae_calls_are_chunked_by_pixels_with_the_same_result(monkeypatch):
+    """Large batches are encoded and decoded a few images at a time (bounded activation memory);
+    the result is the one-call result."""
+    import layerdiff.model.bundle as bundle
+    from layerdiff.io.checkpoint import load_model
+
+    model = load_model("tiny")
+    g = torch.Generator().manual_seed(0)
+    f = model.vae_scale_factor
+    latents = torch.randn(5, 4, 4, 4, generator=g)
+    images = torch.rand(5, 3, 4 * f, 4 * f, generator=g) * 2 - 1
+    whole_dec, whole_enc = model.decode_images(latents), model.encode_images(images)
+    calls = []
+    decode = model.vae.decode
+    monkeypatch.setattr(model.vae, "decode", lambda z: calls.append(z.shape[0]) or decode(z))
+    monkeypatch.setattr(bundle, "VAE_CHUNK_PIXELS", 2 * (4 * f) ** 2)  # two images per call
+    torch.testing.assert_close(model.decode_images(latents), whole_dec, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model.encode_images(images), whole_enc, atol=1e-5, rtol=1e-5)
+    assert calls == [2, 2, 1]

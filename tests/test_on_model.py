@@ -211,3 +211,21 @@ def test_convert_writes_adapters_from_a_layerdiff_file_and_from_a_base(files, tm
     with torch.no_grad():
         ref = files["b"]["unet"](x[:, 0, :4], 321, encoder_hidden_states=ctx).sample
     torch.testing.assert_close(_one_layer(model, x, ctx)[:, 0, :4], ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("base_weights", ["model", "layerdiff"])
+def test_shared_weights_are_the_hosts_memory_and_are_never_written(files, base_weights):
+    """share=True (Apply LayerDiff to Model): the held weights of the right dtype become the modules'
+    own tensors, not copies, and loading, LoRA deltas and sampling leave every held tensor as it was."""
+    tensors = comfyui_saved_state_dict(files["b"])
+    before = {k: v.clone() for k, v in tensors.items()}
+    attn = "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    deltas = {UNET + attn: torch.ones_like(tensors[UNET + attn])}
+    model = load_on_weights(files["trained"], tensors, base_weights=base_weights, deltas=deltas, share=True)
+    vae_weight = model.vae.state_dict()["decoder.conv_in.weight"]
+    assert vae_weight.data_ptr() == tensors["first_stage_model.decoder.conv_in.weight"].data_ptr()
+    shared_unet = model.unet.state_dict()["unet.time_embedding.linear_1.weight"].data_ptr()
+    assert (shared_unet == tensors[UNET + "time_embed.0.weight"].data_ptr()) == (base_weights == "model")
+    x, ctx = _inputs(layers=2)
+    _one_layer(model, x, ctx)
+    assert all(torch.equal(tensors[k], before[k]) for k in before)

@@ -80,6 +80,17 @@ def test_generate_writes_a_complete_layer_set(tmp_path, capsys):
     assert _sha(out) == _sha(again)
 
 
+def test_generate_dtype_loads_the_weights_at_that_precision(tmp_path, capsys):
+    for flag, name in (("bf16", "bfloat16"), ("fp32", "float32")):
+        out = tmp_path / flag
+        assert main([*ARGS, "--out", str(out), "--dtype", flag]) == 0
+        assert json.loads((out / "meta.json").read_text())["dtype"] == name
+        assert (out / "layers.psd").is_file()
+    with pytest.raises(SystemExit):
+        main([*ARGS, "--out", str(tmp_path / "x"), "--dtype", "fp8"])
+    assert "bf16" in capsys.readouterr().err  # argparse names the choices
+
+
 def test_generate_batch_writes_subfolders(tmp_path):
     out = tmp_path / "b"
     assert main([*ARGS, "--out", str(out), "--batch", "2", "--no-psd", "--width", "72", "--height", "56"]) == 0

@@ -132,5 +132,7 @@ def unet_on_base(
                 "the LoRA was made for another architecture"
             )
         target.add_(delta.to(target.dtype))
-    unet.load_state_dict(state, strict=False)
+    # assign: the new tensors replace the parameters, so memory the base's weights share with a host's
+    # model is never written to
+    unet.load_state_dict(state, strict=False, assign=True)
     return unet

@@ -68,6 +68,7 @@ def load_on_weights(
     source: str = "the MODEL",
     tokenizer_dirs: list[str] | None = None,
     text_layers: int | None = None,
+    share: bool = False,
 ) -> LayerDiffModel:
     """The LayerDiff model of file ``path`` on SD 1.5 weights held in memory.
 
@@ -77,7 +78,8 @@ def load_on_weights(
     and adds ``deltas`` (original names -> weight change: what the host's LoRAs did). The VAE and
     text encoder always come from ``tensors``. ``tensors`` are copied, never changed.
     ``text_layers``: use only the first n layers of the text encoder (then its final layer norm), as
-    a CLIP skip does.
+    a CLIP skip does. ``share``: weights of ``tensors`` that already have ``dtype`` are used as they
+    are, not copied (the host's model and this one then share that memory; neither writes to it).
     """
     if base_weights not in BASE_WEIGHTS:
         raise CheckpointError(f"base_weights {base_weights!r} is unknown: choose {' or '.join(BASE_WEIGHTS)}")
@@ -98,7 +100,8 @@ def load_on_weights(
     keep = adapter_names | {k for k in unet_shapes if not k.startswith("unet.")}
     wanted = sorted(keep if base_weights == "model" else unet_shapes)
     file_bytes = sum(math.prod(unet_shapes[k]) for k in wanted) * torch.empty((), dtype=dtype).element_size()
-    check_memory(path, file_bytes + _weight_bytes(tensors, dtype), dtype)  # the new modules; the file is read once
+    copied = _weight_bytes({k: v for k, v in tensors.items() if not (share and v.dtype == dtype)}, dtype)
+    check_memory(path, file_bytes + copied, dtype)  # the new modules; the file is read once
     components = ("unet", "vae", "text_encoder")
     text_config = dict(config.text_encoder)
     if text_layers is not None:
@@ -114,7 +117,7 @@ def load_on_weights(
     try:
         parts = load_sd15_state_dict(
             tensors, source=source, dtype=dtype, components=components,
-            unet_config=config.unet, vae_config=config.vae, text_config=text_config,
+            unet_config=config.unet, vae_config=config.vae, text_config=text_config, share=share,
         )  # fmt: skip
     except CheckpointError as exc:
         raise CheckpointError(

@@ -327,9 +327,11 @@ def load_sd15_state_dict(
     unet_config: Mapping | None = None,
     vae_config: Mapping | None = None,
     text_config: Mapping | None = None,
+    share: bool = False,
 ) -> dict[str, torch.nn.Module]:
     """The same modules from original-layout tensors already in memory (a host application's loaded
-    model); ``source`` names them in errors. The tensors are copied, never modified."""
+    model); ``source`` names them in errors. The tensors are never modified; they are copied, or with
+    ``share`` used as they are where they already have ``dtype`` (the modules then share their memory)."""
     components = _check_components(components)
     require_model_libraries()
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}
@@ -337,10 +339,11 @@ def load_sd15_state_dict(
     def fetch(names):
         return {n: tensors[n] for n in names}
 
-    return _load_components(source, shapes, fetch, dtype, components, (unet_config, vae_config, text_config), False)
+    return _load_components(source, shapes, fetch, dtype, components, (unet_config, vae_config, text_config), False,
+                            share)
 
 
-def _load_components(p, shapes, fetch, dtype, components, configs, use_ema) -> dict[str, torch.nn.Module]:
+def _load_components(p, shapes, fetch, dtype, components, configs, use_ema, share=False) -> dict[str, torch.nn.Module]:
     arch = detect_architecture(shapes)
     if arch != "sd15":
         raise _wrong_architecture(p, arch, list(shapes))
@@ -376,8 +379,11 @@ def _load_components(p, shapes, fetch, dtype, components, configs, use_ema) -> d
         state = {}
         for key, name in plan.items():
             t = compat.fit_to_shape(name, tensors.pop(name), targets[key])
-            # a copy: the tensors may belong to a host's loaded model, which must stay as it was
-            state[key] = t.to(dtype, copy=True) if t.is_floating_point() else t.clone()
+            # a copy unless shared: the tensors may belong to a host's loaded model, which must stay as it was
+            if not t.is_floating_point():
+                state[key] = t if share else t.clone()
+            else:
+                state[key] = t if share and t.dtype == dtype else t.to(dtype, copy=True)
         _load_into(p, c, model, state)
         models[c] = model.eval()
     return models

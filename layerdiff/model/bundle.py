@@ -46,6 +46,16 @@ def from_model_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     return latents / scale.to(latents) + shift.to(latents)
 
 
+VAE_CHUNK_PIXELS = 2 * 512 * 512  # images per VAE call: as many as fit this many pixels (at least one)
+
+
+def _chunks(n: int, height: int, width: int) -> list[slice]:
+    """Slices of a batch of ``n`` images of this size, so one VAE call holds at most VAE_CHUNK_PIXELS:
+    the decoder's activations (many times the image) then peak at a bounded size whatever the batch."""
+    step = max(1, VAE_CHUNK_PIXELS // max(1, height * width))
+    return [slice(i, min(n, i + step)) for i in range(0, n, step)]
+
+
 @dataclass
 class LayerDiffModel:
     config: LayerDiffConfig
@@ -100,14 +110,22 @@ class LayerDiffModel:
     def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """images (N, 3, H, W) in [-1, 1] -> scaled latents (N, 4, h, w) (posterior mean)."""
         vae_dtype = next(self.vae.parameters()).dtype
-        dist = self.vae.encode(images.to(self.device, vae_dtype)).latent_dist
-        return to_model_latents(self.vae, dist.mean).to(self.dtype)
+        out = []
+        for part in _chunks(images.shape[0], *images.shape[-2:]):
+            dist = self.vae.encode(images[part].to(self.device, vae_dtype)).latent_dist
+            out.append(to_model_latents(self.vae, dist.mean).to(self.dtype))
+        return torch.cat(out)
 
     @torch.no_grad()
     def decode_images(self, latents: torch.Tensor) -> torch.Tensor:
         """scaled latents (N, 4, h, w) -> images (N, 3, H, W) in [-1, 1]."""
         vae_dtype = next(self.vae.parameters()).dtype
-        return self.vae.decode(from_model_latents(self.vae, latents.to(self.device, vae_dtype))).sample.float()
+        f = self.vae_scale_factor
+        out = []
+        for part in _chunks(latents.shape[0], latents.shape[-2] * f, latents.shape[-1] * f):
+            z = from_model_latents(self.vae, latents[part].to(self.device, vae_dtype))
+            out.append(self.vae.decode(z).sample.float())
+        return torch.cat(out)
 
     @torch.no_grad()
     def encode_layers(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:

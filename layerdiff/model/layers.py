@@ -125,6 +125,19 @@ class IntraLayerAttention(nn.Module):
         if mode == "separate":
             self.to_out = nn.Linear(inner, dim)
         self.gate = nn.Parameter(torch.zeros(1))  # zero gate: an exact no-op until trained
+        self._closed = (None, -1, None)  # (gate tensor, its version, whether it is exactly 0)
+
+    def closed(self) -> bool:
+        """Whether the gate is exactly 0 (the attention then changes nothing and is skipped). Read from
+        the device once per change of the gate (a new tensor or an in-place update), not every call."""
+        gate = self.gate
+        if self.training or torch.is_grad_enabled():
+            return False  # training needs the path (its gradient opens the gate)
+        tensor, version, closed = self._closed
+        if tensor is not gate or version != gate._version:
+            closed = bool((gate == 0).all())
+            self._closed = (gate, gate._version, closed)
+        return closed
 
     @torch.no_grad()
     def copy_from_cross_attention(self, attn2: nn.Module, norm2: nn.Module) -> None:
@@ -149,6 +162,8 @@ class IntraLayerAttention(nn.Module):
         """Separate mode: hidden (B*L, N, C), layer_tokens (B*L, T, D) -> residual update (B*L, N, C)."""
         if self.mode != "separate":
             raise LayerDiffError("a shared intra-layer attention runs inside its block's cross-attention")
+        if self.closed():
+            return torch.zeros_like(hidden)
         q = rearrange(self.to_q(self.norm(hidden)), "s n (h d) -> s h n d", h=self.heads)
         out = self.to_out(rearrange(self.attend(q, layer_tokens), "s h n d -> s n (h d)"))
         return self.gate.to(out.dtype) * out
@@ -250,7 +265,7 @@ class LayeredTransformerBlock(nn.Module):
             h = h.squeeze(1)
         if ctx is not None and ctx.num_layers > 1:
             h = h + self.inter_layer_attn(h, ctx)
-        layer_tokens = None if ctx is None else ctx.layer_tokens
+        layer_tokens = None if ctx is None or self.intra_layer_attn.closed() else ctx.layer_tokens
         shared = self.intra_layer_attn.mode == "shared"
         if layer_tokens is not None and shared and encoder_attention_mask is None and not kwargs:
             h = _shared_cross_attention(self.attn2, self.intra_layer_attn, self.norm2(h), encoder_hidden_states,
