@@ -63,13 +63,14 @@ def test_untrained_layerdiff_on_the_model_matches_comfyuis_own_prediction(measur
 
 
 def test_a_one_layer_generation_matches_comfyuis_ksampler(measured):
-    """Same MODEL, seed, sampler (euler), schedule and cfg: the final latents agree to 2% of their
-    range; given the same starting latent (diffusers scales the noise by sqrt(sigma_max^2 + 1),
-    k-diffusion by sigma_max) to 1e-3 of it."""
+    """Same MODEL, seed, sampler (euler), normal schedule with integer timesteps, and cfg: the final
+    latents agree to 0.5% of their largest value. Not closer because the two samplers differ in float
+    order (ComfyUI's own UNet code and attention, its timestep recovered from sigma by log
+    interpolation) and ten steps of a random model at cfg 7.5 amplify that, with latents in the
+    hundreds; a wrong noise, schedule or guidance is off by the whole range."""
     g = measured["generation"]
     assert g["scale"] > 0.1
-    assert g["max_abs"] <= 0.02 * g["scale"], g
-    assert g["same_start_max_abs"] <= 1e-3 * g["scale"], g
+    assert g["max_abs"] <= 5e-3 * g["scale"], g
 
 
 def test_comfyuis_model_management_loads_unloads_and_partially_loads_the_weights(measured):

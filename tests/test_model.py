@@ -174,3 +174,29 @@ def test_vae_calls_are_chunked_by_pixels_with_the_same_result(monkeypatch):
     torch.testing.assert_close(model.decode_images(latents), whole_dec, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(model.encode_images(images), whole_enc, atol=1e-5, rtol=1e-5)
     assert calls == [2, 2, 1]
+
+
+def test_a_closed_intra_layer_gate_skips_the_attention_and_an_opened_one_counts():
+    """While a gate is exactly 0 the intra-layer attention is skipped (its output would be 0); the
+    check follows in-place updates and new tensors, and works on inference tensors (ComfyUI)."""
+    from layerdiff.io.checkpoint import load_model
+
+    model = load_model("tiny")
+    blocks = [m for m in model.unet.modules() if hasattr(m, "intra_layer_attn")]
+    intra = blocks[0].intra_layer_attn
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 2, 8, 8, 8, generator=g)
+    ctx = torch.randn(1, 16, model.unet.unet.config.cross_attention_dim, generator=g)
+    tokens = ctx[:, None].expand(-1, 2, -1, -1)
+    with torch.no_grad():
+        for b in blocks:
+            b.intra_layer_attn.gate.zero_()
+        closed = model.unet(x, 10, ctx, model.unet.enhance(ctx, tokens))
+        assert intra.closed()
+        intra.gate.fill_(0.5)  # in place: seen
+        assert not intra.closed()
+        opened = model.unet(x, 10, ctx, model.unet.enhance(ctx, tokens))
+        assert not torch.allclose(opened, closed)
+    with torch.inference_mode():
+        intra.gate = torch.nn.Parameter(torch.zeros(1))
+        assert intra.closed()

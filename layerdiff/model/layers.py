@@ -133,10 +133,14 @@ class IntraLayerAttention(nn.Module):
         gate = self.gate
         if self.training or torch.is_grad_enabled():
             return False  # training needs the path (its gradient opens the gate)
+        try:
+            now = gate._version
+        except RuntimeError:  # an inference tensor (made under torch.inference_mode, as ComfyUI loads) has none
+            now = None
         tensor, version, closed = self._closed
-        if tensor is not gate or version != gate._version:
+        if tensor is not gate or version != now:
             closed = bool((gate == 0).all())
-            self._closed = (gate, gate._version, closed)
+            self._closed = (gate, now, closed)
         return closed
 
     @torch.no_grad()
