@@ -43,7 +43,7 @@ def child(args) -> dict:
     import comfy.cli_args
     import torch
 
-    comfy.cli_args.args.cpu = True
+    comfy.cli_args.args.cpu = not torch.cuda.is_available()  # a GPU when there is one, as ComfyUI picks
     import comfy.model_management
     import comfy.sample
     import comfy.sd
@@ -61,9 +61,9 @@ def child(args) -> dict:
     if args.engine in ("comfy", "model"):
         model, clip, vae, *_ = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_vae=True, output_clip=True)
     if args.engine == "file":
-        (ld,) = nodes["LayerDiffLoader"]().load(Path(args.layerdiff).name, "none", "fp32", "cpu")
+        (ld,) = nodes["LayerDiffLoader"]().load(Path(args.layerdiff).name, "none", "auto", "auto")
     elif args.engine == "model":
-        (ld,) = nodes["LayerDiffApplyModel"]().apply(model, clip, vae, Path(args.layerdiff).name, "model", "fp32", "cpu")
+        (ld,) = nodes["LayerDiffApplyModel"]().apply(model, clip, vae, Path(args.layerdiff).name, "model", "auto", "auto")
     load = time.perf_counter() - t0
     h = w = args.size // 8
 
@@ -102,7 +102,8 @@ def child(args) -> dict:
     per_step = (full - short) / (args.steps - 2)
     return {"engine": args.engine, "size": args.size, "layers": args.layers if args.engine != "comfy" else 1,
             "load_s": load, "step_s": per_step, "run_s": full,
-            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None}
 
 
 def main(argv=None) -> int:
