@@ -30,12 +30,9 @@ pytestmark = pytest.mark.skipif(
 UNET = "model.diffusion_model."
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(one_thread):  # conftest's: torch on one thread for this module
     yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
