@@ -48,3 +48,15 @@ def test_bench_builds_both_unets_on_the_requested_device():
         bare, layered = build_unets(get_preset(preset), "meta")
         devices = {p.device.type for m in (bare, layered) for p in m.parameters()}
         assert devices == {"meta"}, (preset, devices)
+
+
+def test_the_timed_layerdiff_unet_has_open_gates_like_a_trained_one():
+    """A closed (zero) intra-layer gate skips its attention; the benchmark must time the trained case."""
+    import torch
+
+    from layerdiff.config import get_preset
+    from layerdiff.evaluation.bench import build_unets
+
+    _, layered = build_unets(get_preset("tiny"), torch.device("cpu"))
+    gates = [m for m in layered.modules() if hasattr(m, "closed")]
+    assert gates and not any(m.closed() for m in gates)
