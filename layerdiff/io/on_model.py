@@ -34,10 +34,11 @@ def _weight_bytes(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> in
     return sum(t.numel() for t in tensors.values()) * itemsize
 
 
-def diffusers_deltas(deltas: Mapping[str, torch.Tensor], unet_config: Mapping) -> dict[str, torch.Tensor]:
-    """UNet weight changes under original names (``model.diffusion_model.*``) -> diffusers names."""
-    names = base_shapes_names(unet_config)
-    to_diffusers = {ldm: key for key, ldm in compat.unet_ldm_names(names, unet_config).items()}
+def diffusers_deltas(deltas: Mapping[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+    """UNet weight changes under original names (``model.diffusion_model.*``) -> diffusers names
+    (without ``unet.``) of the SD UNet of ``config``."""
+    names = [k.removeprefix("unet.") for k in base_shapes(config)]
+    to_diffusers = {ldm: key for key, ldm in compat.unet_ldm_names(names, config.unet).items()}
     out = {}
     for name, delta in deltas.items():
         key = to_diffusers.get(name)
@@ -48,13 +49,6 @@ def diffusers_deltas(deltas: Mapping[str, torch.Tensor], unet_config: Mapping) -
             )
         out[key] = delta
     return out
-
-
-def base_shapes_names(unet_config: Mapping) -> list[str]:
-    from layerdiff.config import get_preset
-
-    config = get_preset("sd15").replace(unet=dict(unet_config))
-    return [k.removeprefix("unet.") for k in base_shapes(config)]
 
 
 def load_on_weights(
@@ -76,7 +70,7 @@ def load_on_weights(
     applied). ``base_weights``: ``"model"`` runs the layer modules on those UNet weights (a
     fine-tune's look; adapters allow only this); ``"layerdiff"`` keeps a full file's own SD weights
     and adds ``deltas`` (original names -> weight change: what the host's LoRAs did). The VAE and
-    text encoder always come from ``tensors``. ``tensors`` are copied, never changed.
+    text encoder always come from ``tensors``, which are never changed (copied unless ``share``).
     ``text_layers``: use only the first n layers of the text encoder (then its final layer norm), as
     a CLIP skip does. ``share``: weights of ``tensors`` that already have ``dtype`` are used as they
     are, not copied (the host's model and this one then share that memory; neither writes to it).
@@ -125,7 +119,7 @@ def load_on_weights(
             "family the LayerDiff file was made for (SD 1.5 and its fine-tunes)"
         ) from None
     core, _ = read_safetensors(path, keys=[k for k in wanted if k in shapes], dtype=dtype)
-    unet_deltas = diffusers_deltas(deltas, config.unet) if deltas and base_weights == "layerdiff" else None
+    unet_deltas = diffusers_deltas(deltas, config) if deltas and base_weights == "layerdiff" else None
     unet = unet_on_base(parts["unet"], config, core, kind, base_weights, unet_deltas, source=str(path))
     tokenizer = build_tokenizer(config.tokenizer, tokenizer_dirs)
     model = LayerDiffModel(config, unet, parts["vae"], parts["text_encoder"], tokenizer, source=f"{path.name} on {source}")
