@@ -305,8 +305,30 @@ def ready(model, memory_required: int = 0) -> None:
     patcher = getattr(model, "host_patcher", None)
     if patcher is not None:
         model_management.load_models_gpu([patcher], memory_required=int(memory_required))
+        if getattr(patcher.model, "model_lowvram", False):
+            place_leftovers(patcher.model, patcher.load_device)
     else:
         free_memory(memory_required, model.device)
+
+
+def place_leftovers(root: torch.nn.Module, device: torch.device) -> int:
+    """After a partial (lowvram) load: move what ComfyUI's loader leaves where it was and no layer
+    casts per call (parameters held directly by modules with children, such as the intra-layer
+    gates, and every buffer, such as CLIP's position ids) to ``device``. They are small. Returns
+    how many tensors moved."""
+    moved = 0
+    for module in root.modules():
+        if hasattr(module, "comfy_cast_weights"):
+            continue  # cast per call by ComfyUI
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.device != device:
+                module._parameters[name] = torch.nn.Parameter(param.detach().to(device), param.requires_grad)
+                moved += 1
+        for name, buf in module.named_buffers(recurse=False):
+            if buf is not None and buf.device != device:
+                module._buffers[name] = buf.to(device)
+                moved += 1
+    return moved
 
 
 def sampling_memory(model, batch: int, layers: int, height: int, width: int) -> int:

@@ -453,3 +453,27 @@ def test_model_folder_extends_extra_model_paths(monkeypatch, tmp_path):
     _host.register_model_folder()  # idempotent
     paths, extensions = table["layerdiff"]
     assert paths == [yaml_dir, str(tmp_path / "models" / "layerdiff")] and extensions == {".safetensors"}
+
+
+def test_after_a_partial_load_the_tensors_no_layer_casts_are_moved():
+    """lowvram: ComfyUI casts the weights of its castable layers per call and leaves the rest where
+    it was; parameters held by modules with children and every buffer must follow to the device."""
+    from nodes import _host
+
+    class Castable(torch.nn.Linear):
+        comfy_cast_weights = True
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = Castable(2, 2)
+            self.gate = torch.nn.Parameter(torch.zeros(1))
+            self.register_buffer("ids", torch.arange(3), persistent=False)
+
+    root = torch.nn.Sequential(Block(), torch.nn.LayerNorm(2))
+    moved = _host.place_leftovers(root, torch.device("meta"))
+    block = root[0]
+    assert block.gate.device.type == "meta" and block.ids.device.type == "meta"
+    assert root[1].weight.device.type == "meta"  # a plain layer nothing casts
+    assert block.proj.weight.device.type == "cpu"  # cast per call: stays on the offload device
+    assert moved == 4 and _host.place_leftovers(root, torch.device("meta")) == 0
