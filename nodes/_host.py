@@ -367,11 +367,12 @@ def _patched(entries, key: str) -> torch.Tensor:
     return out
 
 
-def sd15_weights(model, clip, vae) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int | None]:
+def sd15_weights(model, clip, vae, deltas: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int | None]:
     """What ComfyUI's MODEL, CLIP and VAE hold, as one SD 1.5 checkpoint in the original layout.
 
     Returns (tensors with every weight patch (LoRA) applied; the UNet's weight changes those patches
-    make, original names; the text encoder's layer count Set Last Layer asks for, None for all).
+    make, original names (empty unless ``deltas``); the text encoder's layer count Set Last Layer
+    asks for, None for all).
     ComfyUI's objects are read, never changed; unpatched tensors are shared, not copied.
     """
     if not IN_COMFYUI:
@@ -383,12 +384,12 @@ def sd15_weights(model, clip, vae) -> tuple[dict[str, torch.Tensor], dict[str, t
             f"the MODEL predicts {model_type}, but LayerDiff on SD 1.5 works with noise (eps) prediction models: "
             "load an SD 1.5 checkpoint or fine-tune that predicts noise (most do)"
         )
-    tensors, deltas = {}, {}
+    tensors, changes = {}, {}
     for key, entries in model.get_key_patches("diffusion_model.").items():
         name = "model." + key
         tensors[name] = _patched(entries, key)
-        if len(entries) > 1:
-            deltas[name] = tensors[name].float() - entries[0][0].to(device="cpu", dtype=torch.float32)
+        if deltas and len(entries) > 1:
+            changes[name] = tensors[name].float() - entries[0][0].to(device="cpu", dtype=torch.float32)
     clip_keys = clip.patcher.get_key_patches()
     prefix = next((p for p in ("clip_l.transformer.", "transformer.") if any(k.startswith(p) for k in clip_keys)), None)
     if prefix is None:
@@ -408,7 +409,7 @@ def sd15_weights(model, clip, vae) -> tuple[dict[str, torch.Tensor], dict[str, t
         head = SD15_CLIP + "text_model.encoder.layers."
         total = len({k[len(head):].split(".", 1)[0] for k in tensors if k.startswith(head)})
         layers = total + int(layer_idx) + 1
-    return tensors, deltas, layers
+    return tensors, changes, layers
 
 
 # ---------------------------------------------------------------------------- progress

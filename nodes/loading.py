@@ -145,10 +145,10 @@ class LayerDiffApplyModel:
         if path is None:
             raise CheckpointError(self.VALIDATE_INPUTS(layerdiff_name))
         torch_device = _host.torch_device(device)
-        tensors, deltas, text_layers = _host.sd15_weights(model, clip, vae)
-        size = sum(t.numel() for t in tensors.values()) * 2 + os.path.getsize(path)
-        torch_dtype = _host.torch_dtype(dtype, torch_device, parameters=size // 2)
-        check_model(path, torch_dtype)
+        tensors, deltas, text_layers = _host.sd15_weights(model, clip, vae, deltas=base_weights == "layerdiff")
+        parameters = sum(t.numel() for t in tensors.values())
+        torch_dtype = _host.torch_dtype(dtype, torch_device, parameters=parameters)
+        # load_on_weights checks the file's header and the memory this needs (shared weights cost none)
         logger.info("applying LayerDiff %s to the MODEL (SD weights: %s) for %s as %s",
                     layerdiff_name, base_weights, torch_device, torch_dtype)
         model = load_on_weights(path, tensors, deltas=deltas, base_weights=base_weights,
