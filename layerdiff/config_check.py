@@ -40,6 +40,7 @@ TEXT_HEADS_MAX = 64
 VOCAB_MAX = 262_144  # CLIP: 49408
 TOKENS_MAX = 512  # tokenizer max length and position embeddings (CLIP: 77)
 ENHANCER_BLOCKS_MAX = 16  # prompt enhancer blocks (presets: 2)
+MAX_LAYOUT_PRIOR = 256  # rank of the blocks' prompt-conditioned layout path (toy: 16)
 MAX_POSITION_FEATURES = 16  # Fourier frequencies per axis of the blocks' position features (toy: 3)
 IMAGE_SIZE_MAX = 2048  # default generation size in pixels (SD 1.5: 512)
 LATENT_SIZE_MAX = 512  # the UNet's nominal latent size (SD 1.5: 64)
@@ -397,7 +398,7 @@ def _check_sampling(f: _Fields) -> None:
     for key in ("mask_guidance_blur", "mask_guidance_blur_sigma"):  # the second: files of earlier versions
         f.number(key, *bounds("mask_guidance_blur"), default=d.mask_guidance_blur)
     f.int("mask_guidance_erode", *bounds("mask_guidance_erode"), default=d.mask_guidance_erode)
-    for key in ("mask_guidance_start", "layout_cleanup", "layout_cleanup_start", "eta"):
+    for key in ("mask_guidance_start", "layout_cleanup", "layout_cleanup_start", "eta", "layout_prior"):
         f.number(key, *bounds(key), default=getattr(d, key))
     check = f.number("empty_layer_check", *bounds("empty_layer_check"), default=d.empty_layer_check)
     if check == RANGES["empty_layer_check"].high:
@@ -441,7 +442,9 @@ def check_config_dict(data: Any) -> None:
     tokens = top.int("layer_prompt_tokens", 0, TOKENS_MAX, default=0)
     if tokens == 1:
         top.fail("layer_prompt_tokens", tokens, "is out of range: use 0 (all tokens) or 2 or more")
-    top.int("position_features", 0, MAX_POSITION_FEATURES, default=0)
+    frequencies = top.int("position_features", 0, MAX_POSITION_FEATURES, default=0)
+    if top.int("layout_prior", 0, MAX_LAYOUT_PRIOR, default=0) and not frequencies:
+        top.fail("layout_prior", data["layout_prior"], "needs position features: set position_features to 1 or more")
     top.int("enhancer_blocks", 0, ENHANCER_BLOCKS_MAX, default=2)
     top.int("enhancer_head_dim", 1, HEAD_DIM_MAX, default=64)
     factor = 2 ** (vae["levels"] - 1) * 2 ** (unet["levels"] - 1)  # LayerDiffModel.latent_factor

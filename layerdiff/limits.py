@@ -63,6 +63,7 @@ RANGES: dict[str, Range] = {
     "mask_guidance_blur": Range(0.1, 16.0, "Gaussian blur sigma in latent pixels"),
     "mask_guidance_erode": Range(0, 16, "latent pixels; 0 guides inside the whole mask", integer=True),
     "layout_cleanup": Range(0.0, 1.0, "1 is full cleanup, 0 turns it off"),
+    "layout_prior": Range(0.0, 50.0, "strength of the prompts' layout in the starting noise; 0 turns it off"),
     "layout_cleanup_start": Range(0.0, 1.0, "a fraction of the steps"),
     "empty_layer_retries": Range(0, 10, "times an empty foreground gets new noise; 0 turns it off", integer=True),
     "empty_layer_check": Range(0.0, 1.0, "a fraction of the steps", below_high=True),

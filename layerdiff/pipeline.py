@@ -114,9 +114,10 @@ def run(
     cond = _conditioning(model, source, len(seeds))
     # 3. sample
     f = model.vae_scale_factor
+    reads_masks = s.mask_guidance or s.layout_cleanup or s.empty_layer_retries or s.layout_prior
     latents = sample(
         model.unet, cond, height // f, width // f, seeds, s, scheduler_config=model.config.scheduler,
-        mask_axis=model.mask_axis() if s.mask_guidance or s.layout_cleanup or s.empty_layer_retries else None,
+        mask_axis=model.mask_axis() if reads_masks else None,
         empty_latent=model.empty_layer_latent() if s.layout_cleanup else None,
         lock=lock, init_latents=init_latents, strength=strength, callback=callback,
     )

@@ -64,7 +64,7 @@ class SamplerSettings:
     layer's; None after resolving: the same as cfg), sampler and scheduler, self-mask guidance
     (scale, start as a fraction of the steps, blur sigma and erosion in latent pixels), layout
     cleanup (strength 0..1 and start), empty-layer retries (count, and when the check runs), eta
-    (DDIM noise).
+    (DDIM noise), and the layout prior's strength in the starting noise (models with a layout prior).
     """
 
     steps: int | None = None
@@ -81,6 +81,7 @@ class SamplerSettings:
     empty_layer_retries: int | None = None
     empty_layer_check: float | None = None
     eta: float | None = None
+    layout_prior: float | None = None
 
     def __post_init__(self):
         for f in fields(self):  # numbers become plain int / float, checked against limits.RANGES
@@ -167,7 +168,11 @@ DEFAULTS = SamplerSettings(
     empty_layer_retries=2,
     empty_layer_check=0.2,
     eta=0.0,
+    # where each foreground's prompt puts its object, added to the starting noise (a model with a
+    # layout prior; 0 off). A property of a trained model, set in its file.
+    layout_prior=0.0,
 )
 
-# Plain classifier-free guidance: DEFAULTS with self-mask guidance, layout cleanup and retries off.
-PLAIN = DEFAULTS.replace(mask_guidance=0.0, layout_cleanup=0.0, empty_layer_retries=0)
+# Plain classifier-free guidance: DEFAULTS with self-mask guidance, layout cleanup, retries and the
+# layout prior off.
+PLAIN = DEFAULTS.replace(mask_guidance=0.0, layout_cleanup=0.0, empty_layer_retries=0, layout_prior=0.0)

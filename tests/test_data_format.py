@@ -290,3 +290,68 @@ def test_reader_rejects_missing_data(tmp_path):
         LayeredShardDataset(tmp_path)
     with pytest.raises(LayerDiffError, match="neither"):
         LayeredShardDataset(tmp_path / "nope")
+
+
+# ---------------------------------------------------------------------------- the shuffle buffer
+def _member_bytes(folder, keys) -> int:
+    """The tar members' sizes of ``keys``, read with tarfile (not with the reader under test)."""
+    total = 0
+    for shard in sorted(folder.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            total += sum(m.size for m in tar.getmembers() if m.name.split(".", 1)[0] in keys)
+    return total
+
+
+def test_shuffle_buffer_holds_encoded_samples_and_decodes_them_on_the_way_out(tmp_path):
+    """The buffer stores the shards' bytes (JSON + PNGs), not tensors: after the first sample has
+    left a buffer large enough for the whole data set, it holds the other 11 samples' tar members,
+    byte for byte, about a tenth of what they take decoded."""
+    keys = write_mixed_shards(tmp_path, shards=4)
+    ds = LayeredShardDataset(tmp_path, size=32, shuffle_buffer=64, seed=3)
+    stream = iter(ds)
+    first = next(stream)
+    buffer = ds.buffer
+    held = {item.key for item in buffer.items}
+    assert len(buffer) == 11 and held == set(keys) - {first["key"]}
+    assert all(isinstance(data, bytes) for item in buffer.items for data in item.members.values())
+    assert {name for item in buffer.items for name in item.members} >= {"json", "bg.png", "fg1.png", "mask1.png"}
+    assert buffer.nbytes == _member_bytes(tmp_path, held)
+    rest = list(stream)
+    decoded = sum(item["images"].numel() * 4 + item["masks"].numel() * 4 for item in rest)
+    assert buffer.nbytes * 4 < decoded, (buffer.nbytes, decoded)
+    assert len(buffer) == 0 and sorted(i["key"] for i in rest) == sorted(held)
+
+
+def test_shuffled_samples_are_the_unshuffled_ones_decoded_identically(tmp_path):
+    """With and without the buffer (and with layer-count oversampling, whose copies share one
+    encoded record): the same samples, the same number of times, with identical tensors."""
+    write_mixed_shards(tmp_path, shards=4)
+    weights = {2: 1.0, 3: 2.0, 4: 1.5}
+
+    def items(buffer, seed=5):
+        return list(LayeredShardDataset(tmp_path, size=32, shuffle_buffer=buffer, seed=seed, layer_weights=weights))
+
+    plain, shuffled = items(0), items(4)
+    assert sorted(i["key"] for i in plain) == sorted(i["key"] for i in shuffled)
+    assert [i["key"] for i in plain] != [i["key"] for i in shuffled]
+    assert len(plain) > 12  # the weights really made copies
+    by_key = {i["key"]: i for i in plain}
+    for item in shuffled:
+        ref = by_key[item["key"]]
+        assert torch.equal(item["images"], ref["images"]) and torch.equal(item["masks"], ref["masks"])
+        assert (item["global_prompt"], item["layer_prompts"], item["extra"]) == (
+            ref["global_prompt"], ref["layer_prompts"], ref["extra"])
+    # one seed, one order; another seed, another
+    assert [i["key"] for i in items(4)] == [i["key"] for i in shuffled]
+    assert [i["key"] for i in items(4, seed=6)] != [i["key"] for i in shuffled]
+
+
+def test_shuffle_buffer_keeps_the_rank_and_worker_partition(tmp_path):
+    keys = write_mixed_shards(tmp_path, shards=4)
+    parts = [[i["key"] for i in LayeredShardDataset(tmp_path, size=32, shuffle_buffer=3, seed=2, rank=r, world_size=2)]
+             for r in range(2)]
+    assert sorted(parts[0] + parts[1]) == sorted(keys) and not set(parts[0]) & set(parts[1])
+    # 2 ranks x 2 workers: four readers, each sample read by exactly one
+    seen = [k for r in range(2) for batch in make_loader(tmp_path, batch_size=2, num_workers=2, size=32, shuffle_buffer=3,
+                                                         seed=2, rank=r, world_size=2) for k in batch["key"]]
+    assert sorted(seen) == sorted(keys)

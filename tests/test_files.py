@@ -151,5 +151,5 @@ def test_tensors_are_read_into_memory_of_their_own_with_any_dtype(tmp_path):
     with open(path, "r+b") as f:  # the same file, its bytes overwritten in place
         f.seek(size // 2)
         f.write(b"\xff" * (size - size // 2))
-    for k, v in reference.items():
+    for k in reference:
         assert torch.equal(ours[k], tensors[k]), k

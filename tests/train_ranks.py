@@ -5,7 +5,8 @@ Each rank runs a list of jobs in turn, every job a fresh tiny model and one ``tr
     {"data": DIR, "out": DIR, "config": {TrainConfig fields}, "stop_after": int | None}
 
 and after each job writes its own copy of the trained weights to ``OUT/rank-R.safetensors`` (so
-a test can check that DDP kept the ranks identical).
+a test can check that DDP kept the ranks identical) and its training log messages to
+``OUT/rank-R.log`` (e.g. the validation loss each rank computed).
 
 Two ways to start the ranks:
 
@@ -23,6 +24,7 @@ machine without a GPU.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import sys
@@ -59,7 +61,16 @@ def run_jobs(jobs: list[dict]) -> None:
     for job in jobs:
         model = build_random_model(get_preset(job.get("preset", "tiny")), seed=job.get("model_seed", 0))
         config = TrainConfig.from_dict(job["config"])
-        train(model, job["data"], job["out"], config, progress=False, stop_after=job.get("stop_after"))
+        Path(job["out"]).mkdir(parents=True, exist_ok=True)
+        logger = logging.getLogger("layerdiff.train")
+        handler = logging.FileHandler(Path(job["out"]) / f"rank-{rank}.log")
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        try:
+            train(model, job["data"], job["out"], config, progress=False, stop_after=job.get("stop_after"))
+        finally:
+            logger.removeHandler(handler)
+            handler.close()
         state = LayerDiffTrainModule(model).state_dict()
         save_safetensors_atomic(state, Path(job["out"]) / f"rank-{rank}.safetensors", overwrite=True)
     if torch.distributed.is_initialized():

@@ -29,12 +29,14 @@ def register(sub) -> None:
     p.add_argument("--layers", default="2,3,4", help="layer counts to evaluate (default 2,3,4)")
     p.add_argument("--batch", type=int, default=DEFAULT_BATCH, help=f"scenes per sampler call (default {DEFAULT_BATCH})")
     sampler_flags.add(p, ("steps", "cfg", "background_cfg", "mask_guidance", "layout_cleanup", "layout_cleanup_start",
-                          "empty_layer_retries"), {
+                          "empty_layer_retries", "layout_prior"), {
         "cfg": "classifier-free guidance scale (default: the model's)",
         "mask_guidance": "self-mask guidance scale of the SMG run, above 0 (default: the model's)",
         "layout_cleanup": "layout cleanup strength 0..1 in both runs, 0 off (default: the model's)",
         "empty_layer_retries": "times a foreground still empty early in sampling gets new noise, in both runs; 0 off "
-                               "(default: the model's)"})
+                               "(default: the model's)",
+        "layout_prior": "strength of the layer prompts' layout in the starting noise, in both runs; 0 off "
+                        "(default: the model's)"})
     p.add_argument("--exclude-train-seed", type=int, default=TRAIN_SEED,
                    help=f"seed of the toy training data whose scenes are excluded (default {TRAIN_SEED})")
     p.add_argument("--exclude-train-samples", type=int, default=TRAIN_SAMPLES,

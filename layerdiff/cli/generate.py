@@ -22,7 +22,7 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="output folder (created if missing)")
     p.add_argument("--seed", type=int, default=0, help="random seed (sample b of a batch uses seed + b)")
     sampler_flags.add(p, ("steps", "cfg", "mask_guidance", "mask_guidance_start", "background_cfg", "layout_cleanup",
-                          "empty_layer_retries"))
+                          "empty_layer_retries", "layout_prior"))
     p.add_argument("--width", type=int, default=None, help="image width, a multiple of 8 (default: the model's)")
     p.add_argument("--height", type=int, default=None, help="image height, a multiple of 8 (default: the model's)")
     p.add_argument("--model", default=None, help="built-in model name or LayerDiff .safetensors path "
@@ -39,7 +39,7 @@ def register(sub) -> None:
 
 # flags checked against limits.RANGES (None: the model's default)
 NUMBER_FLAGS = ("seed", "steps", "cfg", "mask_guidance", "mask_guidance_start", "background_cfg", "layout_cleanup",
-                "empty_layer_retries", "batch")
+                "empty_layer_retries", "layout_prior", "batch")
 
 
 def check_args(args):

@@ -16,6 +16,8 @@ HELP = {
     "layout_cleanup_start": "fraction of steps before layout cleanup switches on (default: the model's)",
     "empty_layer_retries": "times a foreground still empty early in sampling gets new noise; 0 disables it "
                            "(default: the model's)",
+    "layout_prior": "strength of the layer prompts' layout (\"on the left\", ...) in the starting noise, for "
+                    "models with a layout prior; 0 disables it (default: the model's)",
 }
 TYPES = {"steps": int, "empty_layer_retries": int}
 

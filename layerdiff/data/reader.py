@@ -15,7 +15,9 @@ from __future__ import annotations
 import logging
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -33,7 +35,8 @@ from layerdiff.errors import LayerDiffError
 
 logger = logging.getLogger("layerdiff.data")
 
-__all__ = ["LayeredShardDataset", "collate_layered", "make_loader", "resolve_shards", "sample_to_tensors"]
+__all__ = ["EncodedSample", "LayeredShardDataset", "ShuffleBuffer", "collate_layered", "first_records", "make_loader",
+           "resolve_shards", "sample_to_tensors"]
 
 
 def resolve_shards(paths_or_dir) -> list[Path]:
@@ -52,6 +55,23 @@ def resolve_shards(paths_or_dir) -> list[Path]:
         raise LayerDiffError(f"no .tar shards found in {[str(i) for i in items]}: generate data first "
                              "(python -m layerdiff data toy --out DIR ...)")
     return shards
+
+
+def first_records(paths_or_dir, count: int, max_layers: int) -> tuple[list[EncodedSample], list[dict], DamageCount]:
+    """The first ``count`` readable records of at most ``max_layers`` layers, in shard order (a
+    fixed set, e.g. for validation), still encoded, with their checked metadata; damaged ones are
+    skipped and counted."""
+    damage = DamageCount()
+    records, metas = [], []
+    if count > 0:
+        for key, members, meta, path in iter_readable_records(resolve_shards(paths_or_dir), damage):
+            if meta["num_layers"] > max_layers:
+                continue
+            records.append(EncodedSample(key, members, path))
+            metas.append(meta)
+            if len(records) == count:
+                break
+    return records, metas, damage
 
 
 def _resize_crop(img: Image.Image, size: int, mode: str, resample) -> Image.Image:
@@ -90,12 +110,64 @@ def sample_to_tensors(sample: LayeredSample, size: int = 128, resize: str = "cro
     }
 
 
+class EncodedSample(NamedTuple):
+    """One record as it lies in its shard: the tar members' bytes by name (``json``, ``bg.png``, ...)."""
+
+    key: str
+    members: dict[str, bytes]
+    shard: Path
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(data) for data in self.members.values() if isinstance(data, bytes))
+
+
+class ShuffleBuffer:
+    """The encoded samples a reader shuffles among (``nbytes``: the bytes they hold; the copies of an
+    oversampled sample share theirs)."""
+
+    def __init__(self):
+        self.items: list[EncodedSample] = []
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def add(self, item: EncodedSample) -> None:
+        self.items.append(item)
+
+    def swap(self, index: int, item: EncodedSample) -> EncodedSample:
+        """Put ``item`` at ``index``; return the sample it replaces."""
+        self.items[index], item = item, self.items[index]
+        return item
+
+    def pop(self) -> EncodedSample:
+        return self.items.pop()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(item.nbytes for item in {id(item.members): item for item in self.items}.values())
+
+
+@dataclass
+class _EpochTally:
+    """What one epoch of a reader skipped: too many layers, damaged records and PNGs."""
+
+    skipped: int = 0
+    usable: int = 0
+    damage: DamageCount = field(default_factory=DamageCount)
+    failed: set = field(default_factory=set)  # (shard, key) of records whose PNGs did not decode: copies skip them
+
+
 class LayeredShardDataset(IterableDataset):
     """Stream samples from shards, split over DataLoader workers and distributed ranks.
 
     Each (rank, worker) reads a disjoint set of whole shards; with fewer shards than readers, every
     reader scans all shards and keeps every N-th sample instead (still disjoint, slower). Shard
-    order and the shuffle buffer are seeded by ``(seed, epoch)``; call :meth:`set_epoch` between
+    order and the shuffle buffer are seeded by ``(seed, epoch)``. The buffer holds up to
+    ``shuffle_buffer`` samples still encoded (their PNG and JSON bytes, see :class:`ShuffleBuffer`;
+    a reader's live buffer is ``self.buffer``), and a sample is decoded to tensors only when it
+    leaves it: at 512 px a decoded 4-layer sample is 17 MB of float32 images and masks, its
+    compressed PNGs a fraction of that. 0 (or 1) keeps the shards' order; call :meth:`set_epoch` between
     epochs, or pass ``repeat=True`` for an endless stream. ``layer_weights`` oversamples by layer
     count: a sample with L layers is emitted ``floor(w)`` times plus once more with probability
     ``frac(w)`` (w = ``layer_weights.get(L, 1.0)``; 0 drops them), decided by ``(seed, epoch, key)``.
@@ -125,6 +197,7 @@ class LayeredShardDataset(IterableDataset):
         self.layer_weights = dict(layer_weights) if layer_weights else None
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
+        self.buffer: ShuffleBuffer | None = None  # the shuffle buffer of the running iteration
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -165,61 +238,73 @@ class LayeredShardDataset(IterableDataset):
                 if n % readers == slot:
                     yield record
 
-    def _samples(self, epoch: int) -> Iterator[dict]:
-        skipped, usable = 0, 0
-        damage = DamageCount()
-        for key, members, meta, path in self._records(epoch, damage):
-            num_layers = meta["num_layers"]  # decide before decoding PNGs
+    def _encoded(self, epoch: int, tally: _EpochTally) -> Iterator[EncodedSample]:
+        """This reader's records of at most ``max_layers`` layers, each as many times as its layer
+        weight says, still encoded (nothing is decoded before it leaves the shuffle buffer)."""
+        for key, members, meta, path in self._records(epoch, tally.damage):
+            num_layers = meta["num_layers"]
             if num_layers > self.max_layers:
-                skipped += 1
+                tally.skipped += 1
                 continue
-            usable += 1
-            copies = self._copies(key, num_layers, epoch)
-            if copies == 0:
-                continue
-            try:
-                sample = decode_record(key, members, path)
-            except LayerDiffError as exc:  # one damaged sample: the stream goes on without it
-                damage.add(exc)
-                usable -= 1
-                continue
-            item = sample_to_tensors(sample, self.size, self.resize)
-            for _ in range(copies):
-                yield dict(item)
-        if skipped:
-            logger.info("skipped %d samples with more than %d layers", skipped, self.max_layers)
-        if damage:
-            logger.warning("epoch %d: %s", epoch, damage.describe())
-        if not usable and self.repeat:  # an endless stream of nothing would spin for ever
-            why = f"; {damage.describe()}" if damage else ""
-            raise LayerDiffError(
-                f"no usable samples in {len(self.shards)} shards for this reader ({skipped} with more than "
-                f"{self.max_layers} layers{why}): check the data with python -m layerdiff data inspect DIR")
+            tally.usable += 1
+            item = EncodedSample(key, members, path)
+            for _ in range(self._copies(key, num_layers, epoch)):
+                yield item  # copies share their bytes
 
-    def _shuffled(self, items: Iterator[dict], epoch: int) -> Iterator[dict]:
+    def _shuffled(self, items: Iterator[EncodedSample], epoch: int) -> Iterator[EncodedSample]:
+        """``items`` through a buffer of ``shuffle_buffer`` encoded samples: once it is full, each new
+        sample takes the place of a random one, which leaves; at the end the rest leave in random order."""
         if self.shuffle_buffer <= 1:
             yield from items
             return
         slot, _ = self._reader_slot()
         rng = np.random.default_rng([self.seed, epoch, slot, 1])
-        buffer: list[dict] = []
+        self.buffer = buffer = ShuffleBuffer()
         for item in items:
             if len(buffer) < self.shuffle_buffer:
-                buffer.append(item)
+                buffer.add(item)
                 continue
-            j = int(rng.integers(len(buffer)))
-            buffer[j], item = item, buffer[j]
-            yield item
-        rng.shuffle(buffer)
-        yield from buffer
+            yield buffer.swap(int(rng.integers(len(buffer))), item)
+        rng.shuffle(buffer.items)
+        while buffer:
+            yield buffer.pop()
+
+    def _decoded(self, item: EncodedSample, tally: _EpochTally) -> dict | None:
+        """The training tensors of ``item``; None (counted once per sample) if its PNGs are damaged."""
+        if (item.shard, item.key) in tally.failed:
+            return None
+        try:
+            sample = decode_record(item.key, item.members, item.shard)
+        except LayerDiffError as exc:  # one damaged sample: the stream goes on without it
+            tally.damage.add(exc)
+            tally.failed.add((item.shard, item.key))
+            tally.usable -= 1
+            return None
+        return sample_to_tensors(sample, self.size, self.resize)
 
     def __iter__(self) -> Iterator[dict]:
         epoch = self.epoch
         while True:
-            yield from self._shuffled(self._samples(epoch), epoch)
+            tally = _EpochTally()
+            for item in self._shuffled(self._encoded(epoch, tally), epoch):
+                decoded = self._decoded(item, tally)
+                if decoded is not None:
+                    yield decoded
+            self._report(epoch, tally)
             if not self.repeat:
                 return
             epoch += 1
+
+    def _report(self, epoch: int, tally: _EpochTally) -> None:
+        if tally.skipped:
+            logger.info("skipped %d samples with more than %d layers", tally.skipped, self.max_layers)
+        if tally.damage:
+            logger.warning("epoch %d: %s", epoch, tally.damage.describe())
+        if not tally.usable and self.repeat:  # an endless stream of nothing would spin for ever
+            why = f"; {tally.damage.describe()}" if tally.damage else ""
+            raise LayerDiffError(
+                f"no usable samples in {len(self.shards)} shards for this reader ({tally.skipped} with more than "
+                f"{self.max_layers} layers{why}): check the data with python -m layerdiff data inspect DIR")
 
 
 def collate_layered(batch: Sequence[dict]) -> dict:

@@ -18,7 +18,7 @@ from layerdiff.config import IMAGE_CHANNELS, LAYER_CHANNELS, LayerDiffConfig
 from layerdiff.deps import require_model_libraries
 from layerdiff.errors import LayerDiffError
 from layerdiff.model.enhancer import PromptEnhancer
-from layerdiff.model.layers import LayerContext, LayeredTransformerBlock
+from layerdiff.model.layers import LayerContext, LayeredTransformerBlock, position_features
 
 if TYPE_CHECKING:  # diffusers is imported where a model is built, so the node pack loads without it
     from diffusers import UNet2DConditionModel
@@ -51,7 +51,8 @@ def _widen_conv(conv: nn.Conv2d, in_channels: int | None = None, out_channels: i
 
 
 def _wrap_transformer_blocks(unet: nn.Module, max_layers: int, layer_head_dim: int, inter_layer_width: float = 1.0,
-                            intra_layer_mode: str = "separate", position_features: int = 0) -> int:
+                            intra_layer_mode: str = "separate", position_features: int = 0,
+                            layout_prior: int = 0) -> int:
     count = 0
     for module in unet.modules():
         blocks = getattr(module, "transformer_blocks", None)
@@ -59,7 +60,7 @@ def _wrap_transformer_blocks(unet: nn.Module, max_layers: int, layer_head_dim: i
             for i, block in enumerate(blocks):
                 if not isinstance(block, LayeredTransformerBlock):
                     blocks[i] = LayeredTransformerBlock(block, max_layers, layer_head_dim, inter_layer_width,
-                                                        intra_layer_mode, position_features)
+                                                        intra_layer_mode, position_features, layout_prior)
                     count += 1
     return count
 
@@ -91,7 +92,7 @@ class LayerDiffUNet(nn.Module):
         # keep the diffusers config truthful about the widened convolutions
         base.register_to_config(in_channels=LAYER_CHANNELS, out_channels=LAYER_CHANNELS)
         n = _wrap_transformer_blocks(base, config.max_layers, config.layer_head_dim, config.inter_layer_width,
-                                     config.intra_layer_mode, config.position_features)
+                                     config.intra_layer_mode, config.position_features, config.layout_prior)
         if n == 0:
             raise LayerDiffError("base UNet has no transformer blocks: LayerDiff needs a text-conditioned SD UNet")
         text_dim = int(base.config.cross_attention_dim)  # the text encoder's width, by construction
@@ -126,6 +127,20 @@ class LayerDiffUNet(nn.Module):
     def enhance(self, global_tokens: torch.Tensor, layer_tokens: torch.Tensor) -> torch.Tensor:
         """(B, T, D), (B, L, T, D) -> enhanced layer tokens (B, L, T, D)."""
         return self.prompt_enhancer(global_tokens, layer_tokens)
+
+    def layout_logits(self, layer_tokens: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor | None:
+        """(B, L, T', D) *enhanced* layer prompts -> (B, L, h, w): each layer's object-coverage logits
+        per latent pixel from the blocks' layout priors (their mean, each block's map evaluated on the
+        latent's own grid), without running the UNet; None for a model without a layout prior."""
+        priors = [m.layout for m in self.unet.modules() if isinstance(m, LayeredTransformerBlock) and m.layout is not None]
+        if not priors:
+            return None
+        h, w = latent_size
+        B, L = layer_tokens.shape[:2]
+        tokens = layer_tokens.flatten(0, 1)
+        features = position_features(h, w, priors[0].where.in_features // 4, tokens.device, tokens.dtype)
+        logits = torch.stack([p.logits(features, tokens) for p in priors]).mean(0)  # (B*L, h*w)
+        return logits.view(B, L, h, w)
 
     def forward(
         self,

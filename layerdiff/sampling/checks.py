@@ -51,6 +51,8 @@ def check_sample_args(unet, cond, height, width, seeds, settings, scheduler_conf
                             f"sampling {L} layers x {B} image(s) at latent size {width}x{height}")
     if s.mask_guidance and mask_axis is None:
         raise LayerDiffError("self-mask guidance needs mask_axis (the model bundle's mask_axis())")
+    if s.layout_prior and mask_axis is None:
+        raise LayerDiffError("the layout prior needs mask_axis (the model bundle's mask_axis())")
     if s.empty_layer_retries and mask_axis is None:
         raise LayerDiffError("redrawing empty foregrounds needs mask_axis (the model bundle's mask_axis())")
     if s.layout_cleanup and (mask_axis is None or empty_latent is None):

@@ -20,6 +20,7 @@ from layerdiff.sampling.checks import check_sample_args
 from layerdiff.sampling.guidance import ClassifierFreeGuidance
 from layerdiff.sampling.hooks import Hook, Step
 from layerdiff.sampling.layout import LayoutCleanup
+from layerdiff.sampling.layout_prior import LayoutPriorStart, coverage
 from layerdiff.sampling.locks import LockHook
 from layerdiff.sampling.retry import EmptyLayerRetry
 from layerdiff.sampling.schedulers import NoiseLevels, draw_noise, make_scheduler, max_steps, start_scheduler
@@ -33,10 +34,16 @@ def _from(fraction: float, start: int, n: int) -> int:
     return start + int(math.ceil(fraction * (n - start)))
 
 
-def make_hooks(s, cond, levels, start: int, n: int, seeds, shape, device, mask_axis, empty_latent, lock) -> list[Hook]:
+def make_hooks(s, cond, levels, start: int, n: int, seeds, shape, device, mask_axis, empty_latent, lock,
+               unet=None, init_sigma: float = 1.0) -> list[Hook]:
     """The hooks ``s`` (resolved settings) switches on, in the order the loop calls them."""
     K = cond.num_layers - 1
     hooks: list[Hook] = []
+    if s.layout_prior > 0 and K > 0 and start == 0 and lock is None and unet is not None:
+        cover = coverage(unet, cond.layer_tokens, tuple(shape[-2:]))
+        if cover is not None:  # a model without a layout prior samples as without the setting
+            hooks.append(LayoutPriorStart(s.layout_prior, cover, mask_axis, cond.valid, float(levels.a[start]),
+                                          init_sigma))
     lock_hook = LockHook(lock, levels, start, device) if lock is not None else None
     if lock_hook is not None:
         hooks.append(lock_hook)
@@ -89,7 +96,8 @@ def sample(unet, cond, height: int, width: int, seeds: list[int], settings=None,
     start = min(n - 1, int(round(n * (1.0 - strength)))) if partial else 0
     if hasattr(sched, "set_begin_index"):
         sched.set_begin_index(start)
-    hooks = make_hooks(s, cond, levels, start, n, seeds, shape, device, mask_axis, empty_latent, lock)
+    hooks = make_hooks(s, cond, levels, start, n, seeds, shape, device, mask_axis, empty_latent, lock, unet,
+                       float(sched.init_noise_sigma))
     cfg = ClassifierFreeGuidance(s.cfg, s.background_cfg, L, device)
     accepted = inspect.signature(sched.step).parameters
     step_kwargs = {"eta": s.eta} if "eta" in accepted else {}

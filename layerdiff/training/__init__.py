@@ -9,7 +9,8 @@ One concept per module:
 - :mod:`~layerdiff.training.latents`: the latent cache of a small data set;
 - :mod:`~layerdiff.training.state`: atomic checkpoints, resume, per-step randomness;
 - :mod:`~layerdiff.training.loop`: :func:`~layerdiff.training.loop.train` on accelerate;
-- :mod:`~layerdiff.training.outputs`: the exported model file and sample grids;
+- :mod:`~layerdiff.training.outputs`: the exported model file, sample grids and their prompts;
+- :mod:`~layerdiff.training.validation`: the held-out loss on a fixed validation set;
 - :mod:`~layerdiff.training.vae`: :func:`~layerdiff.training.vae.train_vae`;
 - :mod:`~layerdiff.training.recipes`: the built-in toy model's one-command recipe (``TOY_RECIPE``);
 - :mod:`~layerdiff.training.command`: the ``train`` command's work (its argparse definitions live in

@@ -80,6 +80,11 @@ def run(args) -> int:
     cfg = TrainConfig.from_dict({**settings, **_overrides(args)})  # bad settings fail before any loading
     preset_config = get_preset(preset) if not args.init else None  # an unknown preset too
     resolve_shards(args.data)  # a missing or empty data folder too
+    if cfg.validation_data is not None:
+        try:
+            resolve_shards(cfg.validation_data)
+        except LayerDiffError as exc:
+            raise LayerDiffError(f"validation_data: {exc}") from None
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.init:

@@ -1,6 +1,7 @@
 """The training loop: :func:`train` on accelerate, with separate learning rates for base and new
-weights, an optional frozen base, gradient clipping, EMA and mixed precision where the device
-allows.
+weights, an optional frozen base, gradient clipping, EMA, mixed precision where the device
+allows, gradient checkpointing, a held-out loss (:mod:`~layerdiff.training.validation`) and sample
+grids.
 
 The same command runs on one CPU or, through ``accelerate launch``, on many GPUs and machines;
 several CPU processes form a gloo group under ``torchrun --nproc_per_node N -m layerdiff train ...``
@@ -27,7 +28,7 @@ from layerdiff.errors import LayerDiffError
 from layerdiff.model.bundle import LayerDiffModel
 from layerdiff.training.latents import LatentCache
 from layerdiff.training.objective import LayerDiffTrainModule, NoiseSchedule, make_batch
-from layerdiff.training.outputs import export, sample_grid
+from layerdiff.training.outputs import export, grid_prompts, sample_grid
 from layerdiff.training.settings import TrainConfig
 from layerdiff.training.state import (
     latest_checkpoint,
@@ -38,16 +39,19 @@ from layerdiff.training.state import (
 
 logger = logging.getLogger("layerdiff.train")
 
-NEW_MODULE_KEYS = ("inter_layer_attn", "intra_layer_attn", "prompt_enhancer", "conv_in", "conv_out")
+NEW_MODULE_KEYS = ("inter_layer_attn", "intra_layer_attn", "prompt_enhancer", "conv_in", "conv_out", ".position.")
+LAYOUT_KEY = ".layout."  # the layout prior's weights: their own learning rate (lr_layout)
 
 
 def param_groups(module: LayerDiffTrainModule, config: TrainConfig) -> list[dict]:
-    new, base, text = [], [], []
+    new, layout, base, text = [], [], [], []
     for name, p in module.named_parameters():
         if name.startswith("text_encoder."):
             p.requires_grad_(config.lr_text > 0)
             if config.lr_text > 0:
                 text.append(p)
+        elif LAYOUT_KEY in name:
+            layout.append(p.requires_grad_(True))
         elif any(k in name for k in NEW_MODULE_KEYS):
             new.append(p.requires_grad_(True))
         elif not config.freeze_base:
@@ -55,6 +59,9 @@ def param_groups(module: LayerDiffTrainModule, config: TrainConfig) -> list[dict
         else:
             p.requires_grad_(False)
     groups = [{"params": new, "lr": config.lr_new, "name": "new"}]
+    if layout:
+        groups.append({"params": layout, "lr": config.lr_new if config.lr_layout is None else config.lr_layout,
+                       "name": "layout"})
     if base:
         groups.append({"params": base, "lr": config.lr_base, "name": "base"})
     if text:
@@ -100,9 +107,12 @@ def train(
     """Train ``model`` (in place) on layered shards; return the exported LayerDiff file.
 
     Resumes from ``out/checkpoints/latest`` if present. ``stop_after`` ends the run after that
-    many steps of this invocation (tests of resume).
+    many steps of this invocation (tests of resume). ``sample_prompts`` (``LayerPrompts``) replace
+    the config's prompts of the sample grids.
     """
     Accelerator, set_seed = _accelerate()
+    if sample_prompts is None:  # checked before any work
+        sample_prompts = grid_prompts(model, data, config)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     accelerator = Accelerator(
@@ -113,6 +123,11 @@ def train(
     set_seed(config.seed)
     device = accelerator.device
     module, optimizer, trained, ema = _trained_module(model, config, device)
+    validation = None
+    if config.val_every:
+        from layerdiff.training.validation import ValidationSet
+
+        validation = ValidationSet.build(model, config.validation_data, config, rank, accelerator.num_processes)
     start = 0
     ck = latest_checkpoint(out)
     if ck is not None:
@@ -157,6 +172,8 @@ def train(
         if step % config.log_every == 0 or step == end:
             _log_losses(log, step, losses, t0, accelerator.is_main_process)
             losses, t0 = [], time.time()
+        if validation is not None and (step % config.val_every == 0 or step == end):
+            _log_validation(log, step, validation, module, accelerator, ema, trained)
         if step % config.checkpoint_every == 0 or step == end:
             _checkpoint(accelerator, out, step, module, optimizer, ema, config.keep_checkpoints)
         if config.sample_every and step % config.sample_every == 0 and accelerator.is_main_process:
@@ -169,6 +186,28 @@ def train(
         export(model, ema, trained, final)
     accelerator.wait_for_everyone()
     return final
+
+
+def enable_gradient_checkpointing(model: LayerDiffModel, text_encoder: bool = False) -> None:
+    """Recompute activations in the backward pass instead of keeping them: diffusers' checkpointing
+    of the UNet's down, mid and up blocks and of each transformer block (our
+    ``LayeredTransformerBlock`` takes diffusers' positional arguments, so it is checkpointed whole,
+    layer modules included), and, with ``text_encoder``, transformers' of the text encoder's layers.
+    Both use torch's non-reentrant checkpoint, which also carries the gradient of the layer prompts
+    that reach the blocks inside ``cross_attention_kwargs``."""
+    model.unet.unet.enable_gradient_checkpointing()
+    if not text_encoder:
+        return
+    encoder = model.text_encoder
+    if not getattr(encoder, "supports_gradient_checkpointing", False):
+        logger.info("the text encoder (%s) has no gradient checkpointing: it keeps its activations",
+                    type(encoder).__name__)
+        return
+    kwargs = {"use_reentrant": False}
+    if hasattr(encoder, "activation_checkpointing_enable"):  # transformers 5's name
+        encoder.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _accelerate() -> tuple:
@@ -190,7 +229,7 @@ def _trained_module(model: LayerDiffModel, config: TrainConfig, device) -> tuple
     without EMA)."""
     model.to(device=device)
     model.vae.requires_grad_(False).eval()
-    module = LayerDiffTrainModule(model).train()
+    module = LayerDiffTrainModule(model, config.layout_weight).train()
     groups = param_groups(module, config)
     optimizer = make_adamw(groups, config.weight_decay, device)
     for g in optimizer.param_groups:
@@ -200,6 +239,8 @@ def _trained_module(model: LayerDiffModel, config: TrainConfig, device) -> tuple
             for n, p in module.named_parameters():
                 if n.endswith("intra_layer_attn.gate"):
                     p.fill_(config.intra_gate_init)
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(model, text_encoder=config.lr_text > 0)
     trained = {n: p for n, p in module.named_parameters() if p.requires_grad}
     ema_device = "cpu" if config.ema_on_cpu else None
     ema = ({n: p.detach().float().to(device=ema_device or p.device, copy=True) for n, p in trained.items()}
@@ -224,6 +265,7 @@ def _latent_batches(model: LayerDiffModel, data, out: Path, config: TrainConfig,
         data, batch_size=config.batch_size, num_workers=config.num_workers, size=config.size,
         seed=config.seed + start, max_layers=model.config.max_layers, layer_weights=config.layer_weights,
         repeat=True, rank=accelerator.process_index, world_size=accelerator.num_processes,
+        shuffle_buffer=config.shuffle_buffer,
     )
     stream = iter(loader)
     device = accelerator.device
@@ -268,6 +310,19 @@ def _log_losses(log: Path, step: int, losses: list, t0: float, main_process: boo
         with open(log, "a") as f:
             f.write(json.dumps({"step": step, "loss": round(mean, 5), "steps_per_s": round(rate, 3)}) + "\n")
     logger.info("step %d loss %.4f (%.2f steps/s)", step, mean, rate)
+
+
+def _log_validation(log: Path, step: int, validation, module, accelerator, ema: dict | None, trained: dict) -> None:
+    """The held-out loss (every rank computes its share; all get the mean): one line of ``log``
+    (main process) and a log message."""
+    value, samples = validation.loss(module, accelerator, ema, trained)
+    weights = "ema" if ema is not None else "trained"
+    if accelerator.is_main_process:
+        with open(log, "a") as f:
+            f.write(json.dumps({"step": step, "val_loss": round(value, 6), "val_samples": samples,
+                                "weights": weights}) + "\n")
+    logger.info("step %d validation loss %.6f (%d held-out samples, %s weights)", step, value, samples,
+                "EMA" if ema is not None else "trained")
 
 
 def _checkpoint(accelerator, out: Path, step: int, module, optimizer, ema: dict | None, keep: int) -> None:

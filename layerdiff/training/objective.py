@@ -7,8 +7,10 @@ CFG dropout of prompts, optional Min-SNR-gamma weighting and offset noise.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from layerdiff.errors import LayerDiffError
 from layerdiff.model.bundle import LayerDiffModel
 from layerdiff.model.text import tokenize
 from layerdiff.training.settings import TrainConfig
@@ -17,13 +19,28 @@ from layerdiff.training.settings import TrainConfig
 class LayerDiffTrainModule(nn.Module):
     """UNet + text encoder under one module, so DDP syncs all trained weights; forward = loss."""
 
-    def __init__(self, model: LayerDiffModel):
+    def __init__(self, model: LayerDiffModel, layout_weight: float = 0.0):
         super().__init__()
         self.unet = model.unet
         self.text_encoder = model.text_encoder
         self.layer_prompt_tokens = model.config.layer_prompt_tokens
+        self.layout_weight = float(layout_weight)
+        if self.layout_weight > 0:
+            if not int(getattr(model.config, "layout_prior", 0)):
+                raise LayerDiffError(f"layout_weight {layout_weight} needs a model with a layout prior: its config "
+                                     "has layout_prior 0; set layout_weight to 0, or train a model whose config sets "
+                                     "layout_prior (e.g. 16) and position_features")
+            white, black = model.mask_axis()  # the masks of the clean latents, read without decoding
+            self.register_buffer("mask_white", white, persistent=False)
+            self.register_buffer("mask_black", black, persistent=False)
 
-    def forward(self, noisy, t, ids_global, ids_layers, valid, target, weight):
+    def forward(self, noisy, t, ids_global, ids_layers, valid, target, weight, per_sample: bool = False,
+                clean=None):
+        """The weighted MSE over the batch; with ``per_sample``, each sample's own (B,) (validation).
+
+        With ``layout_weight`` and the clean latents ``clean`` (B, L, 8, h, w), plus that weight times
+        the layout loss: the binary cross-entropy of each foreground's layout-prior map (from its
+        prompt alone) against its mask read off the clean latent."""
         # noisy/target (B, L, 8, h, w); ids_global (B, T); ids_layers (B, L, T); weight (B, L, 8, 1, 1)
         B, L = noisy.shape[:2]
         glob = self.text_encoder(ids_global)[0]  # (B, T, D)
@@ -32,8 +49,24 @@ class LayerDiffTrainModule(nn.Module):
         enhanced = self.unet.enhance(glob, lay)
         pred = self.unet(noisy, t, glob.to(noisy.dtype), enhanced.to(noisy.dtype), valid=valid)
         err = (pred.float() - target.float()) ** 2 * weight
-        count = (weight > 0).to(err.dtype).expand_as(err).sum()  # loss weights scale, they do not renormalise
-        return err.sum() / count.clamp(min=1)
+        count = (weight > 0).to(err.dtype).expand_as(err)  # loss weights scale, they do not renormalise
+        if per_sample:
+            return err.flatten(1).sum(1) / count.flatten(1).sum(1).clamp(min=1)  # (B,)
+        loss = err.sum() / count.sum().clamp(min=1)
+        if self.layout_weight > 0 and clean is not None and L > 1:
+            loss = loss + self.layout_weight * self.layout_loss(enhanced, clean, valid)
+        return loss
+
+    def layout_loss(self, enhanced: torch.Tensor, clean: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Mean binary cross-entropy of the foregrounds' layout-prior logits against their masks read off
+        the clean latents, over valid foreground layers and latent pixels."""
+        from layerdiff.sampling.masks import read_masks
+
+        logits = self.unet.layout_logits(enhanced, tuple(clean.shape[-2:]))[:, 1:].float()  # (B, L-1, h, w)
+        masks = read_masks(clean.float(), self.mask_white.float(), self.mask_black.float()).clamp(0, 1)
+        bce = F.binary_cross_entropy_with_logits(logits, masks, reduction="none").mean((2, 3))  # (B, L-1)
+        keep = valid[:, 1:].to(bce.dtype)
+        return (bce * keep).sum() / keep.sum().clamp(min=1)
 
 
 def loss_weights(valid: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -86,10 +119,13 @@ def make_batch(
     schedule: NoiseSchedule,
     config: TrainConfig,
     gen: torch.Generator,
+    t: torch.Tensor | None = None,
 ) -> dict:
-    """Noise a batch of clean layer latents (B, L, 8, h, w) and apply prompt dropout."""
+    """Noise a batch of clean layer latents (B, L, 8, h, w) and apply prompt dropout; ``t`` (B,)
+    fixes the timesteps (validation) instead of drawing them."""
     B, L = latents.shape[:2]
-    t = torch.randint(0, schedule.num_train_timesteps, (B,), generator=gen)  # one t per composable sample
+    if t is None:
+        t = torch.randint(0, schedule.num_train_timesteps, (B,), generator=gen)  # one t per composable sample
     noise = torch.randn(latents.shape, generator=gen)  # independent per layer
     u = torch.rand(B, generator=gen)
     if config.offset_noise > 0:  # drawn after the rest: offset 0 keeps the stream of earlier runs
@@ -112,4 +148,5 @@ def make_batch(
         "valid": valid,
         "target": schedule.target(latents.float(), noise, t),
         "weight": weight,
+        **({"clean": latents.float()} if config.layout_weight > 0 else {}),
     }

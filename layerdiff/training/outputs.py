@@ -1,18 +1,24 @@
 """What a run writes besides its checkpoints: the final one-file model (EMA weights where EMA ran)
-and sample grids.
+and sample grids (and where their prompts come from).
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 
+from layerdiff.errors import LayerDiffError
 from layerdiff.model.bundle import LayerDiffModel
-from layerdiff.training.settings import TrainConfig
+from layerdiff.training.settings import TrainConfig, check_sample_prompts
+
+logger = logging.getLogger("layerdiff.train")
+
+PROMPTS_FROM_DATA = 4  # sample grid rows taken from the data when train.json names no prompts
 
 
-def _swap_in(ema: dict | None, trained: dict):
+def swap_in_ema(ema: dict | None, trained: dict):
     """Context: EMA weights in the live parameters (for sampling and export), then back."""
     import contextlib
 
@@ -39,8 +45,50 @@ def export(model: LayerDiffModel, ema, trained, path: Path, dtype=None) -> Path:
     """The final one-file LayerDiff checkpoint (EMA weights where EMA ran)."""
     from layerdiff.io.checkpoint import save_layerdiff
 
-    with _swap_in(ema, trained):
+    with swap_in_ema(ema, trained):
         return save_layerdiff(model, path, include_vae_and_text_encoder=True, overwrite=True, dtype=dtype)
+
+
+def grid_prompts(model: LayerDiffModel, data, config: TrainConfig) -> list:
+    """The sample grids' prompts (``LayerPrompts``): ``config.sample_prompts``, checked against the
+    model's layer count; without them (and with ``sample_every``), those of the first few samples of
+    ``validation_data``, else of ``data``, that have a prompt for the scene and every layer."""
+    from layerdiff.conditioning import LayerPrompts
+
+    max_layers = model.config.max_layers
+    if config.sample_prompts is not None:
+        check_sample_prompts(config.sample_prompts, "sample_prompts", max_layers)
+        prompts = []
+        for i, p in enumerate(config.sample_prompts):
+            try:
+                prompts.append(LayerPrompts(p["global"], tuple(p["layers"])))
+            except LayerDiffError as exc:
+                raise LayerDiffError(f"sample_prompts[{i}]: {exc}") from None
+        return prompts
+    if not config.sample_every:
+        return []
+    from layerdiff.data.reader import first_records
+
+    source = config.validation_data if config.validation_data is not None else data
+    _, metas, _ = first_records(source, 4 * PROMPTS_FROM_DATA, max_layers)
+    prompts = []
+    for meta in metas:
+        layers = (meta.get("background_prompt", ""), *meta.get("foreground_prompts", []))
+        glob = meta.get("global_prompt", "")
+        if glob.strip() and all(isinstance(p, str) and p.strip() for p in layers):
+            try:
+                prompts.append(LayerPrompts(glob, layers))
+            except LayerDiffError:  # a text the sampler refuses (e.g. control characters): the next sample
+                continue
+        if len(prompts) == PROMPTS_FROM_DATA:
+            break
+    if prompts:
+        logger.info("sample grids: the prompts of %d samples of %s (set sample_prompts to choose them)",
+                    len(prompts), source)
+    else:
+        logger.warning("sample_every %d: no sample among the first of %s has a prompt for the scene and every "
+                       "layer, so no sample grids: set sample_prompts", config.sample_every, source)
+    return prompts
 
 
 @torch.no_grad()
@@ -55,7 +103,7 @@ def sample_grid(model, ema, trained, prompts, path: Path, config: TrainConfig):
     model.unet.eval()
     model.text_encoder.eval()
     try:
-        with _swap_in(ema, trained):
+        with swap_in_ema(ema, trained):
             rows = [generate(model, p, SamplerSettings(steps=20, mask_guidance=0.0), seed=i) for i, p in enumerate(prompts)]
     finally:
         model.unet.train()

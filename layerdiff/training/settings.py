@@ -33,6 +33,10 @@ class TrainConfig:
     # keep the EMA copy (fp32) in CPU memory instead of beside the weights on the GPU; each update
     # then copies the trained weights to the CPU
     ema_on_cpu: bool = False
+    # recompute each UNet block's activations during the backward pass instead of keeping them
+    # (diffusers' gradient checkpointing; the text encoder's too where it is trained): less memory,
+    # about one more forward pass per step, the same gradients
+    gradient_checkpointing: bool = False
     freeze_base: bool = False
     drop_all: float = 0.10  # CFG dropout: global and layer prompts together
     drop_layers: float = 0.05  # CFG dropout: layer prompts only
@@ -44,7 +48,18 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     sample_every: int = 0  # 0: no sample grids
+    # the grids' prompts: [{"global": str, "layers": [background, foreground, ...]}, ...]; None takes
+    # those of the first few validation (else training) samples
+    sample_prompts: list | None = None
     num_workers: int = 2
+    # encoded samples (the shards' PNG and JSON bytes) the streaming reader shuffles among; 0 = the
+    # shards' own order (and no shard shuffling)
+    shuffle_buffer: int = 256
+    # held-out shards (a folder, a .tar file or a list of them), their loss every val_every steps and
+    # at the end (0 = never), on the first val_samples of them with fixed timesteps and noise
+    validation_data: str | list | None = None
+    val_every: int = 0
+    val_samples: int = 64
     cache_latents: bool = False  # encode the dataset once (small data sets, e.g. the toy world)
     bucket_layers: bool = True  # cached latents: every batch holds one layer count (no padded slots to compute)
     snr_gamma: float = 0.0  # Min-SNR-gamma loss weighting (Hang et al. 2023), e.g. 5; 0 = plain epsilon MSE
@@ -58,6 +73,10 @@ class TrainConfig:
     # the model learns to read a layer's overall colour off x_t instead of the prompt; sampling from
     # pure noise then keeps the noise's near-zero mean: flat backgrounds come out grey.
     offset_noise: float = 0.0
+    # Weight of the layout loss (0 = off): each foreground's layout-prior map, read from its prompt
+    # alone, learns its mask (binary cross-entropy). Needs a model whose config has a layout prior.
+    layout_weight: float = 0.0
+    lr_layout: float | None = None  # the layout prior's weights (None: lr_new); its words are rare, e.g. 10x lr_new
 
     def __post_init__(self):
         check_settings({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, TRAIN_SETTINGS)
@@ -67,6 +86,13 @@ class TrainConfig:
         if self.drop_all + self.drop_layers > 1:
             raise LayerDiffError(f"drop_all {self.drop_all} + drop_layers {self.drop_layers} is above 1: they are "
                                  "shares of the batch, e.g. 0.1 and 0.05")
+        if self.val_every and self.validation_data is None:
+            raise LayerDiffError(f"val_every {self.val_every} needs held-out data: set validation_data to a folder of "
+                                 'shards (e.g. "validation_data": "data/val") or val_every to 0')
+        if isinstance(self.validation_data, tuple):
+            self.validation_data = list(self.validation_data)
+        if self.sample_prompts is not None:
+            self.sample_prompts = [dict(p) for p in self.sample_prompts]
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "") -> TrainConfig:
@@ -95,13 +121,16 @@ class TrainConfig:
 LR_SCHEDULES = ("constant", "cosine")
 MAX_SEED = 2**32 - 1  # accelerate's set_seed seeds numpy, which takes 32 bits
 MAX_STEPS = 100_000_000
+MAX_PATHS = 10_000  # shard folders or files in one data setting
+MAX_SAMPLE_PROMPTS = 64
+MAX_PROMPT_CHARS = 1000
 
 
 @dataclass(frozen=True)
 class Setting:
     """The type and range of one training setting; ``hint`` says what the value means."""
 
-    kind: str  # "int" | "float" | "bool" | "choice" | "weights" | "ints"
+    kind: str  # "int" | "float" | "bool" | "choice" | "weights" | "ints" | "paths" | "prompts"
     lo: float | None = None
     hi: float | None = None
     choices: tuple = ()
@@ -162,6 +191,44 @@ def check_setting(key: str, value, rule: Setting, where: str = "") -> None:
         if not (isinstance(value, dict) and value and all(layer_count(k) for k in value)
                 and all(_number_ok(v, "float") and 0 <= v <= 100 for v in value.values())):
             raise LayerDiffError(f"{name} must map layer counts {span} to weights from 0 to 100{hint}")
+    elif rule.kind == "paths":
+        items = [value] if isinstance(value, str) else value
+        if not (isinstance(items, (list, tuple)) and 1 <= len(items) <= MAX_PATHS
+                and all(isinstance(p, str) and p and "\0" not in p for p in items)):
+            raise LayerDiffError(f"{name} must be a folder of .tar shards, one .tar shard or a list of up to "
+                                 f"{MAX_PATHS} of them{hint}")
+    elif rule.kind == "prompts":
+        check_sample_prompts(value, f"{where}{key}")
+
+
+def check_sample_prompts(value, name: str = "sample_prompts", max_layers: int | None = None) -> None:
+    """A list of prompt sets ``{"global": str, "layers": [background, foreground, ...]}``; the
+    message names the entry at fault (``name[i]``) and shows the form."""
+    example = '[{"global": "a red star in front of a brick wall", "layers": ["a brick wall", "a red star"]}]'
+    if not isinstance(value, (list, tuple)) or not 1 <= len(value) <= MAX_SAMPLE_PROMPTS:
+        raise LayerDiffError(f"{name} {_show(value)} must be a list of 1 to {MAX_SAMPLE_PROMPTS} prompt sets, "
+                             f"e.g. {example}")
+    for i, entry in enumerate(value):
+        at = f"{name}[{i}] {_show(entry)}"
+        if not isinstance(entry, dict) or set(entry) != {"global", "layers"}:
+            raise LayerDiffError(f'{at} must be an object with exactly the keys "global" and "layers", e.g. '
+                                 f"{example[1:-1]}")
+        glob, layers = entry["global"], entry["layers"]
+        if not isinstance(glob, str) or not glob.strip() or len(glob) > MAX_PROMPT_CHARS:
+            raise LayerDiffError(f'{at}: "global" must be a non-empty text of at most {MAX_PROMPT_CHARS} characters '
+                                 "describing the whole scene, e.g. \"a red star in front of a brick wall\"")
+        if not isinstance(layers, (list, tuple)) or not layers:
+            raise LayerDiffError(f'{at}: "layers" must be a list of layer prompts, the background first, e.g. '
+                                 '["a brick wall", "a red star"]')
+        for j, text in enumerate(layers):
+            if not isinstance(text, str) or not text.strip() or len(text) > MAX_PROMPT_CHARS:
+                what = "the background" if j == 0 else f"foreground {j}"
+                raise LayerDiffError(f'{at}: "layers"[{j}] {_show(text)} ({what}) must be a non-empty text of at '
+                                     f"most {MAX_PROMPT_CHARS} characters describing that layer")
+        if max_layers is not None and len(layers) > max_layers:
+            raise LayerDiffError(f'{at}: {len(layers)} layers but this model makes at most {max_layers} (the '
+                                 f"background and {max_layers - 1} foregrounds): remove {len(layers) - max_layers} "
+                                 "layer prompt(s)")
 
 
 def check_settings(values: dict, rules: dict[str, Setting], where: str = "") -> None:
@@ -185,6 +252,7 @@ TRAIN_SETTINGS = {
     "grad_clip": Setting("float", 0.0, 1e6, hint="0 = off, e.g. 1"),
     "ema_decay": Setting("float", 0.0, 0.999999, hint="0 = off, e.g. 0.999"),
     "ema_on_cpu": Setting("bool"),
+    "gradient_checkpointing": Setting("bool", hint="recompute activations in the backward pass: less memory"),
     "freeze_base": Setting("bool"),
     "drop_all": Setting("float", 0.0, 1.0, hint="share of samples with all prompts dropped, e.g. 0.1"),
     "drop_layers": Setting("float", 0.0, 1.0, hint="share of samples with layer prompts dropped, e.g. 0.05"),
@@ -196,13 +264,20 @@ TRAIN_SETTINGS = {
     "checkpoint_every": Setting("int", 1, MAX_STEPS),
     "keep_checkpoints": Setting("int", 1, 1000),
     "sample_every": Setting("int", 0, MAX_STEPS, hint="0 = no sample grids"),
+    "sample_prompts": Setting("prompts", optional=True),
     "num_workers": Setting("int", 0, 64, hint="data loader processes"),
+    "shuffle_buffer": Setting("int", 0, 1_000_000, hint="encoded samples shuffled among; 0 = no shuffling, e.g. 256"),
+    "validation_data": Setting("paths", hint='e.g. "data/val" or ["val/a.tar", "val/b.tar"]', optional=True),
+    "val_every": Setting("int", 0, MAX_STEPS, hint="0 = no validation, e.g. 1000"),
+    "val_samples": Setting("int", 1, 100_000, hint="validation samples, e.g. 64"),
     "cache_latents": Setting("bool"),
     "bucket_layers": Setting("bool"),
     "snr_gamma": Setting("float", 0.0, 1000.0, hint="0 = off, e.g. 5"),
     "lr_schedule": Setting("choice", choices=LR_SCHEDULES),
     "intra_gate_init": Setting("float", -10.0, 10.0, hint="null keeps the gates shut, e.g. 1.0", optional=True),
     "offset_noise": Setting("float", 0.0, 10.0, hint="0 = off, e.g. 0.1"),
+    "layout_weight": Setting("float", 0.0, 100.0, hint="0 = off, e.g. 0.5 (a model with layout_prior)"),
+    "lr_layout": Setting("float", 0.0, 1.0, hint="null = lr_new, e.g. 3e-3", optional=True),
 }
 
 
