@@ -304,15 +304,13 @@ def _toy() -> LayerDiffConfig:
         intra_layer_mode="shared",
         layer_prompt_tokens=16,  # the longest toy layer prompt is 7 words (9 tokens)
         position_features=3,
-        layout_prior=16,  # "on the left": learnt by the recipe's layout loss, written into the starting noise
         enhancer_head_dim=32,
         image_size=128,
         # the recipe's settings before calibration; the toy recipe's `calibrate` stage then picks both
         # guidance scales on validation scenes and writes them into the model file it ships. Self-mask
         # guidance is off: paired against plain CFG on this model it lowers mask IoU (docs/sampling.md);
         # a user who turns it on gets it on each mask's interior (erode 1)
-        sampling=DEFAULTS.replace(steps=20, cfg=3.0, background_cfg=20.0, mask_guidance=0.0, mask_guidance_erode=1,
-                                  layout_prior=8.0),
+        sampling=DEFAULTS.replace(steps=20, cfg=3.0, background_cfg=20.0, mask_guidance=0.0, mask_guidance_erode=1),
         description="toy-world model: 128x128 images, 16x16 latents, word-level tokenizer",
     )
 

@@ -9,6 +9,7 @@ with depth, counts of skipped files, resume, sharding and atomic shards.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -265,6 +266,54 @@ def test_missing_model_is_a_clear_error(tmp_path):
         make_stages(StageSpecs(captioner="fallback", detector=str(tmp_path / "missing" / "owl")), _tiny_options())
     with pytest.raises(LayerDiffError, match="cannot be left out"):
         make_stages(StageSpecs(captioner="none", detector="none", segmenter="none"), _tiny_options())
+
+
+def test_every_missing_model_is_named_in_one_error_or_replaced_when_asked(tiny_models, caplog):
+    from layerdiff.data.mlcid.factory import missing_models, with_fallbacks
+
+    specs = StageSpecs(captioner="nobody/no-such-captioner", detector="nobody/no-such-detector",
+                       segmenter=str(tiny_models["segmenter"]), depth="fallback", inpainter="fallback")
+    assert missing_models(specs) == [("captioner", "nobody/no-such-captioner"),
+                                     ("detector", "nobody/no-such-detector")]
+    with pytest.raises(LayerDiffError) as err:
+        with_fallbacks(specs)
+    text = str(err.value)
+    assert "2 stage model(s)" in text and "--captioner 'nobody/no-such-captioner'" in text
+    assert "--detector 'nobody/no-such-detector'" in text and "--fallback classical" in text
+    assert "\n" not in text  # one line
+    with caplog.at_level("WARNING", logger="layerdiff.data.mlcid"):
+        replaced = with_fallbacks(specs, fallback="classical")
+    assert (replaced.captioner, replaced.detector) == ("fallback", "fallback")
+    assert replaced.segmenter == specs.segmenter  # a model that is there stays
+    assert "nobody/no-such-captioner" in caplog.text
+    assert with_fallbacks(StageSpecs.all_fallbacks()) == StageSpecs.all_fallbacks()
+    with pytest.raises(LayerDiffError, match="--fallback 'sometimes' is unknown"):
+        with_fallbacks(specs, fallback="sometimes")
+
+
+def test_build_cli_fallback_classical_builds_with_what_is_there(image_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["data", "build", "--images", str(image_dir), "--out", str(out), "--captioner", "nobody/no-such-captioner",
+            "--detector", "nobody/no-such-detector", "--segmenter", "fallback", "--depth", "fallback",
+            "--inpainter", "fallback"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert re.search(r"not found.*--captioner 'nobody/no-such-captioner'.*--detector 'nobody/no-such-detector'", err)
+    assert not out.exists() or not list(out.iterdir())  # refused before any work
+    # classical stages instead; the coffee image's sidecar names its object, so it gives a sample
+    assert main(argv + ["--fallback", "classical"]) == 0
+    summary = json.loads((out / "summary-1of1.json").read_text())
+    assert summary["kept"] >= 1
+
+
+def test_build_without_anything_that_names_objects_is_refused_up_front(tmp_path, photos, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    photos["astronaut"].save(images / "a.jpg")
+    out = tmp_path / "out"
+    assert main(["data", "build", "--images", str(images), "--out", str(out), "--no-models"]) == 1
+    assert re.search(r"nothing would name the objects.*--phrases", capsys.readouterr().err)
+    assert not out.exists() or not list(out.iterdir())
 
 
 def test_pipeline_with_tiny_models(photos, tiny_models, tmp_path):

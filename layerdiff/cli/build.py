@@ -17,7 +17,8 @@ or a local folder (models come only from local folders or the Hugging Face cache
 --allow-download), or "fallback" for its classical version (saliency boxes, GrabCut / random
 walker, box-bottom depth, Telea / biharmonic inpainting; needs opencv-python-headless or
 scikit-image), or "none" (captioner: prompts from sidecars and phrases; detector: only sidecar
-boxes). --no-models sets every stage to its fallback.
+boxes). --no-models sets every stage to its fallback; --fallback classical only the stages whose model
+is missing (without it, every missing model is listed in one error).
 
 sidecars: IMAGE.json beside an image may give {"caption": str, "phrases": [str],
 "objects": [{"phrase": str, "box": [x0, y0, x1, y1]}], "background_prompt": str} (boxes in the
@@ -53,6 +54,9 @@ def register(subparsers) -> None:
         p.add_argument(f"--{stage}", default=DEFAULT_MODELS[stage],
                        help=f"model id or folder, 'fallback' or 'none' (default {DEFAULT_MODELS[stage]})")
     p.add_argument("--no-models", action="store_true", help="use every stage's classical fallback (no model at all)")
+    p.add_argument("--fallback", choices=["none", "classical"], default="none",
+                   help="a stage whose model is in no local folder nor the Hugging Face cache: none (default: one "
+                        "error listing every missing model) or classical (that stage's classical version, logged)")
     p.add_argument("--classical-backend", choices=["auto", "cv2", "skimage"], default="auto",
                    help="library for the fallbacks (default auto: OpenCV if installed, else scikit-image)")
     p.add_argument("--phrases", default="",

@@ -50,10 +50,6 @@ TOY_RECIPE = {
         "checkpoint_every": 500,
         "log_every": 50,
         "sample_every": 4400,
-        # each foreground's layout prior learns its mask from its prompt alone (position words are
-        # rare: their weights learn at 10x)
-        "layout_weight": 0.5,
-        "lr_layout": 3e-3,
     },
     # the background guidance, then the foregrounds' guidance, written into the model file's sampling
     # defaults, picked on fresh validation scenes (layerdiff.evaluation.calibrate): by background

@@ -28,7 +28,7 @@ def _phrases(text: str) -> tuple[str, ...]:
 
 def run(args) -> int:
     from layerdiff.data.mlcid import builder
-    from layerdiff.data.mlcid.factory import StageOptions, StageSpecs, make_stages
+    from layerdiff.data.mlcid.factory import StageOptions, StageSpecs, make_stages, with_fallbacks
     from layerdiff.data.mlcid.filters import FilterConfig
     from layerdiff.data.mlcid.pipeline import MLCIDPipeline, PipelineConfig
 
@@ -75,12 +75,38 @@ def run(args) -> int:
         seed=args.seed,
         classical_backend=None if args.classical_backend == "auto" else args.classical_backend,
     )
+    specs = with_fallbacks(specs, options, args.fallback)  # every missing model named at once
+    if not pconf.phrases:
+        _check_something_names_objects(specs, inputs)
     pipe = MLCIDPipeline(make_stages(specs, options), pconf)
     summary = builder.build(config, pipe)
     print(_report(summary, config))
     if not summary["kept"]:
         raise LayerDiffError(_nothing_kept(summary, pipe, args))
     return 0
+
+
+SIDECAR_PROBE = 1000  # inputs whose sidecars are looked for before a build without captioner or phrases
+
+
+def _check_something_names_objects(specs, inputs) -> None:
+    """Without a captioner and without --phrases only sidecars name objects: refuse up front (instead
+    of building nothing) when none of the first inputs has one."""
+    from layerdiff.data.mlcid.factory import NONE_WORDS, FALLBACK_WORDS
+
+    if specs.captioner.strip().lower() not in NONE_WORDS + FALLBACK_WORDS:
+        return
+    for _, path in inputs[:SIDECAR_PROBE]:
+        for suffix in (".json", ".txt"):
+            try:
+                if path.with_suffix(suffix).is_file():
+                    return
+            except (OSError, ValueError):  # unreadable or odd names: the build counts them
+                continue
+    raise LayerDiffError(
+        f"nothing would name the objects to find: there is no captioner (--captioner {specs.captioner}, --no-models "
+        f"or --fallback classical), no --phrases, and none of the first {min(len(inputs), SIDECAR_PROBE)} images has "
+        "an IMAGE.txt or IMAGE.json sidecar: give --phrases 'person, dog' (or @FILE), sidecars, or a captioner model")
 
 
 def _nothing_kept(s: dict, pipe, args) -> str:

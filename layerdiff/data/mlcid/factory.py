@@ -6,14 +6,19 @@ local folders or the Hugging Face cache only; ``allow_download=True`` lets them 
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from layerdiff.errors import LayerDiffError
 
 if TYPE_CHECKING:
     from layerdiff.data.mlcid.pipeline import Stages
+
+logger = logging.getLogger("layerdiff.data.mlcid")
 
 DEFAULT_MODELS = {
     "captioner": "Salesforce/blip-image-captioning-large",
@@ -101,6 +106,65 @@ def _kind(stage: str, spec: str) -> str:
     if not word:
         raise LayerDiffError(f"--{stage} is empty: give a model id or folder, 'fallback' or 'none'")
     return "model"
+
+
+def looks_local(model_id: str) -> bool:
+    """Whether a stage's model spec names a folder rather than a Hugging Face id."""
+    return model_id.startswith((".", "/", "~")) or Path(model_id).exists() or model_id.count("/") > 1
+
+
+# files whose presence in the Hugging Face cache says a model was downloaded (transformers models
+# have a config.json, diffusers pipelines such as SD inpainting a model_index.json)
+_CACHE_MARKERS = ("config.json", "model_index.json")
+
+
+def model_available(model_id: str, allow_download: bool = False) -> bool:
+    """Whether ``model_id`` can load without a download: an existing folder, or a Hugging Face id
+    that is in the local cache (or may be downloaded)."""
+    if looks_local(model_id):
+        return Path(model_id).expanduser().exists()
+    if allow_download:
+        return True
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # no hub library: loading says what to install
+        return True
+    try:
+        return any(isinstance(try_to_load_from_cache(model_id, name), str) for name in _CACHE_MARKERS)
+    except ValueError:  # not a valid repo id: the loader names the problem
+        return True
+
+
+def missing_models(specs: StageSpecs, options: StageOptions | None = None) -> list[tuple[str, str]]:
+    """(stage, model spec) of every model stage whose model is neither a local folder nor cached."""
+    o = options or StageOptions()
+    return [(stage, getattr(specs, stage)) for stage in FALLBACKS
+            if _kind(stage, getattr(specs, stage)) == "model" and not model_available(getattr(specs, stage),
+                                                                                     o.allow_download)]
+
+
+FALLBACK_CHOICES = ("none", "classical")  # --fallback: what a stage whose model is missing does
+
+
+def with_fallbacks(specs: StageSpecs, options: StageOptions | None = None, fallback: str = "none") -> StageSpecs:
+    """``specs`` with every missing model checked at once: one error listing them all and the ways
+    out (``fallback="none"``), or each missing stage replaced by its classical version (``"classical"``,
+    logged)."""
+    if fallback not in FALLBACK_CHOICES:
+        raise LayerDiffError(f"--fallback {fallback!r} is unknown: use 'none' (a missing model is an error) or "
+                             "'classical' (a missing model's stage uses its classical version)")
+    missing = missing_models(specs, options)
+    if not missing:
+        return specs
+    listed = ", ".join(f"--{stage} {spec!r}" for stage, spec in missing)
+    if fallback == "none":
+        raise LayerDiffError(
+            f"{len(missing)} stage model(s) not found in local folders or the Hugging Face cache: {listed}. Put "
+            "them in the cache (huggingface-cli download ID) or pass local folders (--STAGE PATH), add "
+            "--allow-download to fetch them, or add --fallback classical to run each missing stage's classical "
+            "version (saliency boxes, GrabCut, box-bottom depth, Telea inpainting; no captioner: give --phrases)")
+    logger.warning("models not found, classical versions used instead: %s", listed)
+    return dataclasses.replace(specs, **{stage: "fallback" for stage, _ in missing})
 
 
 def make_stages(specs: StageSpecs, options: StageOptions | None = None) -> Stages:

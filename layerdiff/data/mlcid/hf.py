@@ -57,7 +57,9 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 def load_pretrained(cls, model_id: str, *, stage: str, allow_download: bool = False, **kwargs):
     """``cls.from_pretrained`` from a local folder or the HF cache; a missing model is a
     :class:`LayerDiffError` that says how to provide it."""
-    looks_local = model_id.startswith((".", "/", "~")) or Path(model_id).exists() or model_id.count("/") > 1
+    from layerdiff.data.mlcid.factory import looks_local as _looks_local
+
+    looks_local = _looks_local(model_id)
     if looks_local and not Path(model_id).expanduser().exists():
         raise LayerDiffError(f"--{stage} {model_id!r}: no such folder: give the folder of a saved model, a Hugging Face id, or 'fallback'")
     path = str(Path(model_id).expanduser()) if looks_local else model_id
