@@ -92,7 +92,7 @@ SIDECAR_PROBE = 1000  # inputs whose sidecars are looked for before a build with
 def _check_something_names_objects(specs, inputs) -> None:
     """Without a captioner and without --phrases only sidecars name objects: refuse up front (instead
     of building nothing) when none of the first inputs has one."""
-    from layerdiff.data.mlcid.factory import NONE_WORDS, FALLBACK_WORDS
+    from layerdiff.data.mlcid.factory import FALLBACK_WORDS, NONE_WORDS
 
     if specs.captioner.strip().lower() not in NONE_WORDS + FALLBACK_WORDS:
         return
