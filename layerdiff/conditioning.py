@@ -134,7 +134,8 @@ class LayerConditioning:
     """Encoded prompts for a batch (ComfyUI type ``LAYERDIFF_CONDITIONING``).
 
     global_tokens (B, T, D); layer_tokens (B, L, T, D) *enhanced*; the unconditional (or negative)
-    versions of both; valid (B, L) bool.
+    versions of both; valid (B, L) bool; layer_words (B, L, T, D) the layer prompts' input word
+    embeddings, for a model with a layout prior (else None).
     """
 
     global_tokens: torch.Tensor
@@ -146,6 +147,7 @@ class LayerConditioning:
     layer_prompts: tuple[tuple[str, ...], ...] = ()
     negative_prompt: str = ""
     layer_names: tuple[tuple[str, ...], ...] = ()  # per prompt set: LayerPrompts.layer_names()
+    layer_words: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -165,6 +167,7 @@ class LayerConditioning:
             r(self.valid), tuple(p for p in self.global_prompts for _ in range(n)),
             tuple(p for p in self.layer_prompts for _ in range(n)), self.negative_prompt,
             tuple(p for p in self.layer_names for _ in range(n)),
+            None if self.layer_words is None else r(self.layer_words),
         )
 
 
@@ -197,12 +200,17 @@ def encode_prompts(model, prompts: LayerPrompts | list[LayerPrompts]) -> LayerCo
     u_glob = torch.stack([enc[n_] for n_ in negs])
     u_lay = torch.stack([enc[n_][:n] for n_ in negs])[:, None].expand(-1, L, -1, -1)
     both = model.unet.enhance(torch.cat([glob, u_glob]), torch.cat([lay, u_lay]))  # one enhancer call
+    words = None
+    if getattr(model.unet.prompt_enhancer, "layout", None) is not None:
+        flat = [t for row in layer_texts for t in row]
+        words = model.embed_words(flat)[:, :n].unflatten(0, (B, L))  # (B, L, T', D)
     return LayerConditioning(
         glob, both[:B], u_glob, both[B:], valid,
         global_prompts=tuple(p.global_prompt for p in sets),
         layer_prompts=tuple(tuple(p.layers) for p in sets),
         layer_names=tuple(p.layer_names() for p in sets),
         negative_prompt=negs[0],
+        layer_words=words,
     )
 
 

@@ -119,9 +119,9 @@ class LayerDiffConfig:
     # positions to its input, at this many frequencies per axis (0 = none, as SD). Without them
     # a small UNet learns positions only from the zero padding of its convolutions.
     position_features: int = 0
-    # Where each layer's prompt puts its object: a bilinear map of the position features and the
-    # pooled layer prompt, of this rank, added to each transformer block's input (zero at the start;
-    # 0 = none). It needs position_features.
+    # Where each layer's prompt puts its object: a small bilinear map (of this rank) of a grid cell's
+    # position and the prompt's word embeddings, in the prompt enhancer; the sampler writes it into the
+    # foregrounds' starting noise (SamplerSettings.layout_prior). 0 = none.
     layout_prior: int = 0
     enhancer_blocks: int = 2
     enhancer_head_dim: int = 64
@@ -141,9 +141,6 @@ class LayerDiffConfig:
                                  f"{MAX_POSITION_FEATURES} frequencies per axis")
         if not 0 <= int(self.layout_prior) <= MAX_LAYOUT_PRIOR:
             raise LayerDiffError(f"layout_prior {self.layout_prior} is out of range: use 0 (none) to {MAX_LAYOUT_PRIOR}")
-        if int(self.layout_prior) and not int(self.position_features):
-            raise LayerDiffError(f"layout_prior {self.layout_prior} needs position features: set position_features "
-                                 "to 1 or more (the toy preset uses 3)")
         if self.intra_layer_mode not in ("separate", "shared"):
             raise LayerDiffError(f"intra_layer_mode {self.intra_layer_mode!r} is not known: use 'separate' or 'shared'")
         base = IMAGE_CHANNELS
@@ -304,13 +301,17 @@ def _toy() -> LayerDiffConfig:
         intra_layer_mode="shared",
         layer_prompt_tokens=16,  # the longest toy layer prompt is 7 words (9 tokens)
         position_features=3,
+        layout_prior=16,  # trained by the recipe's layout stage, written into the starting noise
         enhancer_head_dim=32,
         image_size=128,
         # the recipe's settings before calibration; the toy recipe's `calibrate` stage then picks both
         # guidance scales on validation scenes and writes them into the model file it ships. Self-mask
         # guidance is off: paired against plain CFG on this model it lowers mask IoU (docs/sampling.md);
         # a user who turns it on gets it on each mask's interior (erode 1)
-        sampling=DEFAULTS.replace(steps=20, cfg=3.0, background_cfg=20.0, mask_guidance=0.0, mask_guidance_erode=1),
+        # The layout prior's map goes into the foregrounds' starting noise at strength 8 (placement words
+        # followed, at a small cost in shape accuracy: docs/experiments.md).
+        sampling=DEFAULTS.replace(steps=20, cfg=3.0, background_cfg=20.0, mask_guidance=0.0, mask_guidance_erode=1,
+                                  layout_prior=8.0),
         description="toy-world model: 128x128 images, 16x16 latents, word-level tokenizer",
     )
 

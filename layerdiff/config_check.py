@@ -442,9 +442,8 @@ def check_config_dict(data: Any) -> None:
     tokens = top.int("layer_prompt_tokens", 0, TOKENS_MAX, default=0)
     if tokens == 1:
         top.fail("layer_prompt_tokens", tokens, "is out of range: use 0 (all tokens) or 2 or more")
-    frequencies = top.int("position_features", 0, MAX_POSITION_FEATURES, default=0)
-    if top.int("layout_prior", 0, MAX_LAYOUT_PRIOR, default=0) and not frequencies:
-        top.fail("layout_prior", data["layout_prior"], "needs position features: set position_features to 1 or more")
+    top.int("position_features", 0, MAX_POSITION_FEATURES, default=0)
+    top.int("layout_prior", 0, MAX_LAYOUT_PRIOR, default=0)
     top.int("enhancer_blocks", 0, ENHANCER_BLOCKS_MAX, default=2)
     top.int("enhancer_head_dim", 1, HEAD_DIM_MAX, default=64)
     factor = 2 ** (vae["levels"] - 1) * 2 ** (unet["levels"] - 1)  # LayerDiffModel.latent_factor

@@ -1,7 +1,8 @@
-"""The layout prior of the transformer blocks: a bilinear map of the cell's position features and
-the pooled layer prompt. An exact no-op at the start, a gradient from the first step (the reason it
-exists: an attention's query and key would each wait for the other), a map that depends on both the
-prompt and the place once trained, the config field, old files, and checkpoints."""
+"""The layout prior: where each layer prompt puts its object, a bilinear map of a grid cell's position
+and the prompt's input word embeddings, in the prompt enhancer. It changes nothing the UNet computes,
+its map depends on both the prompt and the place, its loss moves only its own weights (never the text
+encoder), the recipe's layout stage trains it alone, the sampler writes it into the starting noise,
+and the config field, old files and checkpoints."""
 
 from __future__ import annotations
 
@@ -13,11 +14,11 @@ from layerdiff.config import LayerDiffConfig, get_preset
 from layerdiff.errors import LayerDiffError
 from layerdiff.io.checkpoint import build_random_model, load_layerdiff, save_layerdiff
 from layerdiff.model import LayerDiffUNet
-from layerdiff.model.layers import LayoutPrior, position_features
+from layerdiff.model.enhancer import LayoutPrior
 
 
-def _layered(rank: int, frequencies: int = 2):
-    config = get_preset("tiny").replace(position_features=frequencies, layout_prior=rank)
+def _layered(rank: int):
+    config = get_preset("tiny").replace(layout_prior=rank)
     torch.manual_seed(0)
     return LayerDiffUNet.from_base(UNet2DConditionModel(**config.unet), config).eval()
 
@@ -28,58 +29,52 @@ def _inputs(seed=0, layers=3, h=8, w=8):
             torch.randn(2, layers, 5, 32, generator=g))
 
 
-def test_untrained_layout_prior_is_an_exact_no_op_and_old_weights_load():
+def test_the_prior_changes_nothing_the_unet_computes_and_old_weights_load():
     plain, with_prior = _layered(0), _layered(8)
     keys = [k for k in with_prior.state_dict() if ".layout." in k]
-    assert keys and all(with_prior.state_dict()[k].abs().sum() == 0 for k in keys if ".layout.out." in k)
+    assert keys and all(k.startswith("prompt_enhancer.layout.") for k in keys)
     missing, unexpected = with_prior.load_state_dict(plain.state_dict(), strict=False)
     assert sorted(missing) == sorted(keys) and not unexpected
     with torch.no_grad():
         x, t, glob, lay = _inputs()
         assert torch.equal(with_prior(x, t, glob, lay), plain(x, t, glob, lay))
-        # without layer prompts there is nothing to place: the prior is skipped, not an error
-        assert with_prior(x, t, glob, None).shape == x.shape
+        assert torch.equal(with_prior.enhance(glob, lay), plain.enhance(glob, lay))
+        logits = with_prior.layout_logits(torch.randn(2, 3, 5, 32), (6, 4))
+    assert logits.shape == (2, 3, 6, 4) and plain.layout_logits(torch.randn(2, 3, 5, 32), (6, 4)) is None
 
 
-def test_the_output_projection_gets_a_gradient_at_the_first_step():
-    model = _layered(8).train()
-    x, t, glob, lay = _inputs()
-    model(x, t, glob, lay).square().mean().backward()
-    grads = {n: p.grad for n, p in model.named_parameters() if ".layout.out.weight" in n}
-    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads.values())
-
-
-def test_a_trained_prior_depends_on_the_prompt_and_the_place():
+def test_a_prior_map_depends_on_the_prompt_and_the_place_and_one_word_is_not_averaged_away():
     torch.manual_seed(0)
-    prior = LayoutPrior(dim=6, context_dim=32, feature_dim=8, rank=4)
-    with torch.no_grad():
-        prior.out.weight.normal_(0, 1)
-    features = position_features(4, 4, 2)
-    tokens = torch.randn(2, 5, 32)
-    out = prior(features, tokens)  # (2 prompts, 16 cells, 6)
-    assert out.shape == (2, 16, 6)
+    prior = LayoutPrior(dim=32, rank=4)
+    words = torch.randn(2, 5, 32)
+    out = prior(words, (4, 4))  # (2 prompts, 4, 4)
+    assert out.shape == (2, 4, 4)
     assert not torch.allclose(out[0], out[1])  # another prompt, another map
-    assert not torch.allclose(out[0, 0], out[0, 15])  # another cell, another value
-    # one prompt's map is a function of its own tokens only (no mixing across the batch of layers)
-    assert torch.allclose(prior(features, tokens[1:]), out[1:], atol=1e-6)
+    assert not torch.allclose(out[0, 0, 0], out[0, 3, 3])  # another cell, another value
+    # one prompt's map is a function of its own words only (no mixing across the batch of layers)
+    assert torch.allclose(prior(words[1:], (4, 4)), out[1:], atol=1e-6)
+    # max pooling: one word changed among many padding words still changes the map as much as alone
+    padded = torch.cat([words[:, :2], torch.zeros(2, 60, 32)], 1)
+    changed = padded.clone()
+    changed[:, 1] = torch.randn(32, generator=torch.Generator().manual_seed(1))  # another word
+    assert (prior(changed, (4, 4)) - prior(padded, (4, 4))).abs().max() > 1e-2
 
 
 def test_config_field_is_checked_and_old_configs_have_none():
     assert get_preset("sd15").layout_prior == 0
-    data = get_preset("tiny").replace(position_features=2).to_dict()
+    assert get_preset("toy").layout_prior == 16
+    data = get_preset("tiny").to_dict()
     data.pop("layout_prior")
     assert LayerDiffConfig.from_dict(data).layout_prior == 0  # files written before the field
     for bad in (-1, 257, 2.5, "3"):
         with pytest.raises(LayerDiffError, match="layout_prior"):
             LayerDiffConfig.from_dict({**data, "layout_prior": bad})
-    with pytest.raises(LayerDiffError, match="layout_prior = 8 needs position features"):
-        LayerDiffConfig.from_dict({**data, "position_features": 0, "layout_prior": 8})
-    with pytest.raises(LayerDiffError, match="layout_prior 8 needs position features"):
-        get_preset("tiny").replace(layout_prior=8)
+    # no position features needed: the prior has its own
+    assert LayerDiffConfig.from_dict({**data, "position_features": 0, "layout_prior": 8}).layout_prior == 8
 
 
 def test_checkpoint_round_trip_keeps_the_prior(tmp_path):
-    model = build_random_model(get_preset("tiny").replace(position_features=2, layout_prior=4), seed=1)
+    model = build_random_model(get_preset("tiny").replace(layout_prior=4), seed=1)
     with torch.no_grad():
         for name, p in model.unet.named_parameters():
             if ".layout." in name:
@@ -112,44 +107,37 @@ def _toy_batch(model, seed=0):
     return batch
 
 
-def test_layout_loss_supervises_the_prior_and_the_text_encoder():
+def test_layout_loss_reaches_only_the_prior():
     from layerdiff.training.objective import LayerDiffTrainModule
 
-    model = build_random_model(get_preset("tiny").replace(position_features=2, layout_prior=4), seed=0)
+    model = build_random_model(get_preset("tiny").replace(layout_prior=4), seed=0)
     batch = _toy_batch(model)
     assert "clean" in batch
     with_layout = LayerDiffTrainModule(model, layout_weight=0.5).requires_grad_(True)
     plain = LayerDiffTrainModule(model)
     loss = with_layout(**batch)
     denoise = plain(**batch)  # the same denoising loss, without the layout term
-    layout = with_layout.layout_loss(
-        model.unet.enhance(*_encoded(with_layout, batch)), batch["clean"], batch["valid"])
+    layout = with_layout.layout_loss(with_layout.layer_words(batch["ids_layers"]), batch["clean"], batch["valid"])
     assert layout > 0 and torch.allclose(loss, denoise + 0.5 * layout, rtol=1e-5)
-    loss.backward()
+    with_layout.zero_grad()
+    layout.backward()
     grads = {n: p.grad for n, p in with_layout.named_parameters()}
     assert any(".layout.readout." in n and g is not None and g.abs().sum() > 0 for n, g in grads.items())
-    assert any(n.startswith("text_encoder.") and g is not None and g.abs().sum() > 0 for n, g in grads.items())
-
-
-def _encoded(module, batch):
-    B, L = batch["ids_layers"].shape[:2]
-    glob = module.text_encoder(batch["ids_global"])[0]
-    n = module.layer_prompt_tokens or None  # the truncation of the module's own forward
-    lay = module.text_encoder(batch["ids_layers"].flatten(0, 1)[:, :n])[0].unflatten(0, (B, L))
-    return glob, lay
+    moved = [n for n, g in grads.items() if g is not None and g.abs().sum() > 0 and ".layout." not in n]
+    assert not moved  # not the text encoder, the enhancer or the UNet
 
 
 def test_a_few_steps_on_the_layout_loss_lower_it():
     from layerdiff.training.objective import LayerDiffTrainModule
 
-    model = build_random_model(get_preset("tiny").replace(position_features=2, layout_prior=4), seed=0)
+    model = build_random_model(get_preset("tiny").replace(layout_prior=4), seed=0)
     batch = _toy_batch(model)
     module = LayerDiffTrainModule(model, layout_weight=1.0).requires_grad_(True)
     params = [p for n, p in module.named_parameters() if ".layout." in n]
     opt = torch.optim.Adam(params, lr=3e-2)
 
     def layout_loss():
-        return module.layout_loss(model.unet.enhance(*_encoded(module, batch)), batch["clean"], batch["valid"])
+        return module.layout_loss(module.layer_words(batch["ids_layers"]), batch["clean"], batch["valid"])
 
     first = layout_loss().item()
     for _ in range(20):
@@ -172,11 +160,11 @@ def test_layout_weight_needs_a_model_with_a_prior():
 
 
 def _prior_model(rank=4, trained=True):
-    model = build_random_model(get_preset("tiny").replace(position_features=2, layout_prior=rank), seed=0)
+    model = build_random_model(get_preset("tiny").replace(layout_prior=rank), seed=0)
     if trained:  # a readout that prefers the left of the image for any prompt
         with torch.no_grad():
             for name, p in model.unet.named_parameters():
-                if ".layout." in name and not name.endswith("out.weight") and not name.endswith("out.bias"):
+                if ".layout." in name:
                     p.normal_(0, 0.5, generator=torch.Generator().manual_seed(hash(name) % 1000))
     return model
 
@@ -215,6 +203,12 @@ def test_layout_prior_setting_changes_sampling_only_for_a_model_with_a_prior():
     assert torch.equal(on, _run(with_prior, layout_prior=5.0))  # deterministic
     plain = build_random_model(get_preset("tiny"), seed=0)
     assert torch.equal(_run(plain, layout_prior=0.0), _run(plain, layout_prior=5.0))
+    # the words reach the sampler through the conditioning; without them the setting does nothing
+    from layerdiff.conditioning import LayerPrompts, encode_prompts
+
+    cond = encode_prompts(with_prior, [LayerPrompts("x", ("a blue sky", "a red circle"))])
+    assert cond.layer_words.shape[:2] == (1, 2) and cond.repeat(3).layer_words.shape[0] == 3
+    assert encode_prompts(plain, [LayerPrompts("x", ("a blue sky", "a red circle"))]).layer_words is None
 
 
 def test_layout_prior_setting_is_range_checked_and_read_from_files():
@@ -229,3 +223,69 @@ def test_layout_prior_setting_is_range_checked_and_read_from_files():
     assert LayerDiffConfig.from_dict(data).sampling.layout_prior == 4.0
     data["sampling"].pop("layout_prior")  # files written before the setting
     assert LayerDiffConfig.from_dict(data).sampling.layout_prior == 0.0
+
+
+# ------------------------------------------------------------------------- the recipe's layout stage
+
+
+def _cache(model, n=6):
+    import numpy as np
+
+    from layerdiff.data.toy import render_sample
+    from layerdiff.training.latents import LatentCache
+
+    samples = [render_sample(3, i, 64, num_layers=2) for i in range(n)]
+    images = torch.stack([torch.stack([torch.from_numpy(np.array(s.background)),
+                                       torch.from_numpy(np.array(s.foregrounds[0]))]) for s in samples]).float() / 255
+    masks = torch.stack([torch.from_numpy(np.array(s.masks[0])).float()[None] / 255 for s in samples])
+    with torch.no_grad():
+        latents = model.encode_layers(images, masks)
+    return LatentCache(latents, torch.ones(n, 2, dtype=torch.bool), [s.global_prompt for s in samples],
+                       [list(s.layer_prompts) for s in samples])
+
+
+def test_layout_stage_trains_only_the_prior_deterministically_and_resumes(tmp_path):
+    from layerdiff.training.layout_stage import layout_stage, train_layout_prior
+
+    settings = {"steps": 12, "batch_size": 4, "lr": 1e-2}
+    model = build_random_model(get_preset("tiny").replace(layout_prior=4), seed=0)
+    cache = _cache(model)
+    before = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    text_before = {k: v.clone() for k, v in model.text_encoder.state_dict().items()}
+    losses = train_layout_prior(model, cache, settings, seed=5, log_every=11)
+    assert len(losses) == 2 and losses[-1] < losses[0]
+    after = model.unet.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("prompt_enhancer.layout.") for k in changed)
+    assert all(torch.equal(v, model.text_encoder.state_dict()[k]) for k, v in text_before.items())
+    assert not any(p.requires_grad for p in model.unet.parameters())  # the flags are put back
+    again = build_random_model(get_preset("tiny").replace(layout_prior=4), seed=0)
+    train_layout_prior(again, cache, settings, seed=5)
+    assert all(torch.equal(after[k], again.unet.state_dict()[k]) for k in changed)  # deterministic
+    # the recipe's stage: trains and saves, then a rerun loads the same weights without training
+    fresh = build_random_model(get_preset("tiny").replace(layout_prior=4), seed=0)
+    fresh.unet.prompt_enhancer.layout.load_state_dict(again.unet.prompt_enhancer.layout.state_dict())
+    file = tmp_path / "layout.safetensors"
+    from layerdiff.io.files import save_safetensors_atomic
+
+    save_safetensors_atomic(dict(fresh.unet.prompt_enhancer.layout.state_dict()), file)
+    other = build_random_model(get_preset("tiny").replace(layout_prior=4), seed=0)
+    layout_stage(other, None, tmp_path / "no-cache-needed.safetensors", 64, file, settings, seed=5)
+    got = other.unet.prompt_enhancer.layout.state_dict()
+    assert all(torch.equal(v, got[k]) for k, v in fresh.unet.prompt_enhancer.layout.state_dict().items())
+    wrong = build_random_model(get_preset("tiny").replace(layout_prior=8), seed=0)
+    with pytest.raises(LayerDiffError, match="does not hold this model's layout prior"):
+        layout_stage(wrong, None, tmp_path / "x.safetensors", 64, file, settings, seed=5)
+
+
+def test_layout_stage_settings_and_models_without_a_prior_are_refused():
+    from layerdiff.training.layout_stage import LAYOUT_STAGE, layout_settings, train_layout_prior
+
+    assert layout_settings({}) == LAYOUT_STAGE and layout_settings({"steps": 0})["steps"] == 0
+    for bad, word in (({"step": 3}, "unknown key"), ({"steps": -1}, "steps"), ({"steps": 2.5}, "steps"),
+                      ({"lr": 0}, "lr"), ({"lr": float("nan")}, "lr"), ({"batch_size": 0}, "batch_size"), (3, "not an object")):
+        with pytest.raises(LayerDiffError, match=word):
+            layout_settings(bad)
+    model = build_random_model(get_preset("tiny"), seed=0)
+    with pytest.raises(LayerDiffError, match="needs a model with a layout prior"):
+        train_layout_prior(model, None, LAYOUT_STAGE, seed=0)

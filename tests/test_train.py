@@ -440,6 +440,24 @@ def test_freeze_base_trains_only_the_new_modules(data, tmp_path):
     assert [(g["name"], g["base_lr"], g["lr"]) for g in groups] == [("new", 2e-3, 2e-3 * 2 / 4)]  # warm-up 2/4
 
 
+def test_a_layout_prior_without_layout_loss_changes_no_other_weight(data, tmp_path):
+    """The toy preset carries a layout prior that its own stage trains after LayerDiff: built last
+    and frozen without ``layout_weight``, it must leave every other initial and trained weight as a
+    model without it has them (so adding it does not change the recipe's UNet)."""
+    plain = build_random_model(get_preset("tiny"), seed=0)
+    prior = build_random_model(get_preset("tiny").replace(layout_prior=8), seed=0)
+    start = prior.unet.state_dict()
+    assert all(torch.equal(v, start[k]) for k, v in plain.unet.state_dict().items())
+    cfg = TrainConfig(**settings(steps=3))
+    a = train(plain, data, tmp_path / "a", cfg, progress=False)
+    b = train(prior, data, tmp_path / "b", cfg, progress=False)
+    ta, _ = read_safetensors(a)
+    tb, _ = read_safetensors(b)
+    assert set(tb) - set(ta) and all(".layout." in k for k in set(tb) - set(ta))
+    assert all(torch.equal(v, tb[k]) for k, v in ta.items())
+    assert all(torch.equal(tb[k], start[k]) for k in tb if k.startswith("prompt_enhancer.layout."))
+
+
 # ----------------------------------------------------------------------------- 5. the VAE trainer
 def _vae():
     from layerdiff.io.checkpoint import build_vae
@@ -844,13 +862,23 @@ def test_toy_recipe_runs_every_stage_and_ships_its_unet_override(tmp_path, capsy
                                "vae": {"steps": 2, "batch_size": 2, "crop": 32, "latent_stats": "channel"},
                                "decoder": {"steps": 1, "batch_size": 2, "crop": 32},
                                "train": {"steps": 2, "batch_size": 2, "sample_every": 0, "checkpoint_every": 1},
+                               "layout": {"steps": 3, "batch_size": 4},
                                "calibration": {"samples": 3, "candidates": [5, 20], "foreground_candidates": [3, 9]}}))
     out, data = tmp_path / "run", tmp_path / "data"
     assert main(["train", "--preset", "toy", "--config", str(cfg), "--data", str(data), "--out", str(out)]) == 0
     for name in ("vae.safetensors", "vae-decoder.safetensors", "layerdiff/latents-128.safetensors",
-                 "layerdiff-toy.safetensors", "timings.json", "calibration.json"):
+                 "layout.safetensors", "layerdiff-toy.safetensors", "timings.json", "calibration.json"):
         assert (out / name).is_file(), name
     model = load_layerdiff(out / "layerdiff-toy.safetensors")
+    # the layout stage trained the prior (and only it) after LayerDiff; the shipped file holds it
+    trained, _ = read_safetensors(out / "layerdiff" / "model.safetensors")
+    shipped, _ = read_safetensors(out / "layerdiff-toy.safetensors")
+    layout, _ = read_safetensors(out / "layout.safetensors")
+    assert model.config.layout_prior == 16 and model.config.sampling.layout_prior == 8.0
+    assert all(not torch.equal(trained[f"prompt_enhancer.layout.{k}"], v) for k, v in layout.items() if k.endswith("weight"))
+    assert all(torch.equal(shipped[f"prompt_enhancer.layout.{k}"], v.half()) for k, v in layout.items())
+    assert json.loads(read_safetensors(out / "layerdiff-toy.safetensors")[1]["recipe"])["layout"]["steps"] == 3
+    judged = [out / "layerdiff" / "model.safetensors", out / "layout.safetensors"]
     assert model.config.name == "toy" and model.config.unet["block_out_channels"] == small["block_out_channels"]
     assert model.config.unet["sample_size"] == 16 and model.config.image_size == 128
     recipe = json.loads(read_safetensors(out / "layerdiff-toy.safetensors")[1]["recipe"])
@@ -885,25 +913,25 @@ def test_toy_recipe_runs_every_stage_and_ships_its_unet_override(tmp_path, capsy
     assert model.config.sampling.cfg == calibration["cfg"]
     assert json.loads(read_safetensors(out / "layerdiff-toy.safetensors")[1]["calibration"]) == calibration
     before = (out / "calibration.json").stat().st_mtime_ns
-    again = calibrate(model, out / "layerdiff" / "model.safetensors", out / "calibration.json", 0, 6,
+    again = calibrate(model, judged, out / "calibration.json", 0, 6,
                        calibration["settings"])
     assert again == calibration and (out / "calibration.json").stat().st_mtime_ns == before
     # a calibration cached under other picking rules is redone
     (out / "calibration.json").write_text(json.dumps({**calibration, "rules": "older rules"}))
-    redone = calibrate(model, out / "layerdiff" / "model.safetensors", out / "calibration.json", 0, 6,
+    redone = calibrate(model, judged, out / "calibration.json", 0, 6,
                         calibration["settings"])
     assert redone["rules"] == RULES and json.loads((out / "calibration.json").read_text())["rules"] == RULES
     # and so is one judged with another sampler (here: without redrawing empty foregrounds)
     assert redone["sampler"]["empty_layer_retries"] == model.config.sampling.empty_layer_retries
     (out / "calibration.json").write_text(json.dumps({**redone, "sampler": {**redone["sampler"], "empty_layer_retries": 0}}))
-    again = calibrate(model, out / "layerdiff" / "model.safetensors", out / "calibration.json", 0, 6,
+    again = calibrate(model, judged, out / "calibration.json", 0, 6,
                        calibration["settings"])
     assert json.loads((out / "calibration.json").read_text())["sampler"] == redone["sampler"] == again["sampler"]
     # but not one that differs only in self-mask guidance, which the calibration never runs
     assert not any(k.startswith("mask_guidance") for k in again["sampler"])
     (out / "calibration.json").write_text(json.dumps({**again, "sampler": {**again["sampler"], "mask_guidance": 0.75}}))
     before = (out / "calibration.json").stat().st_mtime_ns
-    kept = calibrate(model, out / "layerdiff" / "model.safetensors", out / "calibration.json", 0, 6,
+    kept = calibrate(model, judged, out / "calibration.json", 0, 6,
                      calibration["settings"])
     assert kept["sampler"]["mask_guidance"] == 0.75 and (out / "calibration.json").stat().st_mtime_ns == before
 

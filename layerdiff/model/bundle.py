@@ -105,6 +105,13 @@ class LayerDiffModel:
         hidden = self.text_encoder(ids)[0]
         return hidden.to(self.dtype)
 
+    @torch.no_grad()
+    def embed_words(self, prompts: list[str]) -> torch.Tensor:
+        """prompts (N) -> the text encoder's input token embeddings (N, T, D), before any attention
+        (what the layout prior reads)."""
+        ids = tokenize(self.tokenizer, prompts).to(self.device)
+        return self.text_encoder.get_input_embeddings()(ids).to(self.dtype)
+
     # ---------------------------------------------------------------- latents
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -59,43 +59,6 @@ def position_features(rows: int, cols: int, frequencies: int, device=None, dtype
     return torch.cat(parts, 1).to(dtype)
 
 
-class LayoutPrior(nn.Module):
-    """Where each layer's prompt puts its object, added to a transformer block's input.
-
-    A bilinear map of (the grid cell's position features, the layer prompt's pooled token states):
-    ``out(where(p) * text(mean(norm(tokens))))``. A cross-attention can only follow "on the left" once
-    its queries hold the cell's position *and* its keys hold the word, and neither learns while the
-    other is uninformative; here the product is explicit, so the output projection (zero at the
-    start: an exact no-op) gets a gradient from the first step, and through it both factors.
-    ``readout`` maps the same product to one logit per cell: the chance that the layer's object
-    covers it. Training can supervise it with the layer's mask (``layout_weight``), which teaches the
-    text encoder the position words directly, and a sampler can read the map before the first step.
-    """
-
-    def __init__(self, dim: int, context_dim: int, feature_dim: int, rank: int):
-        super().__init__()
-        self.norm = nn.LayerNorm(context_dim)
-        self.text = nn.Linear(context_dim, rank)
-        self.where = nn.Linear(feature_dim, rank)
-        self.out = nn.Linear(rank, dim)
-        nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
-        self.readout = nn.Linear(rank, 1)
-
-    def product(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """features (N, F) of the grid cells, tokens (B*L, T, D) -> (B*L, N, rank)."""
-        t = self.text(self.norm(tokens).mean(1)).to(features.dtype)  # (B*L, rank)
-        return self.where(features)[None] * t[:, None, :]
-
-    def forward(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """features (N, F) of the grid cells, tokens (B*L, T, D) -> (B*L, N, dim)."""
-        return self.out(self.product(features, tokens))
-
-    def logits(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """features (N, F), tokens (B*L, T, D) -> (B*L, N): the object-coverage logit of each cell."""
-        return self.readout(self.product(features, tokens)).squeeze(-1)
-
-
 def _heads(dim: int, head_dim: int) -> int:
     """Number of heads of width ``head_dim`` in ``dim`` channels (one full-width head if it does not divide)."""
     return dim // head_dim if head_dim <= dim and dim % head_dim == 0 else 1
@@ -255,13 +218,13 @@ class LayeredTransformerBlock(nn.Module):
 
     The original block's sub-modules are re-registered under their own names (norm1, attn1, ...),
     so the UNet's state-dict keys stay those of diffusers and SD weights load unchanged.
-    Order: (position features and the layout prior, when the config has them) -> self-attn -> inter-layer attn ->
+    Order: (position features, when the config has them) -> self-attn -> inter-layer attn ->
     cross-attn (global prompt) -> intra-layer attn -> FF
     (with ``intra_layer_mode="shared"`` the last two run as one, sharing query and output projections).
     """
 
     def __init__(self, block: nn.Module, max_layers: int, layer_head_dim: int, inter_layer_width: float = 1.0,
-                 intra_layer_mode: str = "separate", position_features: int = 0, layout_prior: int = 0):
+                 intra_layer_mode: str = "separate", position_features: int = 0):
         super().__init__()
         _check_plain_block(block)
         self.norm1, self.attn1 = block.norm1, block.attn1
@@ -280,10 +243,6 @@ class LayeredTransformerBlock(nn.Module):
             self.position = nn.Linear(4 * self.frequencies, dim)
             nn.init.zeros_(self.position.weight)
             nn.init.zeros_(self.position.bias)
-        if layout_prior and not self.frequencies:
-            raise LayerDiffError(f"layout_prior {layout_prior} needs position features: set position_features to "
-                                 "1 or more (the toy preset uses 3)")
-        self.layout = LayoutPrior(dim, context_dim, 4 * self.frequencies, int(layout_prior)) if layout_prior else None
 
     # Same positional order as diffusers' BasicTransformerBlock.forward (gradient checkpointing
     # calls blocks positionally).
@@ -306,8 +265,6 @@ class LayeredTransformerBlock(nn.Module):
             rows, cols = block_grid(h.shape[1], ctx.latent_size)
             features = position_features(rows, cols, self.frequencies, h.device, h.dtype)
             h = h + self.position(features)
-            if self.layout is not None and ctx.layer_tokens is not None:
-                h = h + self.layout(features, ctx.layer_tokens)
         h = self.attn1(self.norm1(h), encoder_hidden_states=None, attention_mask=attention_mask, **kwargs) + h
         if h.ndim == 4:
             h = h.squeeze(1)

@@ -51,8 +51,7 @@ def _widen_conv(conv: nn.Conv2d, in_channels: int | None = None, out_channels: i
 
 
 def _wrap_transformer_blocks(unet: nn.Module, max_layers: int, layer_head_dim: int, inter_layer_width: float = 1.0,
-                            intra_layer_mode: str = "separate", position_features: int = 0,
-                            layout_prior: int = 0) -> int:
+                            intra_layer_mode: str = "separate", position_features: int = 0) -> int:
     count = 0
     for module in unet.modules():
         blocks = getattr(module, "transformer_blocks", None)
@@ -60,7 +59,7 @@ def _wrap_transformer_blocks(unet: nn.Module, max_layers: int, layer_head_dim: i
             for i, block in enumerate(blocks):
                 if not isinstance(block, LayeredTransformerBlock):
                     blocks[i] = LayeredTransformerBlock(block, max_layers, layer_head_dim, inter_layer_width,
-                                                        intra_layer_mode, position_features, layout_prior)
+                                                        intra_layer_mode, position_features)
                     count += 1
     return count
 
@@ -92,12 +91,12 @@ class LayerDiffUNet(nn.Module):
         # keep the diffusers config truthful about the widened convolutions
         base.register_to_config(in_channels=LAYER_CHANNELS, out_channels=LAYER_CHANNELS)
         n = _wrap_transformer_blocks(base, config.max_layers, config.layer_head_dim, config.inter_layer_width,
-                                     config.intra_layer_mode, config.position_features, config.layout_prior)
+                                     config.intra_layer_mode, config.position_features)
         if n == 0:
             raise LayerDiffError("base UNet has no transformer blocks: LayerDiff needs a text-conditioned SD UNet")
         text_dim = int(base.config.cross_attention_dim)  # the text encoder's width, by construction
         enhancer = PromptEnhancer(
-            text_dim, config.max_layers, config.enhancer_blocks, config.enhancer_head_dim
+            text_dim, config.max_layers, config.enhancer_blocks, config.enhancer_head_dim, config.layout_prior
         ).to(device=base.device, dtype=base.dtype)
         logger.debug("wrapped %d transformer blocks", n)
         return cls(base, enhancer, config)
@@ -128,19 +127,15 @@ class LayerDiffUNet(nn.Module):
         """(B, T, D), (B, L, T, D) -> enhanced layer tokens (B, L, T, D)."""
         return self.prompt_enhancer(global_tokens, layer_tokens)
 
-    def layout_logits(self, layer_tokens: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor | None:
-        """(B, L, T', D) *enhanced* layer prompts -> (B, L, h, w): each layer's object-coverage logits
-        per latent pixel from the blocks' layout priors (their mean, each block's map evaluated on the
-        latent's own grid), without running the UNet; None for a model without a layout prior."""
-        priors = [m.layout for m in self.unet.modules() if isinstance(m, LayeredTransformerBlock) and m.layout is not None]
-        if not priors:
+    def layout_logits(self, layer_words: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor | None:
+        """(B, L, T', D) the layer prompts' input word embeddings -> (B, L, h, w): each layer's
+        object-coverage logits per latent pixel from the layout prior, without running the UNet;
+        None for a model without a layout prior."""
+        prior = self.prompt_enhancer.layout
+        if prior is None:
             return None
-        h, w = latent_size
-        B, L = layer_tokens.shape[:2]
-        tokens = layer_tokens.flatten(0, 1)
-        features = position_features(h, w, priors[0].where.in_features // 4, tokens.device, tokens.dtype)
-        logits = torch.stack([p.logits(features, tokens) for p in priors]).mean(0)  # (B*L, h*w)
-        return logits.view(B, L, h, w)
+        B, L = layer_words.shape[:2]
+        return prior(layer_words.flatten(0, 1), latent_size).view(B, L, *latent_size)
 
     def forward(
         self,

@@ -1,8 +1,8 @@
 """Layout prior: where each foreground's prompt puts its object, written into the starting noise.
 
-A model with a layout prior (``LayerDiffConfig.layout_prior``) maps each layer prompt to a coverage
-map: the chance that its object covers each latent pixel ("on the left": the left third; no
-position word: the data's spread). A small UNet at a small latent reads its layout off the starting
+A model with a layout prior (``LayerDiffConfig.layout_prior``, in its prompt enhancer) maps each
+layer prompt's words to a coverage map: the chance that its object covers each latent pixel ("on
+the left": the left third; no position word: the data's spread). A small UNet at a small latent reads its layout off the starting
 noise (whatever blob the noise happens to hold becomes the object), so the hook adds that map,
 centred, to each foreground's mask channels of the starting latents, along the axis from a black to
 a white mask latent: ``strength * sqrt(a_first) * (p - mean p) * (white - black)``, i.e. the layout
@@ -19,10 +19,12 @@ import torch
 from layerdiff.sampling.hooks import Hook
 
 
-def coverage(unet, layer_tokens: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor | None:
-    """(B, L, T', D) enhanced layer prompts -> (B, L-1, h, w) foreground coverage in 0..1, or None for
-    a model without a layout prior."""
-    logits = unet.layout_logits(layer_tokens, latent_size) if hasattr(unet, "layout_logits") else None
+def coverage(unet, layer_words: torch.Tensor | None, latent_size: tuple[int, int]) -> torch.Tensor | None:
+    """(B, L, T', D) the layer prompts' input word embeddings -> (B, L-1, h, w) foreground coverage in
+    0..1, or None for a model without a layout prior (or conditioning without the words)."""
+    if layer_words is None or not hasattr(unet, "layout_logits"):
+        return None
+    logits = unet.layout_logits(layer_words, latent_size)
     return None if logits is None else torch.sigmoid(logits[:, 1:].float())
 
 

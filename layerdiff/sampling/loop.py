@@ -40,7 +40,7 @@ def make_hooks(s, cond, levels, start: int, n: int, seeds, shape, device, mask_a
     K = cond.num_layers - 1
     hooks: list[Hook] = []
     if s.layout_prior > 0 and K > 0 and start == 0 and lock is None and unet is not None:
-        cover = coverage(unet, cond.layer_tokens, tuple(shape[-2:]))
+        cover = coverage(unet, cond.layer_words, tuple(shape[-2:]))
         if cover is not None:  # a model without a layout prior samples as without the setting
             hooks.append(LayoutPriorStart(s.layout_prior, cover, mask_axis, cond.valid, float(levels.a[start]),
                                           init_sigma))

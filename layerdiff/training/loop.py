@@ -50,8 +50,10 @@ def param_groups(module: LayerDiffTrainModule, config: TrainConfig) -> list[dict
             p.requires_grad_(config.lr_text > 0)
             if config.lr_text > 0:
                 text.append(p)
-        elif LAYOUT_KEY in name:
-            layout.append(p.requires_grad_(True))
+        elif LAYOUT_KEY in name:  # only the layout loss reaches them: frozen without it
+            p.requires_grad_(config.layout_weight > 0)
+            if config.layout_weight > 0:
+                layout.append(p)
         elif any(k in name for k in NEW_MODULE_KEYS):
             new.append(p.requires_grad_(True))
         elif not config.freeze_base:

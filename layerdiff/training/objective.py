@@ -29,7 +29,7 @@ class LayerDiffTrainModule(nn.Module):
             if not int(getattr(model.config, "layout_prior", 0)):
                 raise LayerDiffError(f"layout_weight {layout_weight} needs a model with a layout prior: its config "
                                      "has layout_prior 0; set layout_weight to 0, or train a model whose config sets "
-                                     "layout_prior (e.g. 16) and position_features")
+                                     "layout_prior (e.g. 16)")
             white, black = model.mask_axis()  # the masks of the clean latents, read without decoding
             self.register_buffer("mask_white", white, persistent=False)
             self.register_buffer("mask_black", black, persistent=False)
@@ -40,7 +40,8 @@ class LayerDiffTrainModule(nn.Module):
 
         With ``layout_weight`` and the clean latents ``clean`` (B, L, 8, h, w), plus that weight times
         the layout loss: the binary cross-entropy of each foreground's layout-prior map (from its
-        prompt alone) against its mask read off the clean latent."""
+        prompt's words alone) against its mask read off the clean latent. Its gradient reaches only
+        the layout prior's own weights."""
         # noisy/target (B, L, 8, h, w); ids_global (B, T); ids_layers (B, L, T); weight (B, L, 8, 1, 1)
         B, L = noisy.shape[:2]
         glob = self.text_encoder(ids_global)[0]  # (B, T, D)
@@ -53,16 +54,24 @@ class LayerDiffTrainModule(nn.Module):
         if per_sample:
             return err.flatten(1).sum(1) / count.flatten(1).sum(1).clamp(min=1)  # (B,)
         loss = err.sum() / count.sum().clamp(min=1)
-        if self.layout_weight > 0 and clean is not None and L > 1:
-            loss = loss + self.layout_weight * self.layout_loss(enhanced, clean, valid)
+        if self.layout_weight > 0 and clean is not None:  # 0 for a batch without foregrounds
+            loss = loss + self.layout_weight * self.layout_loss(self.layer_words(ids_layers), clean, valid)
         return loss
 
-    def layout_loss(self, enhanced: torch.Tensor, clean: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """Mean binary cross-entropy of the foregrounds' layout-prior logits against their masks read off
-        the clean latents, over valid foreground layers and latent pixels."""
+    def layer_words(self, ids_layers: torch.Tensor) -> torch.Tensor:
+        """ids (B, L, T) -> the layer prompts' input word embeddings (B, L, T', D), detached (the
+        layout prior reads them; its loss must not move the text encoder)."""
+        n = self.layer_prompt_tokens or None
+        with torch.no_grad():
+            return self.text_encoder.get_input_embeddings()(ids_layers[..., :n])
+
+    def layout_loss(self, words: torch.Tensor, clean: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Mean binary cross-entropy of the foregrounds' layout-prior logits (from the layer prompts'
+        input word embeddings ``words`` (B, L, T', D)) against their masks read off the clean latents,
+        over valid foreground layers and latent pixels."""
         from layerdiff.sampling.masks import read_masks
 
-        logits = self.unet.layout_logits(enhanced, tuple(clean.shape[-2:]))[:, 1:].float()  # (B, L-1, h, w)
+        logits = self.unet.layout_logits(words, tuple(clean.shape[-2:]))[:, 1:].float()  # (B, L-1, h, w)
         masks = read_masks(clean.float(), self.mask_white.float(), self.mask_black.float()).clamp(0, 1)
         bce = F.binary_cross_entropy_with_logits(logits, masks, reduction="none").mean((2, 3))  # (B, L-1)
         keep = valid[:, 1:].to(bce.dtype)

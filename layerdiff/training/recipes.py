@@ -1,7 +1,8 @@
 """The one-command recipe of the built-in toy model (``python -m layerdiff train --preset toy``).
 
 It chains: toy data (if --data has none) -> the toy VAE -> its decoder fine-tuned on noisy latents
--> LayerDiff (UNet, prompt enhancer and the small text encoder trained together) -> the background
+-> LayerDiff (UNet, prompt enhancer and the small text encoder trained together) -> the layout prior
+(where each layer prompt puts its object, :mod:`layerdiff.training.layout_stage`) -> the background
 and foreground guidance picked on fresh validation scenes (:mod:`layerdiff.evaluation.calibrate`) ->
 ``OUT/layerdiff-toy.safetensors``, whose sampling defaults carry that guidance.
 Every stage is resumable: rerunning the same command continues where a killed run stopped.
@@ -51,6 +52,8 @@ TOY_RECIPE = {
         "log_every": 50,
         "sample_every": 4400,
     },
+    # the layout prior, trained alone on the LayerDiff stage's cached latents (0 steps skips it)
+    "layout": {"steps": 1500, "batch_size": 32, "lr": 1e-2},
     # the background guidance, then the foregrounds' guidance, written into the model file's sampling
     # defaults, picked on fresh validation scenes (layerdiff.evaluation.calibrate): by background
     # accuracy, then by foreground colour, shape and mask IoU; 0 samples keeps the preset's
@@ -58,7 +61,7 @@ TOY_RECIPE = {
 }
 
 MAX_TOY_SAMPLES = 10_000_000
-RECIPE_KEYS = ("model", "samples", "train", "vae", "decoder", "unet", "scheduler", "calibration")  # --preset toy's --config
+RECIPE_KEYS = ("model", "samples", "train", "vae", "decoder", "unet", "scheduler", "layout", "calibration")  # --preset toy's --config
 _LATENT_STATS = ("latents_mean", "latents_std")  # per-channel latent scaling (VaeTrainConfig.latent_stats)
 
 
@@ -125,6 +128,7 @@ def _toy_recipe(args, settings: dict) -> tuple[dict, int]:
     """The toy recipe with ``settings`` (the --config file) and the command line's overrides
     applied, every stage's settings checked; (recipe, number of toy samples)."""
     from layerdiff.errors import LayerDiffError
+    from layerdiff.training.layout_stage import layout_settings
     from layerdiff.training.settings import TrainConfig, VaeTrainConfig
 
     unknown = sorted((k for k in settings if k not in RECIPE_KEYS), key=str)
@@ -132,7 +136,7 @@ def _toy_recipe(args, settings: dict) -> tuple[dict, int]:
         raise LayerDiffError(f"--config: key {unknown[0]!r} is unknown for --preset toy: use some of "
                              f"{list(RECIPE_KEYS)} (training settings go under \"train\", e.g. "
                              '{"train": {"steps": 1000}})')
-    for key in ("train", "vae", "calibration", "unet", "scheduler", "decoder"):
+    for key in ("train", "vae", "calibration", "unet", "scheduler", "decoder", "layout"):
         value = settings.get(key)
         if key in settings and not isinstance(value, dict) and not (key == "decoder" and value is None):
             raise LayerDiffError(f"--config: the \"{key}\" setting is {json.dumps(value)[:40]}, not an object of settings")
@@ -147,6 +151,7 @@ def _toy_recipe(args, settings: dict) -> tuple[dict, int]:
         recipe["unet"] = _unet_override(settings["unet"])
     if "scheduler" in settings:
         recipe["scheduler"] = _scheduler_override(settings["scheduler"])
+    recipe["layout"] = layout_settings({**recipe["layout"], **settings.get("layout", {})})
     recipe["calibration"] = _calibration_settings({**recipe["calibration"], **settings.get("calibration", {})})
     if "decoder" in settings:
         recipe["decoder"] = {**recipe.get("decoder", {}), **settings["decoder"]} if settings["decoder"] else {}
@@ -234,9 +239,19 @@ def run_toy_recipe(args, settings: dict) -> int:
     # earlier invocation keeps the ones of its time), with the calibrated guidance scales
     trained.config = trained.config.replace(sampling=config.sampling)
     t = time.time()
+    judged = [final]
+    if trained.config.layout_prior and recipe["layout"]["steps"]:
+        from layerdiff.training.layout_stage import layout_stage
+
+        layout_file = out / "layout.safetensors"
+        layout_stage(trained, data, out / "layerdiff" / f"latents-{cfg.size}.safetensors", cfg.size, layout_file,
+                     recipe["layout"], args.seed)
+        judged.append(layout_file)
+    timings["layout_s"] = round(time.time() - t, 1)
+    t = time.time()
     calibration = None
     if recipe["calibration"]["samples"]:
-        calibration = calibrate(trained, final, out / "calibration.json", args.seed, samples, recipe["calibration"])
+        calibration = calibrate(trained, judged, out / "calibration.json", args.seed, samples, recipe["calibration"])
         sampling = dataclasses.replace(trained.config.sampling, background_cfg=calibration["background_cfg"],
                                        **({"cfg": calibration["cfg"]} if "cfg" in calibration else {}))
         trained.config = trained.config.replace(sampling=sampling)
@@ -279,17 +294,20 @@ def _calibration_settings(value: dict) -> dict:
     return {"samples": samples, "candidates": [float(c) for c in cands], "foreground_candidates": [float(c) for c in fg]}
 
 
-def calibrate(model, weights: Path, file: Path, seed: int, samples: int, settings: dict) -> dict:
+def calibrate(model, weights: Path | list[Path], file: Path, seed: int, samples: int, settings: dict) -> dict:
     """The recipe's last stage: the background and foreground guidance picked on a validation stream
-    (:mod:`layerdiff.evaluation.calibrate`); kept in ``file`` for the same weights and settings, so a
-    rerun reuses it."""
+    (:mod:`layerdiff.evaluation.calibrate`); kept in ``file`` for the same weights (the files in
+    ``weights``) and settings, so a rerun reuses it."""
     import hashlib
     import os
 
     from layerdiff.evaluation.calibrate import RULES, calibrate_guidance
     from layerdiff.evaluation.scenes import training_signatures
 
-    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    sha = hashlib.sha256()
+    for path in [weights] if isinstance(weights, Path) else weights:
+        sha.update(path.read_bytes())
+    digest = sha.hexdigest()
     # the sampler it judges with, less the two scales it picks and the self-mask guidance settings
     # (it judges plain CFG): a change to it redoes the stage
     def judged(sampling: dict) -> dict:
