@@ -92,6 +92,44 @@ def save_owlv2(path: Path) -> Path:
     return path
 
 
+def save_grounding_dino(path: Path) -> Path:
+    """Grounding DINO (Swin backbone, BERT text encoder) with a word-level BERT vocabulary; its box
+    head outputs zero (boxes are the decoder's reference points) and its scores stay near 0.5."""
+    from transformers import (
+        BertConfig,
+        BertTokenizerFast,
+        GroundingDinoConfig,
+        GroundingDinoForObjectDetection,
+        GroundingDinoImageProcessor,
+        GroundingDinoProcessor,
+        SwinConfig,
+    )
+
+    torch.manual_seed(0)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "."] + [w for w in CAPTION_WORDS if not w.startswith("[")]
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
+    tokenizer = BertTokenizerFast(vocab=vocab, do_lower_case=True)
+    processor = GroundingDinoProcessor(
+        image_processor=GroundingDinoImageProcessor(size={"shortest_edge": 64, "longest_edge": 64}), tokenizer=tokenizer)
+    config = GroundingDinoConfig(
+        backbone_config=SwinConfig(image_size=64, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[1, 1],
+                                   window_size=4, out_features=["stage1", "stage2"]),
+        text_config=BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=32, max_position_embeddings=64),
+        d_model=32, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=32, decoder_ffn_dim=32, encoder_attention_heads=2,
+        decoder_attention_heads=2, num_queries=12, num_feature_levels=2, encoder_n_points=2, decoder_n_points=2,
+        max_text_len=32, use_timm_backbone=False, backbone=None, use_pretrained_backbone=False,
+    )
+    model = GroundingDinoForObjectDetection(config).eval()
+    with torch.no_grad():
+        for head in model.bbox_embed:
+            head.layers[-1].weight.zero_()
+            head.layers[-1].bias.zero_()
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
 def save_sam(path: Path) -> Path:
     from transformers import SamConfig, SamImageProcessor, SamModel, SamProcessor
 

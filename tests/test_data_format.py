@@ -355,3 +355,37 @@ def test_shuffle_buffer_keeps_the_rank_and_worker_partition(tmp_path):
     seen = [k for r in range(2) for batch in make_loader(tmp_path, batch_size=2, num_workers=2, size=32, shuffle_buffer=3,
                                                          seed=2, rank=r, world_size=2) for k in batch["key"]]
     assert sorted(seen) == sorted(keys)
+
+
+# --------------------------------------------------------------------------------- shards at URLs
+
+
+def test_shards_at_fsspec_urls_read_like_local_ones(tmp_path):
+    """A folder URL, a glob and one shard's URL (fsspec's in-memory filesystem and file://) give the
+    same records as the local folder; the training dataset streams from them."""
+    import fsspec
+
+    from layerdiff.data.reader import resolve_shards
+
+    keys = write_mixed_shards(tmp_path, shards=2)
+    fs = fsspec.filesystem("memory")
+    root = f"/layerdiff-test-{tmp_path.name}"
+    for p in sorted(tmp_path.glob("*.tar")):
+        fs.pipe(f"{root}/data/{p.name}", p.read_bytes())
+    fs.pipe(f"{root}/data/notes.txt", b"not a shard")
+    try:
+        urls = resolve_shards(f"memory://{root}/data")
+        assert [u.rsplit("/", 1)[-1] for u in urls] == ["shard-000000.tar", "shard-000001.tar"]
+        assert all(u.startswith("memory://") for u in urls)
+        assert resolve_shards(f"memory://{root}/data/*.tar") == urls
+        assert resolve_shards(urls[1]) == [urls[1]]
+        local = [s for p in list_shards(tmp_path) for s in read_shard(p)]
+        remote = list(LayeredShardDataset(f"memory://{root}/data", size=32, shuffle_buffer=0))
+        assert [i["key"] for i in remote] == [s.key for s in local] == keys
+        assert [i["key"] for i in LayeredShardDataset(f"file://{tmp_path}", size=32, shuffle_buffer=0)] == keys
+        with pytest.raises(LayerDiffError, match="neither a folder of shards nor a .tar shard"):
+            resolve_shards(f"memory://{root}/nothing-here")
+    finally:
+        fs.rm(root, recursive=True)
+    with pytest.raises(LayerDiffError, match="fsspec cannot open this URL"):
+        resolve_shards("nosuchscheme://bucket/data")

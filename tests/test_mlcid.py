@@ -137,6 +137,13 @@ def test_phrases_from_captions():
     assert ex.phrases("arafed cat laying on a couch next to a remote control") == ["cat", "couch", "remote control"]
     assert ex.phrases("a photo of two dogs and a red ball") == ["dogs", "red ball"]
     assert ex.phrases("") == [] and ex.phrases("a close up view") == []
+    # participles ending a piece are verbs, before a noun adjectives; times are not objects; a group
+    # word heading "X of Y" stays
+    assert ex.phrases("a rocket launched into the night sky") == ["rocket", "night sky"]
+    assert ex.phrases("a city street at night with cars parked") == ["city street", "cars"]
+    assert ex.phrases("a large stuffed animal on a striped bed") == ["large stuffed animal", "striped bed"]
+    assert ex.phrases("a bunch of coins on a table at sunset") == ["bunch of coins", "table"]
+    assert ex.phrases("a lot of people walking") == ["people"]
     assert parse_phrase_list("cat, dog\n# comment\n\nred ball; cat") == ["cat", "dog", "red ball"]
 
 
@@ -257,6 +264,25 @@ def test_model_stages_run(photos, tiny_models):
     hole = masks[0] & F.box_mask(dets[0].box, h, w)
     out = st.inpainter.inpaint(img, hole)
     assert out.size == img.size and (np.asarray(out)[~hole] == np.asarray(img)[~hole]).all()
+
+
+def test_grounding_dino_detects_beside_owlv2(photos, tiny_models, tmp_path):
+    """A Grounding DINO checkpoint as --detector: picked from its config, boxes inside the image,
+    each named by one of the phrases, the pipeline's segmenter taking them."""
+    path = mlcid_tiny_models.save_grounding_dino(tmp_path / "grounding-dino")
+    specs = StageSpecs(**{**{k: str(v) for k, v in tiny_models.items()}, "detector": str(path)})
+    st = make_stages(specs, _tiny_options(batch_size=2))
+    assert type(st.detector).__name__ == "GroundingDinoDetector"
+    img = photos["coffee"]
+    w, h = img.size
+    assert st.detector.detect(img, [" "]) == []
+    dets = st.detector.detect(img, ["cup", "red saucer", "a cup of coffee on a table with a blue man and a dog"])
+    assert dets and [d.score for d in dets] == sorted((d.score for d in dets), reverse=True)
+    assert all(0 <= d.box[0] < d.box[2] <= w and 0 <= d.box[1] < d.box[3] <= h for d in dets)
+    assert {d.phrase for d in dets} <= {"cup", "red saucer", "a cup of coffee on a table with a blue man and a dog"}
+    assert len(st.segmenter.segment(img, [d.box for d in dets])) == len(dets)
+    text, spans = st.detector._prompt(["Cup", "red  saucer."])
+    assert text == "cup. red saucer." and [text[a:b] for a, b in spans] == ["cup", "red saucer"]
 
 
 def test_missing_model_is_a_clear_error(tmp_path):

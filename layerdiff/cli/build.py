@@ -17,7 +17,9 @@ or a local folder (models come only from local folders or the Hugging Face cache
 --allow-download), or "fallback" for its classical version (saliency boxes, GrabCut / random
 walker, box-bottom depth, Telea / biharmonic inpainting; needs opencv-python-headless or
 scikit-image), or "none" (captioner: prompts from sidecars and phrases; detector: only sidecar
-boxes). --no-models sets every stage to its fallback; --fallback classical only the stages whose model
+boxes). The detector may be OWLv2 / OWL-ViT (the default) or Grounding DINO (e.g.
+IDEA-Research/grounding-dino-tiny): the architecture is read from the model's config. --no-models
+sets every stage to its fallback; --fallback classical only the stages whose model
 is missing (without it, every missing model is listed in one error).
 
 sidecars: IMAGE.json beside an image may give {"caption": str, "phrases": [str],

@@ -51,6 +51,7 @@ from layerdiff.data.record_checks import (
     member_limit,
     member_name,
 )
+from layerdiff.data.remote import is_url, open_url
 from layerdiff.errors import LayerDiffError
 
 logger = logging.getLogger("layerdiff.data")
@@ -200,13 +201,17 @@ def iter_shard_records(path) -> Iterator[tuple[str, dict[str, bytes]]]:
     format allows is not read (the record's reader names it); a damaged or truncated tar file
     raises :class:`LayerDiffError` naming the shard, after the records read before the damage.
     """
-    path = Path(path)
-    try:
-        fd = open_regular_file(path)
-    except InputFileError as exc:
-        raise LayerDiffError(f"shard {exc}: give .tar shard files") from None
+    if is_url(path):  # a shard at a URL (fsspec), streamed the same way
+        stream = open_url(path)
+    else:
+        path = Path(path)
+        try:
+            fd = open_regular_file(path)
+        except InputFileError as exc:
+            raise LayerDiffError(f"shard {exc}: give .tar shard files") from None
+        stream = os.fdopen(fd, "rb")
     key, group, error = None, {}, None
-    with os.fdopen(fd, "rb") as f:
+    with stream as f:
         try:
             with tarfile.open(fileobj=f, mode="r|") as tar:
                 for info in tar:
@@ -356,7 +361,7 @@ def iter_readable_records(shards, damage: DamageCount) -> Iterator[tuple[str, di
                 except LayerDiffError as exc:
                     damage.add(exc)
                     continue
-                yield key, members, meta, Path(shard)
+                yield key, members, meta, shard if is_url(shard) else Path(shard)
         except LayerDiffError as exc:
             damage.add(exc, shard=True)
 

@@ -25,12 +25,14 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from layerdiff.data.format import (
+    SHARD_PATTERN,
     DamageCount,
     LayeredSample,
     decode_record,
     iter_readable_records,
     list_shards,
 )
+from layerdiff.data.remote import is_url, list_url_shards
 from layerdiff.errors import LayerDiffError
 
 logger = logging.getLogger("layerdiff.data")
@@ -39,11 +41,15 @@ __all__ = ["EncodedSample", "LayeredShardDataset", "ShuffleBuffer", "collate_lay
            "resolve_shards", "sample_to_tensors"]
 
 
-def resolve_shards(paths_or_dir) -> list[Path]:
-    """Shard files from a folder, one ``.tar`` file, or a list of either (folders expand sorted)."""
+def resolve_shards(paths_or_dir) -> list[Path | str]:
+    """Shard files from a folder, one ``.tar`` file, or a list of either (folders expand sorted); a
+    URL (``s3://bucket/shards/``, a ``*`` glob or one ``.tar``) gives shard URLs, read through fsspec."""
     items = [paths_or_dir] if isinstance(paths_or_dir, (str, Path)) else list(paths_or_dir)
-    shards: list[Path] = []
+    shards: list[Path | str] = []
     for item in items:
+        if is_url(item):
+            shards.extend(list_url_shards(item, SHARD_PATTERN))
+            continue
         p = Path(item)
         if p.is_dir():
             shards.extend(list_shards(p))
@@ -115,7 +121,7 @@ class EncodedSample(NamedTuple):
 
     key: str
     members: dict[str, bytes]
-    shard: Path
+    shard: Path | str  # a local file or a URL (fsspec)
 
     @property
     def nbytes(self) -> int:

@@ -18,7 +18,7 @@ from layerdiff.config import IMAGE_CHANNELS, LAYER_CHANNELS, LayerDiffConfig
 from layerdiff.deps import require_model_libraries
 from layerdiff.errors import LayerDiffError
 from layerdiff.model.enhancer import PromptEnhancer
-from layerdiff.model.layers import LayerContext, LayeredTransformerBlock, position_features
+from layerdiff.model.layers import LayerContext, LayeredTransformerBlock
 
 if TYPE_CHECKING:  # diffusers is imported where a model is built, so the node pack loads without it
     from diffusers import UNet2DConditionModel

@@ -184,10 +184,10 @@ def make_stages(specs: StageSpecs, options: StageOptions | None = None) -> Stage
 
     detector = None
     if kinds["detector"] == "model":
-        from layerdiff.data.mlcid.hf import OwlDetector
+        from layerdiff.data.mlcid.hf import make_detector
 
-        detector = OwlDetector(specs.detector, threshold=o.detector_threshold, nms_iou=o.nms_iou,
-                               max_detections=o.max_detections, **common)
+        detector = make_detector(specs.detector, threshold=o.detector_threshold, nms_iou=o.nms_iou,
+                                 max_detections=o.max_detections, **common)
     elif kinds["detector"] == "saliency":
         detector = classical.SaliencyDetector(max_detections=min(o.max_detections, 8), backend=o.classical_backend)
 

@@ -134,8 +134,8 @@ class OwlDetector(Detector, _TorchStage):
                                 allow_download=allow_download)
         if model.config.model_type not in ("owlv2", "owlvit"):
             raise LayerDiffError(
-                f"--detector {model_id!r} is a {model.config.model_type!r} model: use an OWLv2 or OWL-ViT checkpoint, "
-                "e.g. google/owlv2-base-patch16-ensemble"
+                f"--detector {model_id!r} is a {model.config.model_type!r} model: use an OWLv2, OWL-ViT or Grounding "
+                "DINO checkpoint, e.g. google/owlv2-base-patch16-ensemble or IDEA-Research/grounding-dino-tiny"
             )
         # OWLv2 pads the image to a square (bottom/right) before resizing: its boxes are relative to
         # that square. OWL-ViT resizes without padding: its boxes are relative to (W, H).
@@ -230,3 +230,74 @@ class HFDepthEstimator(DepthEstimator, _TorchStage):
         )[0, 0]  # (H, W)
         d = full.cpu().numpy().astype(np.float32)
         return -d if self.inverse else d
+
+
+class GroundingDinoDetector(Detector, _TorchStage):
+    """Grounding DINO: a fixed set of box queries, each scored against every token of the phrases
+    written as one prompt ("a cat. a red cup."); a box's phrase is the one whose tokens score it
+    highest, its score that phrase's best token."""
+
+    name = "grounding_dino"
+    fingerprint_params = ("threshold", "nms_iou", "max_detections")
+
+    def __init__(self, model_id: str, device=None, dtype=None, allow_download: bool = False, threshold: float = 0.2,
+                 nms_iou: float = 0.5, max_detections: int = 20):
+        import transformers
+
+        self.model_id = model_id
+        self.processor = load_pretrained(transformers.AutoProcessor, model_id, stage="detector", allow_download=allow_download)
+        model = load_pretrained(transformers.AutoModelForZeroShotObjectDetection, model_id, stage="detector",
+                                allow_download=allow_download)
+        if model.config.model_type != "grounding-dino":
+            raise LayerDiffError(f"--detector {model_id!r} is a {model.config.model_type!r} model, not Grounding DINO")
+        self.max_text = int(getattr(model.config, "max_text_len", 256))
+        self._setup(model, device, dtype)
+        self.threshold = threshold
+        self.nms_iou = nms_iou
+        self.max_detections = max_detections
+
+    def _prompt(self, phrases: Sequence[str]) -> tuple[str, list[tuple[int, int]]]:
+        """The prompt "a cat. a red cup." and each phrase's character span in it."""
+        text, spans = "", []
+        for p in phrases:
+            p = " ".join(p.lower().split()).rstrip(".")
+            spans.append((len(text), len(text) + len(p)))
+            text += p + ". "
+        return text.strip(), spans
+
+    @torch.inference_mode()
+    def detect(self, image: Image.Image, phrases: Sequence[str]) -> list[Detection]:
+        phrases = [p for p in phrases if p.strip()]
+        if not phrases:
+            return []
+        image = image.convert("RGB")
+        text, spans = self._prompt(phrases)
+        inputs = self.processor(images=image, text=text, return_tensors="pt", truncation=True, max_length=self.max_text)
+        offsets = self.processor.tokenizer(text, return_offsets_mapping=True, truncation=True,
+                                           max_length=self.max_text)["offset_mapping"]
+        inputs = {k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device)) for k, v in inputs.items()}
+        out = self.model(**inputs)
+        probs = out.logits[0].float().sigmoid()  # (Q, max_text_len): each query against each token
+        boxes = out.pred_boxes[0].float()  # (Q, 4): cx, cy, w, h relative to the image
+        columns = []  # per phrase: its best token's score for every query
+        for start, end in spans:
+            tokens = [i for i, (a, b) in enumerate(offsets) if b > a and a >= start and b <= end and i < probs.shape[1]]
+            columns.append(probs[:, tokens].max(dim=1).values if tokens else torch.zeros(probs.shape[0]))
+        score, label = torch.stack(columns, dim=1).max(dim=1)  # (Q,)
+        w, h = image.size
+        dets = []
+        for q in torch.nonzero(score >= self.threshold).flatten().tolist():
+            cx, cy, bw, bh = boxes[q].tolist()
+            box: Box = (max(0.0, (cx - bw / 2) * w), max(0.0, (cy - bh / 2) * h),
+                        min(float(w), (cx + bw / 2) * w), min(float(h), (cy + bh / 2) * h))
+            dets.append(Detection(box, float(score[q]), phrases[int(label[q])]))
+        return box_nms(dets, self.nms_iou, self.max_detections)
+
+
+def make_detector(model_id: str, allow_download: bool = False, **kwargs) -> Detector:
+    """The detector class that runs ``model_id``'s architecture: OWLv2 / OWL-ViT or Grounding DINO."""
+    import transformers
+
+    config = load_pretrained(transformers.AutoConfig, model_id, stage="detector", allow_download=allow_download)
+    cls = GroundingDinoDetector if config.model_type == "grounding-dino" else OwlDetector
+    return cls(model_id, allow_download=allow_download, **kwargs)

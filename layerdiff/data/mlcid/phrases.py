@@ -4,8 +4,10 @@ Captions from BLIP-style captioners are short and regular ("a man in a space sui
 helmet", "there is a cup of coffee on a table"), so a stop-word grammar is enough: the caption is
 cut at prepositions, conjunctions, verbs and punctuation; each piece loses its leading determiners
 and numbers; what remains (adjectives + noun) is a phrase unless its head is a picture word
-("photo", "view") or a position word ("front", "left"). "X of Y" stays whole when X is a container
-or group word ("a cup of coffee", "a group of people").
+("photo", "view"), a position word ("front", "left") or a time word ("night", "sunset"). "X of Y"
+stays whole when X is a container or group word ("a cup of coffee", "a bunch of coins"). A past
+participle that ends its piece is a verb ("a rocket launched into ...", "a car parked"), one before
+a noun an adjective ("a stuffed animal").
 """
 
 from __future__ import annotations
@@ -43,12 +45,20 @@ _NOT_OBJECTS = frozenset(
     "bottom middle center centre left right corner edge part kind sort type way day time front-view image"
     " arafed araffe araffed arafe arafly".split()
 )
+# times of day and year: when, not what ("a city at night"), though they may describe one ("night sky")
+_TIMES = frozenset(
+    "night nighttime daytime evening morning afternoon dusk dawn sunset sunrise twilight noon midnight "
+    "winter summer autumn".split()
+)
 # "X of Y" kept whole when X is one of these
 _OF_HEADS = frozenset(
     "cup cups glass glasses bottle bottles plate plates bowl bowls piece pieces slice slices pair pairs group "
     "groups bunch bunches pile piles stack stacks box boxes bag bags basket baskets jar jars can cans herd "
     "flock loaf mug mugs pot pots tray trays vase vases bouquet".split()
 )
+# -ed words that are nouns, not participles
+_ED_NOUNS = frozenset("bed beds shed sheds seed seeds speed weed weeds seaweed sled sleds steed reed reeds "
+                      "hundred hundreds tweed".split())
 _TOKEN = re.compile(r"[a-z0-9]+(?:[-'][a-z0-9]+)*|[^\sa-z0-9]")
 
 
@@ -70,7 +80,7 @@ class RulePhraseExtractor(PhraseExtractor):
             prev = pieces[-1][-1] if pieces[-1] else ""
             if tok == "of" and prev in _OF_HEADS and nxt and nxt not in _BREAKS:
                 pieces[-1].append(tok)
-            elif not tok[0].isalnum() or tok in _BREAKS or _is_verb_ing(tok):
+            elif not tok[0].isalnum() or tok in _BREAKS or _is_verb_ing(tok) or _is_participle(tok, prev, nxt):
                 pieces.append([])
             else:
                 pieces[-1].append(tok)
@@ -88,12 +98,20 @@ def _is_verb_ing(tok: str) -> bool:
     return len(tok) > 4 and tok.endswith("ing") and tok not in _ING_NOUNS
 
 
+def _is_participle(tok: str, prev: str, nxt: str) -> bool:
+    """An -ed word after a word of its piece with no noun after it: a verb ("rocket launched into")."""
+    ends_piece = not nxt or nxt in _BREAKS or not nxt[0].isalnum() or _is_verb_ing(nxt)
+    return (len(tok) > 4 and tok.endswith("ed") and tok not in _ED_NOUNS and ends_piece and bool(prev)
+            and prev not in _DETERMINERS)
+
+
 def _clean(words: list[str], max_words: int) -> str:
-    while words and (words[0] in _DETERMINERS or words[0].isdigit()):
+    # leading determiners and numbers go, but not a group word that heads "X of Y" ("a bunch of coins")
+    while words and (words[0] in _DETERMINERS or words[0].isdigit()) and words[1:2] != ["of"]:
         words = words[1:]
     while words and (words[-1] in _DETERMINERS or words[-1].isdigit()):
         words = words[:-1]
-    if not words or words[-1] in _NOT_OBJECTS:
+    if not words or words[-1] in _NOT_OBJECTS or words[-1] in _TIMES:
         return ""
     words = [w for w in words if w not in _NOT_OBJECTS]  # "arafed cat" -> "cat"
     return " ".join(words[-max_words:])
