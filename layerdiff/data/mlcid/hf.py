@@ -76,6 +76,15 @@ def load_pretrained(cls, model_id: str, *, stage: str, allow_download: bool = Fa
 
 
 class _TorchStage:
+    def _load_detector(self, model_id: str, allow_download: bool):
+        """A zero-shot detector's processor (kept) and model (returned), from a folder or the HF cache."""
+        import transformers
+
+        self.model_id = model_id
+        self.processor = load_pretrained(transformers.AutoProcessor, model_id, stage="detector", allow_download=allow_download)
+        return load_pretrained(transformers.AutoModelForZeroShotObjectDetection, model_id, stage="detector",
+                               allow_download=allow_download)
+
     def _setup(self, model, device, dtype):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -126,12 +135,7 @@ class OwlDetector(Detector, _TorchStage):
 
     def __init__(self, model_id: str, device=None, dtype=None, allow_download: bool = False, threshold: float = 0.2,
                  nms_iou: float = 0.5, max_detections: int = 20):
-        import transformers
-
-        self.model_id = model_id
-        self.processor = load_pretrained(transformers.AutoProcessor, model_id, stage="detector", allow_download=allow_download)
-        model = load_pretrained(transformers.AutoModelForZeroShotObjectDetection, model_id, stage="detector",
-                                allow_download=allow_download)
+        model = self._load_detector(model_id, allow_download)
         if model.config.model_type not in ("owlv2", "owlvit"):
             raise LayerDiffError(
                 f"--detector {model_id!r} is a {model.config.model_type!r} model: use an OWLv2, OWL-ViT or Grounding "
@@ -242,12 +246,7 @@ class GroundingDinoDetector(Detector, _TorchStage):
 
     def __init__(self, model_id: str, device=None, dtype=None, allow_download: bool = False, threshold: float = 0.2,
                  nms_iou: float = 0.5, max_detections: int = 20):
-        import transformers
-
-        self.model_id = model_id
-        self.processor = load_pretrained(transformers.AutoProcessor, model_id, stage="detector", allow_download=allow_download)
-        model = load_pretrained(transformers.AutoModelForZeroShotObjectDetection, model_id, stage="detector",
-                                allow_download=allow_download)
+        model = self._load_detector(model_id, allow_download)
         if model.config.model_type != "grounding-dino":
             raise LayerDiffError(f"--detector {model_id!r} is a {model.config.model_type!r} model, not Grounding DINO")
         self.max_text = int(getattr(model.config, "max_text_len", 256))
