@@ -85,6 +85,10 @@ class _TorchStage:
         return load_pretrained(transformers.AutoModelForZeroShotObjectDetection, model_id, stage="detector",
                                allow_download=allow_download)
 
+    def _to_model(self, inputs) -> dict:
+        """A processor's tensors on the model's device; floating-point ones in its dtype."""
+        return {k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device)) for k, v in inputs.items()}
+
     def _setup(self, model, device, dtype):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -156,7 +160,7 @@ class OwlDetector(Detector, _TorchStage):
             return []
         image = image.convert("RGB")
         inputs = self.processor(text=[list(phrases)], images=image, return_tensors="pt", truncation=True)
-        inputs = {k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device)) for k, v in inputs.items()}
+        inputs = self._to_model(inputs)
         out = self.model(**inputs)
         probs = out.logits[0].float().sigmoid()  # (Q, P): Q patch queries x P phrases
         boxes = out.pred_boxes[0].float()  # (Q, 4): cx, cy, w, h in 0..1
@@ -274,7 +278,7 @@ class GroundingDinoDetector(Detector, _TorchStage):
         inputs = self.processor(images=image, text=text, return_tensors="pt", truncation=True, max_length=self.max_text)
         offsets = self.processor.tokenizer(text, return_offsets_mapping=True, truncation=True,
                                            max_length=self.max_text)["offset_mapping"]
-        inputs = {k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device)) for k, v in inputs.items()}
+        inputs = self._to_model(inputs)
         out = self.model(**inputs)
         probs = out.logits[0].float().sigmoid()  # (Q, max_text_len): each query against each token
         boxes = out.pred_boxes[0].float()  # (Q, 4): cx, cy, w, h relative to the image
