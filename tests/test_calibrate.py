@@ -10,10 +10,10 @@ import torch
 from layerdiff.errors import LayerDiffError
 from layerdiff.evaluation.calibrate import (
     CALIBRATION_SEED,
+    background_score,
     calibrate_background_guidance,
     calibrate_foreground_guidance,
     foreground_score,
-    pick_scale,
     pick_within_noise,
 )
 from layerdiff.evaluation.metrics import summarise
@@ -31,12 +31,20 @@ def tiny():
     torch.set_num_threads(before)
 
 
-def test_pick_scale_takes_the_most_accurate_and_the_smaller_of_equals():
-    assert pick_scale({5.0: 0.5, 10.0: 0.9, 20.0: 0.7}) == 10.0
-    assert pick_scale({20.0: 0.9, 7.5: 0.9, 10.0: 0.8}) == 7.5
-    assert pick_scale({3.0: 0.0}) == 3.0
-    with pytest.raises(LayerDiffError, match="at least one candidate"):
-        pick_scale({})
+def test_background_score_is_class_and_texture_capped_at_one():
+    assert background_score([1, 0, 1], [0.5, 0.5, 1.4]).tolist() == [0.75, 0.25, 1.0]
+    assert background_score(1.0, 2.0) == 1.0  # more detail than the toy world's earns nothing
+
+
+def test_background_pick_follows_the_one_standard_error_rule_over_class_and_texture():
+    """A larger scale that wins one more class on a few scenes but flattens the texture of all of them
+    is not picked."""
+    right = {7.5: [1, 1, 0, 1, 1, 1], 14.0: [1, 1, 1, 1, 1, 1]}
+    texture = {7.5: [0.7, 0.7, 0.6, 0.8, 0.7, 0.7], 14.0: [0.5, 0.5, 0.4, 0.6, 0.5, 0.5]}
+    pick, _ = pick_within_noise({c: background_score(right[c], texture[c]) for c in right})
+    assert pick == 7.5
+    assert pick_within_noise({c: right[c] for c in right})[0] == 7.5  # class alone: within the noise too
+    assert pick_within_noise({7.5: [0.0] * 6, 14.0: [1.0] * 6})[0] == 14.0  # a clear win is taken
 
 
 def test_calibration_judges_what_eval_judges_on_its_own_stream(tiny):
@@ -44,13 +52,19 @@ def test_calibration_judges_what_eval_judges_on_its_own_stream(tiny):
     that background guidance on the same scenes and seeds; the scenes are not eval's."""
     res = calibrate_background_guidance(tiny, candidates=[2.0, 7.5], samples=6, batch=4)
     assert res["samples"] == 6 and res["seed"] == CALIBRATION_SEED
-    assert set(res["accuracy"]) == {"2.0", "7.5"}
-    assert res["background_cfg"] == pick_scale({float(k): v for k, v in res["accuracy"].items()})
+    assert set(res["accuracy"]) == set(res["texture"]) == set(res["score"]) == {"2.0", "7.5"}
     items = fresh_items(6, seed=CALIBRATION_SEED)
+    per_scene = {}
     for scale in (2.0, 7.5):
         out = evaluate(tiny, items, batch=4, settings=SamplerSettings(background_cfg=scale))
-        want = np.mean([r["background_ok"] for r in out["records"]["cfg"]])
+        records = out["records"]["cfg"]
+        want = np.mean([r["background_ok"] for r in records])
         assert res["accuracy"][str(scale)] == pytest.approx(want, abs=1e-4), scale
+        texture = [r["texture_fidelity"] for r in records]
+        assert res["texture"][str(scale)] == pytest.approx(np.mean(texture), abs=1e-4), scale
+        per_scene[scale] = background_score([r["background_ok"] for r in records], texture)
+        assert res["score"][str(scale)] == pytest.approx(per_scene[scale].mean(), abs=1e-4), scale
+    assert res["background_cfg"] == pick_within_noise(per_scene)[0]
     assert calibrate_background_guidance(tiny, candidates=[2.0, 7.5], samples=6, batch=4)["accuracy"] == res["accuracy"]
     eval_scenes = {spec_signature(it.spec) for it in fresh_items(6)}
     assert eval_scenes != {spec_signature(it.spec) for it in items}
@@ -138,7 +152,9 @@ def test_calibrate_command_writes_a_calibrated_copy_and_keeps_the_weights(tmp_pa
     assert main(args) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["background_cfg"] in (2.0, 6.0) and result["cfg"] in (1.5, 7.5)
-    assert result["cfg"] == pick_scale({float(k): v for k, v in result["foreground"]["score"].items()})
+    score, stderr = result["foreground"]["score"], result["foreground"]["stderr"]
+    assert result["cfg"] == min(float(c) for c in score if score[c] >= max(score.values()) - stderr[c] - 1e-4)
+    assert set(result["background"]["score"]) == {"2.0", "6.0"}
     model = load_layerdiff(out)
     assert model.config.sampling.cfg == result["cfg"] and model.config.sampling.background_cfg == result["background_cfg"]
     (a, meta), (b, _) = read_safetensors(out), read_safetensors(src)

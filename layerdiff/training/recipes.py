@@ -56,7 +56,7 @@ TOY_RECIPE = {
     "layout": {"steps": 1500, "batch_size": 32, "lr": 1e-2},
     # the background guidance, then the foregrounds' guidance, written into the model file's sampling
     # defaults, picked on fresh validation scenes (layerdiff.evaluation.calibrate): by background
-    # accuracy, then by foreground colour, shape and mask IoU; 0 samples keeps the preset's
+    # class and texture, then by foreground colour, shape and mask IoU; 0 samples keeps the preset's
     "calibration": {"samples": 48, "candidates": [7.5, 10.0, 14.0], "foreground_candidates": [2.0, 3.0, 4.5]},
 }
 
