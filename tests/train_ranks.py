@@ -18,7 +18,9 @@ Two ways to start the ranks:
       torchrun --nproc_per_node 2 tests/train_ranks.py JOBS.json
 
 ACCELERATE_USE_CPU is deliberately not set: ``train()`` must form the gloo group by itself on a
-machine without a GPU.
+machine without a GPU. ``launch_forked(..., env=launcher_env(CONFIG, world))`` adds the variables
+``accelerate launch --config_file CONFIG`` would set (ACCELERATE_USE_FSDP, FSDP_*), computed by
+accelerate's own launcher code from the file.
 """
 
 from __future__ import annotations
@@ -36,6 +38,25 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def launcher_env(config_file: str | Path, world: int) -> dict[str, str]:
+    """The accelerate and FSDP variables that ``accelerate launch --config_file CONFIG
+    --num_processes WORLD`` sets for every process, from accelerate's launcher code (its rank and
+    rendezvous variables are left to :func:`launch_forked`)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    parser = launch_command_parser()
+    args = parser.parse_args(["--config_file", str(config_file), "--num_processes", str(world), "train.py"])
+    args, _, _ = _validate_launch_command(args)
+    env = prepare_multi_gpu_env(args)
+    return {k: v for k, v in env.items() if k.startswith(("ACCELERATE_", "FSDP_"))}
+
+
+def _full(tensor):
+    """A DTensor's full value (a collective); any other tensor as it is."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 def _reset_accelerate() -> None:
@@ -71,13 +92,14 @@ def run_jobs(jobs: list[dict]) -> None:
         finally:
             logger.removeHandler(handler)
             handler.close()
-        state = LayerDiffTrainModule(model).state_dict()
+        state = {k: _full(v) for k, v in LayerDiffTrainModule(model).state_dict().items()}  # FSDP: gathered
         save_safetensors_atomic(state, Path(job["out"]) / f"rank-{rank}.safetensors", overwrite=True)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
 
-def _child(rank: int, world: int, port: int, jobs: list[dict], error_file: str) -> None:
+def _child(rank: int, world: int, port: int, jobs: list[dict], error_file: str, env: dict) -> None:
+    os.environ.update(env)
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
         LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1",
@@ -92,8 +114,9 @@ def _child(rank: int, world: int, port: int, jobs: list[dict], error_file: str) 
         os._exit(1)
 
 
-def launch_forked(world: int, jobs: list[dict], workdir: Path, timeout: float = 120.0) -> None:
-    """Fork ``world`` ranks running ``jobs``; raise with the first rank's traceback if any fails."""
+def launch_forked(world: int, jobs: list[dict], workdir: Path, timeout: float = 120.0, env: dict | None = None) -> None:
+    """Fork ``world`` ranks running ``jobs`` (with the variables ``env`` set, e.g. :func:`launcher_env`);
+    raise with the first rank's traceback if any fails."""
     import multiprocessing as mp
 
     ctx = mp.get_context("fork")
@@ -101,7 +124,7 @@ def launch_forked(world: int, jobs: list[dict], workdir: Path, timeout: float = 
     errors = [Path(workdir) / f"rank-{r}.error" for r in range(world)]
     for e in errors:
         e.unlink(missing_ok=True)
-    procs = [ctx.Process(target=_child, args=(r, world, port, jobs, str(errors[r])), daemon=True) for r in range(world)]
+    procs = [ctx.Process(target=_child, args=(r, world, port, jobs, str(errors[r]), env or {}), daemon=True) for r in range(world)]
     for p in procs:
         p.start()
     try:

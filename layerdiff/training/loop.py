@@ -6,7 +6,8 @@ grids.
 The same command runs on one CPU or, through ``accelerate launch``, on many GPUs and machines;
 several CPU processes form a gloo group under ``torchrun --nproc_per_node N -m layerdiff train ...``
 or ``accelerate launch --multi_gpu --num_processes N -m layerdiff train ...`` (``accelerate launch
---cpu`` starts only one process unless given an MPI host file).
+--cpu`` starts only one process unless given an MPI host file). ``accelerate launch --config_file
+layerdiff/presets/accelerate/fsdp.yaml`` shards the model (FSDP2, :mod:`~layerdiff.training.sharding`).
 Randomness is drawn per (seed, step, rank), so a resumed run continues bit-identically with
 ``cache_latents``; a streaming run (no cache) is exact up to its checkpoint, but after a resume its
 reader starts a fresh order seeded by ``seed + step`` (skipping the consumed samples would decode
@@ -26,6 +27,7 @@ import torch
 
 from layerdiff.errors import LayerDiffError
 from layerdiff.model.bundle import LayerDiffModel
+from layerdiff.training import sharding
 from layerdiff.training.latents import LatentCache
 from layerdiff.training.objective import LayerDiffTrainModule, NoiseSchedule, make_batch
 from layerdiff.training.outputs import export, grid_prompts, sample_grid
@@ -33,8 +35,10 @@ from layerdiff.training.settings import TrainConfig
 from layerdiff.training.state import (
     latest_checkpoint,
     load_training_state,
+    read_optimizer_state,
     save_training_state,
     step_generator,
+    write_training_state,
 )
 
 logger = logging.getLogger("layerdiff.train")
@@ -117,14 +121,16 @@ def train(
         sample_prompts = grid_prompts(model, data, config)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    accelerator = Accelerator(
-        mixed_precision=config.mixed_precision if config.mixed_precision != "no" else "no",
-        cpu=_cpu_distributed(),
-    )
+    cpu = _cpu_distributed()
+    accelerator = Accelerator(mixed_precision=config.mixed_precision if config.mixed_precision != "no" else "no",
+                              cpu=cpu)
+    fsdp = _fsdp(accelerator, cpu, config)
     rank = accelerator.process_index
     set_seed(config.seed)
     device = accelerator.device
     module, optimizer, trained, ema = _trained_module(model, config, device)
+    if fsdp:
+        sharding.declare_units(module)
     validation = None
     if config.val_every:
         from layerdiff.training.validation import ValidationSet
@@ -132,13 +138,17 @@ def train(
         validation = ValidationSet.build(model, config.validation_data, config, rank, accelerator.num_processes)
     start = 0
     ck = latest_checkpoint(out)
-    if ck is not None:
-        start, _ = load_training_state(ck, module, optimizer, ema)
+    if ck is not None:  # under FSDP the optimizer state is loaded after sharding
+        start, _ = load_training_state(ck, module, None if fsdp else optimizer, ema)
         logger.warning("resumed from step %d (%s)", start, ck)
     logger.info("batch: %d per process x %d accumulated micro-batches x %d processes = %d samples per step",
                 config.batch_size, config.gradient_accumulation_steps, accelerator.num_processes,
                 config.batch_size * config.gradient_accumulation_steps * accelerator.num_processes)
     ddp_module, optimizer = accelerator.prepare(module, optimizer)
+    live = lambda: trained  # noqa: E731  (the trained weights as plain tensors, by name)
+    if fsdp:
+        live, ema = sharding.after_prepare(accelerator, module, optimizer, list(trained), ema, config,
+                                           ck and read_optimizer_state(ck))
     schedule = NoiseSchedule(model.config.scheduler)
     draw = _latent_batches(model, data, out, config, accelerator, start)
 
@@ -166,7 +176,7 @@ def train(
         if ema is not None:
             d = min(config.ema_decay, (1 + step) / (10 + step))
             with torch.no_grad():
-                ema_update(ema, trained, d)
+                ema_update(ema, live(), d)
         losses.append(float(loss.detach()))
         if bar is not None:
             bar.update(1)
@@ -175,16 +185,18 @@ def train(
             _log_losses(log, step, losses, t0, accelerator.is_main_process)
             losses, t0 = [], time.time()
         if validation is not None and (step % config.val_every == 0 or step == end):
-            _log_validation(log, step, validation, module, accelerator, ema, trained)
+            _log_validation(log, step, validation, module, accelerator, ema, live())
         if step % config.checkpoint_every == 0 or step == end:
-            _checkpoint(accelerator, out, step, module, optimizer, ema, config.keep_checkpoints)
-        if config.sample_every and step % config.sample_every == 0 and accelerator.is_main_process:
+            _checkpoint(accelerator, out, step, module, optimizer, ema, config.keep_checkpoints, fsdp)
+        if config.sample_every and step % config.sample_every == 0 and accelerator.is_main_process and not fsdp:
             sample_grid(model, ema, trained, sample_prompts, out / "samples" / f"step-{step:06d}.png", config)
     if bar is not None:
         bar.close()
     accelerator.wait_for_everyone()
     final = out / "model.safetensors"
-    if step >= config.steps and accelerator.is_main_process:
+    if step >= config.steps and fsdp:  # every rank gathers, the main process writes
+        sharding.export_sharded(accelerator, model, module, ema, final)
+    elif step >= config.steps and accelerator.is_main_process:
         export(model, ema, trained, final)
     accelerator.wait_for_everyone()
     return final
@@ -327,13 +339,33 @@ def _log_validation(log: Path, step: int, validation, module, accelerator, ema: 
                 "EMA" if ema is not None else "trained")
 
 
-def _checkpoint(accelerator, out: Path, step: int, module, optimizer, ema: dict | None, keep: int) -> None:
-    """The main process saves the training state while the other ranks wait."""
+def _checkpoint(accelerator, out: Path, step: int, module, optimizer, ema: dict | None, keep: int,
+                fsdp: bool = False) -> None:
+    """The main process saves the training state while the other ranks wait; under FSDP every rank
+    first gathers the full weights, EMA and optimizer state (the layout of a one-process run)."""
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    if fsdp:
+        model_state = sharding.full_model_state(module)
+        optimizer_state = sharding.full_optimizer_state(module, optimizer.optimizer)
+        full_ema = ema and sharding.gather_ema(ema, module)
+        if accelerator.is_main_process:
+            write_training_state(out, step, model_state, optimizer_state, full_ema,
+                                 {"rank_count": accelerator.num_processes, "fsdp": True}, keep)
+    elif accelerator.is_main_process:
         save_training_state(out, step, module, optimizer.optimizer if hasattr(optimizer, "optimizer")
                             else optimizer, ema, {"rank_count": accelerator.num_processes}, keep)
     accelerator.wait_for_everyone()
+
+
+def _fsdp(accelerator, cpu: bool, config: TrainConfig) -> bool:
+    """Whether this run shards the model (``accelerate launch`` with an FSDP config); in a CPU
+    process group, FSDP2 is turned on here (accelerate takes FSDP only on GPUs)."""
+    if cpu and sharding.fsdp_requested():
+        sharding.enable_fsdp_on_cpu(accelerator)
+    if not sharding.is_fsdp(accelerator):
+        return False
+    sharding.check_fsdp_settings(accelerator, config)
+    return True
 
 
 def _cpu_distributed() -> bool:

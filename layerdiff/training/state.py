@@ -3,8 +3,9 @@
 Checkpoints are folders ``OUT/checkpoints/step-NNNNNN/`` holding ``state.safetensors`` (model,
 EMA and optimizer tensors; the rest as JSON metadata): written to a temporary folder, then
 renamed, so a killed run never leaves a half-written checkpoint; ``OUT/checkpoints/latest``
-names the newest. Randomness is drawn per (seed, step, rank, stream) by :func:`step_generator`,
-so a resumed run draws what the first run drew.
+names the newest. Under FSDP the same file holds the full tensors gathered from the shards
+(:mod:`~layerdiff.training.sharding`). Randomness is drawn per (seed, step, rank, stream) by
+:func:`step_generator`, so a resumed run draws what the first run drew.
 """
 
 from __future__ import annotations
@@ -81,16 +82,23 @@ def save_training_state(out: Path, step: int, module: nn.Module, optimizer, ema:
     earlier saves that were killed (whatever their process id) are removed first: only one
     process (the main one) saves into an output folder.
     """
+    return write_training_state(out, step, module.state_dict(), optimizer.state_dict(), ema, extra, keep)
+
+
+def write_training_state(out: Path, step: int, model_state: dict, optimizer_state: dict, ema: dict | None,
+                         extra: dict, keep: int):
+    """:func:`save_training_state` from the state dicts themselves (under FSDP: the full ones,
+    gathered from the shards, in the layout of a one-process run)."""
     ckdir = out / "checkpoints"
     ckdir.mkdir(parents=True, exist_ok=True)
     final = ckdir / f"step-{step:06d}"
     for stale in [*ckdir.glob(".tmp-step-*"), *ckdir.glob(".old-step-*")]:
         shutil.rmtree(stale, ignore_errors=True)
     tmp = ckdir / f".tmp-step-{step:06d}-{os.getpid()}"
-    tensors = {f"model.{k}": v.detach().cpu() for k, v in module.state_dict().items()}
+    tensors = {f"model.{k}": v.detach().cpu() for k, v in model_state.items()}
     if ema:
         tensors.update({f"ema.{k}": v.cpu() for k, v in ema.items()})
-    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer_state)
     tensors.update({k: v.cpu() for k, v in opt_tensors.items()})
     meta = {"step": str(step), "optimizer": opt_meta, "extra": json.dumps(extra)}
     save_safetensors_atomic(tensors, tmp / "state.safetensors", metadata=meta)
@@ -131,11 +139,20 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 
 def load_training_state(path: Path, module: nn.Module, optimizer, ema: dict | None) -> tuple[int, dict]:
+    """Load the checkpoint at ``path`` into the (unsharded) module, the optimizer (None: left for
+    :func:`read_optimizer_state`, as FSDP loads it after sharding) and the EMA; (step, extra)."""
     tensors, meta = read_safetensors(path / "state.safetensors")
     model_sd = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
     module.load_state_dict(model_sd, strict=True)
-    optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
+    if optimizer is not None:
+        optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
     if ema is not None:
         for k in ema:
             ema[k].copy_(tensors[f"ema.{k}"])
     return int(meta["step"]), json.loads(meta.get("extra", "{}"))
+
+
+def read_optimizer_state(path: Path) -> dict:
+    """The optimizer state dict of the checkpoint at ``path`` (torch's layout: by weight index)."""
+    tensors, meta = read_safetensors(path / "state.safetensors")
+    return _unflatten_optimizer({k: v for k, v in tensors.items() if k.startswith("optim.")}, meta["optimizer"])

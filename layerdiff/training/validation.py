@@ -85,14 +85,16 @@ class ValidationSet:
         it and gets the same), with the EMA weights where EMA runs, else the trained ones; the
         module's train/eval modes are kept."""
         modes = [(m, m.training) for m in module.modules()]
+        spare = self._spare_forwards(accelerator)
         module.eval()
         total = torch.zeros(2, dtype=torch.float64)  # (sum of per-sample losses, samples)
         try:
             with torch.no_grad(), swap_in_ema(ema, trained):
-                for batch in self.batches:
+                for i, batch in enumerate(self.batches + self.batches[-1:] * spare):
                     with accelerator.autocast():
                         losses = module(**{k: v.to(accelerator.device) for k, v in batch.items()}, per_sample=True)
-                    total += torch.stack([losses.double().sum().cpu(), torch.tensor(float(len(losses)))])
+                    if i < len(self.batches):  # the spare forwards' losses are not counted
+                        total += torch.stack([losses.double().sum().cpu(), torch.tensor(float(len(losses)))])
         finally:
             for m, mode in modes:
                 m.train(mode)
@@ -102,3 +104,18 @@ class ValidationSet:
                                  "python -m layerdiff data inspect DIR")
         return float(total[0] / total[1]), int(total[1])
 
+
+    def _spare_forwards(self, accelerator) -> int:
+        """Under FSDP every forward gathers the weights from all ranks, so every rank must run as
+        many: a rank with fewer batches than the most runs that many more on its last one."""
+        from layerdiff.training.sharding import is_fsdp
+
+        if not is_fsdp(accelerator):
+            return 0
+        most = torch.tensor([len(self.batches)], device=accelerator.device)
+        torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+        spare = int(most) - len(self.batches)
+        if spare and not self.batches:
+            raise LayerDiffError(f"validation_data {self.source!r}: rank {accelerator.process_index} has no validation "
+                                 f"sample under FSDP: set val_samples to {accelerator.num_processes} or more")
+        return spare
