@@ -26,8 +26,19 @@ sidecars: IMAGE.json beside an image may give {"caption": str, "phrases": [str],
 "objects": [{"phrase": str, "box": [x0, y0, x1, y1]}], "background_prompt": str} (boxes in the
 image's pixels win over the detector); IMAGE.txt may list phrases to detect.
 
-output: OUT/mlcid-IofN-CCCCCC.tar shards (WebDataset style, read with layerdiff.data.format),
-a .stats.json beside each, and OUT/summary-IofN.json. A rerun skips finished shards.
+screening: before the stages, near-duplicate photos (64-bit dHash within --dedup-distance bits;
+the first by path stays) and flat or blurred ones (Laplacian variance under --min-sharpness) are
+rejected and counted, by both engines.
+
+engines: --engine local (default) builds in this process (split across processes with --shard
+i/N); --engine ray runs on Ray Data (pip install "ray[data]"): loading as tasks, the stages in a
+pool of --workers actors (one GPU each on CUDA), on this machine or a cluster (--ray-address auto
+or ray://HOST:10001). Its shards are content-addressed (bucket = sha1 of the image's relative
+path), so adding images rebuilds only the shards they fall into. Same samples, other grouping.
+
+output: OUT/mlcid-IofN-CCCCCC.tar shards (local) or OUT/mlcid-hashofBBB-CCCCCC.tar (ray), WebDataset
+style, read with layerdiff.data.format; a .stats.json beside each, and OUT/summary-IofN.json or
+OUT/summary-ray.json. A rerun skips finished shards.
 """
 
 
@@ -45,7 +56,14 @@ def register(subparsers) -> None:
     )
     p.add_argument("--images", required=True, help="folder of images (searched recursively) or a .txt list of paths")
     p.add_argument("--out", required=True, help="output folder for the shards and summaries")
-    p.add_argument("--shard", default="1/1", help="this process's part, i/N (default 1/1): process i builds every N-th chunk")
+    p.add_argument("--shard", default="1/1", help="this process's part, i/N (default 1/1): process i builds every N-th chunk "
+                   "(--engine local only)")
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local (default): this process; ray: Ray Data, tasks and a pool of --workers actors")
+    p.add_argument("--workers", type=int, default=1, help="--engine ray: actors running the stages (default 1; one per GPU)")
+    p.add_argument("--ray-address", default="local",
+                   help="--engine ray: local (default: start Ray on this machine), auto (the cluster this machine "
+                        "joined) or ray://HOST:10001")
     p.add_argument("--overwrite", action="store_true", help="rebuild shards that already exist in --out")
     p.add_argument("--samples-per-shard", type=int, default=256, help="input images per shard (default 256)")
     p.add_argument("--batch-size", type=int, default=8, help="images per captioner batch (default 8)")
@@ -77,6 +95,12 @@ def register(subparsers) -> None:
                    help="foreground prompt: the detected phrase (default) or a caption of the object's crop")
     p.add_argument("--max-side", type=int, default=1024, help="downscale larger images to this longest side (default 1024; 0 = keep)")
     p.add_argument("--min-side", type=int, default=32, help="reject images whose shorter side is below this (default 32)")
+    p.add_argument("--dedup-distance", type=int, default=4,
+                   help="drop photos whose 64-bit dHash is within this many bits of an earlier kept one "
+                        "(default 4; 0 = identical hashes only; -1 = off)")
+    p.add_argument("--min-sharpness", type=float, default=0.5,
+                   help="reject images whose Laplacian variance at 256 px is below this (default 0.5: only flat "
+                        "images; 5 also drops strongly blurred ones; 0 = off)")
     p.add_argument("--inpaint-steps", type=int, default=25, help="SD inpainting steps (default 25)")
     p.add_argument("--inpaint-resolution", type=int, default=512, help="SD inpainting longest side (default 512)")
     p.add_argument("--seed", type=int, default=0, help="seed of the SD inpainting noise (default 0)")

@@ -143,6 +143,11 @@ def missing_models(specs: StageSpecs, options: StageOptions | None = None) -> li
                                                                                      o.allow_download)]
 
 
+def model_stages(specs: StageSpecs) -> list[str]:
+    """The stages of ``specs`` that load a model (not "fallback" nor "none")."""
+    return [stage for stage in FALLBACKS if _kind(stage, getattr(specs, stage)) == "model"]
+
+
 FALLBACK_CHOICES = ("none", "classical")  # --fallback: what a stage whose model is missing does
 
 

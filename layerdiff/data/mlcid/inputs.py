@@ -177,11 +177,13 @@ def _draft_to_fit(im: Image.Image) -> None:
     im.draft(None, (max(1, w // s), max(1, h // s)))
 
 
-def load_image(path: Path, max_side: int = 1024) -> tuple[Image.Image | None, float, str]:
+def load_image(path: Path, max_side: int = 1024, draft_side: int = 0) -> tuple[Image.Image | None, float, str]:
     """(RGB image or None, scale applied, reason when None). Transparent pixels go on white.
 
     Only a regular file of at most MAX_IMAGE_BYTES is read, only the formats of IMAGE_FORMATS
-    are decoded, and nothing over MAX_IMAGE_PIXELS is decoded."""
+    are decoded, and nothing over MAX_IMAGE_PIXELS is decoded. ``draft_side`` > 0 lets a JPEG
+    decode at the smallest 1/2, 1/4 or 1/8 scale whose longer side stays at least that (the
+    de-duplication hashes need no more)."""
     try:
         data = read_regular_file(path, MAX_IMAGE_BYTES)
     except InputFileError as exc:
@@ -191,6 +193,8 @@ def load_image(path: Path, max_side: int = 1024) -> tuple[Image.Image | None, fl
             warnings.simplefilter("ignore")  # EXIF and palette notes
             with Image.open(io.BytesIO(data), formats=_image_formats()) as im:
                 full = max(im.size)
+                if draft_side and im.format in ("JPEG", "MPO"):
+                    im.draft(None, (draft_side, draft_side))
                 _draft_to_fit(im)
                 if im.width * im.height > MAX_IMAGE_PIXELS:
                     return None, 1.0, TOO_LARGE
