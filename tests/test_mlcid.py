@@ -466,7 +466,8 @@ def test_killed_run_leaves_no_half_written_shard(image_dir, tmp_path, monkeypatc
 
     monkeypatch.setattr(MLCIDPipeline, "process", dies_on_second_image)
     assert main(_fallback_argv(image_dir, out, "--batch-size", "1")) == 130
-    assert sorted(p.name for p in out.iterdir()) == ["mlcid-001of001-000000.stats.json", "mlcid-001of001-000000.tar"]
+    assert sorted(p.name for p in out.iterdir()) == ["dhash-cache.json", "mlcid-001of001-000000.stats.json",
+                                                     "mlcid-001of001-000000.tar"]  # the hashes, one whole shard
     monkeypatch.setattr(MLCIDPipeline, "process", real)
     assert main(_fallback_argv(image_dir, out)) == 0
     summary = json.loads((out / "summary-1of1.json").read_text())

@@ -99,6 +99,35 @@ def ray_out(image_dir, ray_session, tmp_path_factory) -> Path:
 # screening, pure functions
 
 
+def test_hashes_come_from_the_cache_unless_an_input_changed(image_dir, tmp_path):
+    """The dHash cache: a second pass decodes nothing, a changed file is hashed again, a damaged
+    cache is ignored, and the duplicates found are the same either way."""
+    from layerdiff.data.mlcid.inputs import list_inputs
+
+    images = tmp_path / "images"
+    shutil.copytree(image_dir, images)
+    inputs = list_inputs(images)
+    asked: list[list[str]] = []
+
+    def hasher(part):
+        asked.append(sorted(rel for rel, _ in part))
+        return screening.hash_inputs(part)
+
+    cache = tmp_path / screening.CACHE_NAME
+    config = screening.ScreenConfig()
+    first = screening.duplicates_of(inputs, config, hasher=hasher, cache=cache)
+    assert first == screening.duplicates_of(inputs, config) and first  # the copy of the astronaut
+    assert len(asked[0]) == len(inputs) and cache.is_file()
+    assert screening.duplicates_of(inputs, config, hasher=hasher, cache=cache) == first
+    assert len(asked) == 1  # nothing decoded again
+    _photo("coffee", 100).save(images / "rocket.jpg", quality=80)  # another picture under a known name
+    again = screening.duplicates_of(inputs, config, hasher=hasher, cache=cache)
+    assert asked[1] == ["rocket.jpg"] and again == screening.duplicates_of(inputs, config)
+    cache.write_text("{not json")
+    assert screening.duplicates_of(inputs, config, hasher=hasher, cache=cache) == again
+    assert len(asked[2]) == len(inputs)
+
+
 def test_dhash_matches_copies_and_tells_photos_apart():
     astronaut = _photo("astronaut")
     copy = _photo("astronaut", 120).filter(ImageFilter.GaussianBlur(0.6))

@@ -40,7 +40,14 @@ from layerdiff.data.format import LayeredSample, read_shard_meta
 from layerdiff.data.input_files import InputFileError, parse_untrusted_json, read_regular_file
 from layerdiff.data.mlcid import pipeline as P
 from layerdiff.data.mlcid.inputs import BAD_SIDECAR, SIDECAR_DEPTH, list_inputs, load_image, read_sidecar
-from layerdiff.data.mlcid.screening import DUPLICATE_IMAGE, OFF, ScreenConfig, duplicates_of, screen_image
+from layerdiff.data.mlcid.screening import (
+    CACHE_NAME,
+    DUPLICATE_IMAGE,
+    OFF,
+    ScreenConfig,
+    duplicates_of,
+    screen_image,
+)
 from layerdiff.data.mlcid.timing import StepClock
 from layerdiff.data.record_checks import MAX_SIDE
 from layerdiff.data.shard_writer import write_shard
@@ -348,7 +355,7 @@ def build(config: BuildConfig, pipe: P.MLCIDPipeline) -> dict:
     duplicates = {}
     if config.screen.dedup_distance >= 0:
         with clock.step("hash", len(inputs)):
-            duplicates = duplicates_of(inputs, config.screen)
+            duplicates = duplicates_of(inputs, config.screen, cache=config.out / CACHE_NAME)
     fingerprint, settings = pipe.fingerprint()
     chunks = _chunks(config, inputs, duplicates)
     todo, finished = _check_layout(config, chunks, fingerprint)

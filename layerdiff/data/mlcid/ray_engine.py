@@ -39,7 +39,7 @@ import numpy as np
 from layerdiff.data.mlcid import builder as B
 from layerdiff.data.mlcid import hash_layout as H
 from layerdiff.data.mlcid import pipeline as P
-from layerdiff.data.mlcid.screening import DUPLICATE_IMAGE, duplicates_of, image_hash
+from layerdiff.data.mlcid.screening import CACHE_NAME, DUPLICATE_IMAGE, duplicates_of, image_hash
 from layerdiff.data.mlcid.timing import StepClock
 from layerdiff.data.shard_writer import write_shard
 from layerdiff.errors import LayerDiffError
@@ -333,7 +333,8 @@ def _run(ray, config, specs, options, pconf, ray_options, inputs, t_start) -> di
     ctx = DataContext.get_current()
     order_before, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
     try:
-        duplicates = duplicates_of(inputs, config.screen, hasher=lambda inp: _hash_with_ray(ray, inp, clock))
+        duplicates = duplicates_of(inputs, config.screen, hasher=lambda inp: _hash_with_ray(ray, inp, clock),
+                                    cache=config.out / CACHE_NAME)
         buckets = H.bucket_count(config.out, len(inputs), config.samples_per_shard)
         planned = H.plan(config.out, inputs, buckets, duplicates)
         todo, finished = H.check(config, planned, fingerprint)

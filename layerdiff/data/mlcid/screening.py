@@ -14,10 +14,15 @@ reject the same images.
 - **Sharpness.** The variance of the 4-neighbour Laplacian of the grey image, shrunk (never grown)
   to 256 pixels on its longer side, in 8-bit grey units squared. Photos measure about 100-10000, a
   plain colour 0, a 128-pixel photo blurred with a 4-pixel Gaussian about 2-5.
+
+The hashes are kept in ``OUT/dhash-cache.json`` (:func:`duplicates_of`'s ``cache``), keyed by each
+input's relative name, file size and modification time, so a rerun (or another process of the
+same build) decodes only the inputs that are new or changed.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -144,12 +149,73 @@ def screen_image(image: Image.Image, config: ScreenConfig) -> str:
     return ""
 
 
+CACHE_NAME = "dhash-cache.json"
+CACHE_VERSION = 1
+UNDECODABLE = -1  # a cached input that could not be decoded (no hash; not decoded again)
+
+
+def _stamp(path: Path) -> list[int] | None:
+    """[size, modification time in ns] of ``path``; None when it cannot be read."""
+    try:
+        st = path.stat()
+    except (OSError, ValueError):
+        return None
+    return [int(st.st_size), int(st.st_mtime_ns)]
+
+
+def read_hash_cache(cache: Path) -> dict[str, list[int]]:
+    """{relative name: [size, mtime_ns, hash or UNDECODABLE]} from ``cache``; empty when it is missing, damaged or
+    of another version (the hashes are then computed again)."""
+    try:
+        data = json.loads(cache.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return {}
+    if not isinstance(data, dict) or data.get("version") != CACHE_VERSION or not isinstance(data.get("hashes"), dict):
+        return {}
+    return {rel: v for rel, v in data["hashes"].items()
+            if isinstance(v, list) and len(v) == 3 and all(type(x) is int and x >= 0 for x in v[:2])
+            and type(v[2]) is int and v[2] >= UNDECODABLE}
+
+
+def write_hash_cache(cache: Path, entries: dict[str, list[int]]) -> None:
+    """Write ``entries`` to ``cache`` atomically (a concurrent writer's complete file may win)."""
+    from layerdiff.data.mlcid.builder import write_json_atomic  # builder imports this module
+
+    write_json_atomic(cache, {"version": CACHE_VERSION, "hashes": entries})
+
+
+def cached_hashes(inputs: list[tuple[str, Path]], cache: Path | None,
+                  hasher: Callable[[list[tuple[str, Path]]], dict[str, int]]) -> dict[str, int]:
+    """{relative name: dHash} of ``inputs``: from ``cache`` where an input's size and modification
+    time are unchanged, from ``hasher`` for the rest; the cache is then rewritten."""
+    if cache is None:
+        return hasher(inputs)
+    known = read_hash_cache(cache)
+    stamps = {rel: _stamp(path) for rel, path in inputs}
+    out, todo = {}, []
+    for rel, path in inputs:
+        entry, stamp = known.get(rel), stamps[rel]
+        if entry is None or stamp is None or entry[:2] != stamp:
+            todo.append((rel, path))
+        elif entry[2] != UNDECODABLE:
+            out[rel] = entry[2]
+    fresh = hasher(todo) if todo else {}
+    out.update(fresh)
+    if todo:
+        write_hash_cache(cache, {rel: [*stamps[rel], out.get(rel, UNDECODABLE)] for rel, _ in inputs
+                                 if stamps[rel] is not None})
+    logger.info("MLCID: %d image hashes from the cache, %d inputs decoded", len(inputs) - len(todo), len(todo))
+    return out
+
+
 def duplicates_of(inputs: list[tuple[str, Path]], config: ScreenConfig,
-                  hasher: Callable[[list[tuple[str, Path]]], dict[str, int]] = hash_inputs) -> dict[str, str]:
-    """{duplicate: kept image} over ``inputs`` (hashed by ``hasher``); empty when dedup is off."""
+                  hasher: Callable[[list[tuple[str, Path]]], dict[str, int]] = hash_inputs,
+                  cache: Path | None = None) -> dict[str, str]:
+    """{duplicate: kept image} over ``inputs`` (hashed by ``hasher``, or read from ``cache``: see
+    :func:`cached_hashes`); empty when dedup is off."""
     if config.dedup_distance < 0:
         return {}
-    found = find_duplicates(hasher(inputs), config.dedup_distance)
+    found = find_duplicates(cached_hashes(inputs, cache, hasher), config.dedup_distance)
     if found:
         logger.info("MLCID: %d of %d inputs are near-duplicates (within %d bits) of earlier ones; dropped",
                     len(found), len(inputs), config.dedup_distance)
