@@ -56,8 +56,7 @@ RULES = "background: class + texture, one standard error; foreground: one standa
 __all__ = [
     "BACKGROUND_CFG_CANDIDATES", "CALIBRATION_SEED", "DEFAULT_SAMPLES", "FOREGROUND_CFG_CANDIDATES", "RULES",
     "background_score", "calibrate_background_guidance", "calibrate_command", "calibrate_foreground_guidance",
-    "calibrate_guidance",
-    "foreground_score", "pick_within_noise", "write_calibrated",
+    "calibrate_guidance", "foreground_score", "pick_within_noise", "write_calibrated",
 ]
 
 
