@@ -85,6 +85,11 @@ class _TorchStage:
         return load_pretrained(transformers.AutoModelForZeroShotObjectDetection, model_id, stage="detector",
                                allow_download=allow_download)
 
+    @staticmethod
+    def _query(image: Image.Image, phrases: Sequence[str]) -> tuple[Image.Image, list[str]]:
+        """A detector's inputs: the image as RGB and the non-blank phrases (none: nothing to find)."""
+        return image.convert("RGB"), [p for p in phrases if p.strip()]
+
     def _to_model(self, inputs) -> dict:
         """A processor's tensors on the model's device; floating-point ones in its dtype."""
         return {k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device)) for k, v in inputs.items()}
@@ -155,10 +160,9 @@ class OwlDetector(Detector, _TorchStage):
 
     @torch.inference_mode()
     def detect(self, image: Image.Image, phrases: Sequence[str]) -> list[Detection]:
-        phrases = [p for p in phrases if p.strip()]
+        image, phrases = self._query(image, phrases)
         if not phrases:
             return []
-        image = image.convert("RGB")
         inputs = self.processor(text=[list(phrases)], images=image, return_tensors="pt", truncation=True)
         inputs = self._to_model(inputs)
         out = self.model(**inputs)
@@ -270,10 +274,9 @@ class GroundingDinoDetector(Detector, _TorchStage):
 
     @torch.inference_mode()
     def detect(self, image: Image.Image, phrases: Sequence[str]) -> list[Detection]:
-        phrases = [p for p in phrases if p.strip()]
+        image, phrases = self._query(image, phrases)
         if not phrases:
             return []
-        image = image.convert("RGB")
         text, spans = self._prompt(phrases)
         inputs = self.processor(images=image, text=text, return_tensors="pt", truncation=True, max_length=self.max_text)
         offsets = self.processor.tokenizer(text, return_offsets_mapping=True, truncation=True,
