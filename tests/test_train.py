@@ -794,6 +794,31 @@ def test_texture_loss_asks_for_detail_of_the_right_amount_not_its_phase():
         VaeTrainConfig.from_dict({"texture_weight": -1}, "decoder.")
 
 
+def test_texture_loss_crop_term_asks_for_sparse_dots_at_a_phase_of_their_own():
+    """Sparse dots (one per 16x16 region) drawn where the image has none: per 8x8 patch that costs
+    twice what drawing nothing costs, so the per-patch match alone prefers a flat decode; the
+    whole-crop term prefers the dots."""
+    from layerdiff.training.settings import VaeTrainConfig
+    from layerdiff.training.vae import texture_loss
+
+    g = torch.Generator().manual_seed(1)
+    dots = -torch.ones(4, 3, 64, 64)
+    moved = dots.clone()
+    for img in range(4):
+        for by in range(0, 64, 16):
+            for bx in range(0, 64, 16):
+                y, x = (torch.randint(0, 8, (2,), generator=g) + torch.tensor([by, bx])).tolist()
+                dots[img, :, y, x] = 1.0
+                moved[img, :, y + 8 if y - by < 8 else y - 8, x] = 1.0  # the other 8x8 patch of its region
+    flat = -torch.ones_like(dots)
+    assert texture_loss(moved, dots) > texture_loss(flat, dots)
+    assert texture_loss(moved, dots, crop_weight=1.0) < texture_loss(flat, dots, crop_weight=1.0)
+    assert texture_loss(dots, dots, crop_weight=1.0) == 0
+    assert texture_loss(flat, dots, crop_weight=0.0) == texture_loss(flat, dots)
+    with pytest.raises(LayerDiffError, match="texture_crop_weight"):
+        VaeTrainConfig.from_dict({"texture_crop_weight": -0.5}, "texture.")
+
+
 def test_decoder_fine_tuning_keeps_the_encoder_and_its_latent_scale(data, tmp_path):
     from layerdiff.training.settings import VaeTrainConfig
     from layerdiff.training.vae import train_vae
@@ -861,15 +886,26 @@ def test_toy_recipe_runs_every_stage_and_ships_its_unet_override(tmp_path, capsy
     cfg.write_text(json.dumps({"unet": small, "samples": 6,
                                "vae": {"steps": 2, "batch_size": 2, "crop": 32, "latent_stats": "channel"},
                                "decoder": {"steps": 1, "batch_size": 2, "crop": 32},
+                               "texture": {"steps": 2, "batch_size": 2, "crop": 32},
                                "train": {"steps": 2, "batch_size": 2, "sample_every": 0, "checkpoint_every": 1},
                                "layout": {"steps": 3, "batch_size": 4},
                                "calibration": {"samples": 3, "candidates": [5, 20], "foreground_candidates": [3, 9]}}))
     out, data = tmp_path / "run", tmp_path / "data"
     assert main(["train", "--preset", "toy", "--config", str(cfg), "--data", str(data), "--out", str(out)]) == 0
     for name in ("vae.safetensors", "vae-decoder.safetensors", "layerdiff/latents-128.safetensors",
-                 "layout.safetensors", "layerdiff-toy.safetensors", "timings.json", "calibration.json"):
+                 "layout.safetensors", "vae-texture.safetensors", "layerdiff-toy.safetensors", "timings.json",
+                 "calibration.json"):
         assert (out / name).is_file(), name
     model = load_layerdiff(out / "layerdiff-toy.safetensors")
+    # the texture stage fine-tuned the decoder alone after LayerDiff: the shipped file holds its
+    # decoder and the LayerDiff stage's encoder, and the latent scale is unchanged
+    texture, texture_meta = read_safetensors(out / "vae-texture.safetensors")
+    before, _ = read_safetensors(out / "layerdiff" / "model.safetensors")
+    after, _ = read_safetensors(out / "layerdiff-toy.safetensors")
+    assert all(torch.equal(after[f"vae.{k}"], v.half()) for k, v in texture.items())
+    assert all(torch.equal(texture[k], before[f"vae.{k}"]) for k in texture if k.startswith(("encoder.", "quant_conv.")))
+    assert any(not torch.equal(texture[k], before[f"vae.{k}"]) for k in texture if k.startswith("decoder."))
+    assert float(texture_meta["scaling_factor"]) == model.vae.config.scaling_factor
     # the layout stage trained the prior (and only it) after LayerDiff; the shipped file holds it
     trained, _ = read_safetensors(out / "layerdiff" / "model.safetensors")
     shipped, _ = read_safetensors(out / "layerdiff-toy.safetensors")
@@ -878,7 +914,7 @@ def test_toy_recipe_runs_every_stage_and_ships_its_unet_override(tmp_path, capsy
     assert all(not torch.equal(trained[f"prompt_enhancer.layout.{k}"], v) for k, v in layout.items() if k.endswith("weight"))
     assert all(torch.equal(shipped[f"prompt_enhancer.layout.{k}"], v.half()) for k, v in layout.items())
     assert json.loads(read_safetensors(out / "layerdiff-toy.safetensors")[1]["recipe"])["layout"]["steps"] == 3
-    judged = [out / "layerdiff" / "model.safetensors", out / "layout.safetensors"]
+    judged = [out / "layerdiff" / "model.safetensors", out / "layout.safetensors", out / "vae-texture.safetensors"]
     assert model.config.name == "toy" and model.config.unet["block_out_channels"] == small["block_out_channels"]
     assert model.config.unet["sample_size"] == 16 and model.config.image_size == 128
     recipe = json.loads(read_safetensors(out / "layerdiff-toy.safetensors")[1]["recipe"])

@@ -120,7 +120,7 @@ def part_generate(out: Path) -> dict:
 
 RECIPE = {"unet": {"block_out_channels": [16, 32, 32], "norm_num_groups": 8}, "samples": 6,
           "vae": {"steps": 2, "batch_size": 2, "crop": 32, "latent_stats": "channel"},
-          "decoder": {"steps": 1, "batch_size": 2, "crop": 32},
+          "decoder": {"steps": 1, "batch_size": 2, "crop": 32}, "texture": {"steps": 1, "batch_size": 2, "crop": 32},
           "train": {"steps": 3, "batch_size": 2, "sample_every": 0, "checkpoint_every": 1},
           "calibration": {"samples": 3, "candidates": [5, 20], "foreground_candidates": [3, 9]}}
 

@@ -2,7 +2,8 @@
 
 It chains: toy data (if --data has none) -> the toy VAE -> its decoder fine-tuned on noisy latents
 -> LayerDiff (UNet, prompt enhancer and the small text encoder trained together) -> the layout prior
-(where each layer prompt puts its object, :mod:`layerdiff.training.layout_stage`) -> the background
+(where each layer prompt puts its object, :mod:`layerdiff.training.layout_stage`) -> the decoder
+fine-tuned once more for texture (the whole-crop texture term) -> the background
 and foreground guidance picked on fresh validation scenes (:mod:`layerdiff.evaluation.calibrate`) ->
 ``OUT/layerdiff-toy.safetensors``, whose sampling defaults carry that guidance.
 Every stage is resumable: rerunning the same command continues where a killed run stopped.
@@ -52,6 +53,12 @@ TOY_RECIPE = {
         "log_every": 50,
         "sample_every": 4400,
     },
+    # after LayerDiff, the decoder once more (encoder, latents and LayerDiff untouched), with the
+    # texture loss matched over each whole crop too, so sparse textures (stars, snow flakes, wood
+    # grain) are drawn rather than decoded to their blur
+    "texture": {"steps": 800, "batch_size": 8, "crop": 64, "lr": 3e-4, "lr_schedule": "cosine", "focus": 0.75,
+                "object_weight": 4.0, "edge_weight": 16.0, "sample_posterior": False, "decoder_only": True,
+                "latent_noise": 0.6, "texture_weight": 30.0, "texture_crop_weight": 1.0},
     # the layout prior, trained alone on the LayerDiff stage's cached latents (0 steps skips it)
     "layout": {"steps": 1500, "batch_size": 32, "lr": 1e-2},
     # the background guidance, then the foregrounds' guidance, written into the model file's sampling
@@ -61,7 +68,7 @@ TOY_RECIPE = {
 }
 
 MAX_TOY_SAMPLES = 10_000_000
-RECIPE_KEYS = ("model", "samples", "train", "vae", "decoder", "unet", "scheduler", "layout", "calibration")  # --preset toy's --config
+RECIPE_KEYS = ("model", "samples", "train", "vae", "decoder", "texture", "unet", "scheduler", "layout", "calibration")  # --preset toy's --config
 _LATENT_STATS = ("latents_mean", "latents_std")  # per-channel latent scaling (VaeTrainConfig.latent_stats)
 
 
@@ -136,9 +143,9 @@ def _toy_recipe(args, settings: dict) -> tuple[dict, int]:
         raise LayerDiffError(f"--config: key {unknown[0]!r} is unknown for --preset toy: use some of "
                              f"{list(RECIPE_KEYS)} (training settings go under \"train\", e.g. "
                              '{"train": {"steps": 1000}})')
-    for key in ("train", "vae", "calibration", "unet", "scheduler", "decoder", "layout"):
+    for key in ("train", "vae", "calibration", "unet", "scheduler", "decoder", "texture", "layout"):
         value = settings.get(key)
-        if key in settings and not isinstance(value, dict) and not (key == "decoder" and value is None):
+        if key in settings and not isinstance(value, dict) and not (key in ("decoder", "texture") and value is None):
             raise LayerDiffError(f"--config: the \"{key}\" setting is {json.dumps(value)[:40]}, not an object of settings")
     samples = settings.get("samples", TOY_RECIPE["samples"])
     if type(samples) is not int or not 1 <= samples <= MAX_TOY_SAMPLES:
@@ -153,8 +160,9 @@ def _toy_recipe(args, settings: dict) -> tuple[dict, int]:
         recipe["scheduler"] = _scheduler_override(settings["scheduler"])
     recipe["layout"] = layout_settings({**recipe["layout"], **settings.get("layout", {})})
     recipe["calibration"] = _calibration_settings({**recipe["calibration"], **settings.get("calibration", {})})
-    if "decoder" in settings:
-        recipe["decoder"] = {**recipe.get("decoder", {}), **settings["decoder"]} if settings["decoder"] else {}
+    for stage in ("decoder", "texture"):  # null or {} skips the stage
+        if stage in settings:
+            recipe[stage] = {**recipe.get(stage, {}), **settings[stage]} if settings[stage] else {}
     if args.steps is not None:
         recipe["train"]["steps"] = args.steps
     if args.batch_size is not None:
@@ -163,8 +171,9 @@ def _toy_recipe(args, settings: dict) -> tuple[dict, int]:
         recipe["vae"]["steps"] = args.vae_steps
     TrainConfig.from_dict({**recipe["train"], "seed": args.seed}, where="train.")
     VaeTrainConfig.from_dict(recipe["vae"], "vae.", seed=args.seed)
-    if recipe.get("decoder"):
-        VaeTrainConfig.from_dict(recipe["decoder"], "decoder.", seed=args.seed)
+    for stage in ("decoder", "texture"):
+        if recipe.get(stage):
+            VaeTrainConfig.from_dict(recipe[stage], f"{stage}.", seed=args.seed)
     return recipe, args.samples or samples
 
 
@@ -181,7 +190,8 @@ def recipe_config(recipe: dict):
 
 
 def run_toy_recipe(args, settings: dict) -> int:
-    """data -> VAE -> decoder fine-tuning -> LayerDiff for the built-in toy model; every stage resumable."""
+    """data -> VAE -> decoder fine-tuning -> LayerDiff -> layout -> texture decoder -> calibration for the
+    built-in toy model; every stage resumable."""
     import torch
 
     from layerdiff.conditioning import LayerPrompts
@@ -248,6 +258,12 @@ def run_toy_recipe(args, settings: dict) -> int:
                      recipe["layout"], args.seed)
         judged.append(layout_file)
     timings["layout_s"] = round(time.time() - t, 1)
+    t = time.time()
+    if recipe.get("texture"):
+        texture_file = out / "vae-texture.safetensors"
+        vae_stage(trained.vae, data, texture_file, out / "texture_run", recipe["texture"], args.seed)
+        judged.append(texture_file)
+    timings["texture_s"] = round(time.time() - t, 1)
     t = time.time()
     calibration = None
     if recipe["calibration"]["samples"]:

@@ -343,6 +343,12 @@ class VaeTrainConfig:
     # to its blurred mean; this asks for detail of the right amount where the image has it, without
     # asking for its exact phase.
     texture_weight: float = 0.0
+    # Weight, within the texture loss, of the same match over the whole crop (0 = per patch only).
+    # A sparse texture (stars, snow flakes) leaves most 8x8 patches empty, so a per-patch L1 match,
+    # whose optimum for an unknown phase is the median patch, asks for no dots at all; over the whole
+    # crop the amount of detail is nearly the same from crop to crop, and the decoder is asked to
+    # draw it.
+    texture_crop_weight: float = 0.0
 
     def __post_init__(self):
         check_settings({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, VAE_SETTINGS, "VAE ")
@@ -385,6 +391,7 @@ VAE_SETTINGS = {
     "decoder_only": Setting("bool"),
     "latent_noise": Setting("float", 0.0, 100.0, hint="0 = off, e.g. 0.6"),
     "texture_weight": Setting("float", 0.0, 1000.0, hint="0 = off, e.g. 1"),
+    "texture_crop_weight": Setting("float", 0.0, 1000.0, hint="0 = per 8x8 patch only, e.g. 1"),
     "latent_stats": Setting("choice", choices=("global", "channel")),
     "scale_equivariance": Setting("float", 0.0, 10_000.0, hint="0 = off, e.g. 1"),
     "scale_equivariance_factors": Setting("ints", 1, 1024, hint="pooling factors, e.g. [2, 4]"),

@@ -184,7 +184,7 @@ def train_vae(vae, data, out: str | Path, config: VaeTrainConfig, size: int = 12
         err = rec - x
         loss = ((err.abs() + err**2) * w).mean() + config.kl_weight * kl
         if config.texture_weight > 0:
-            loss = loss + config.texture_weight * texture_loss(rec, x)
+            loss = loss + config.texture_weight * texture_loss(rec, x, crop_weight=config.texture_crop_weight)
         if config.scale_equivariance > 0:  # decoder-only stages learn it too (encoder frozen)
             loss = loss + config.scale_equivariance * scale_equivariance_loss(vae, z, x, factors)
         opt.zero_grad(set_to_none=True)
@@ -221,12 +221,18 @@ def detail_energy(x: torch.Tensor, patch: int = 8) -> torch.Tensor:
     return torch.stack(out, 1)
 
 
-def texture_loss(rec: torch.Tensor, x: torch.Tensor, patch: int = 8) -> torch.Tensor:
+def texture_loss(rec: torch.Tensor, x: torch.Tensor, patch: int = 8, crop_weight: float = 0.0) -> torch.Tensor:
     """L1 distance of the decoded and true images' per-patch detail energy (:func:`detail_energy`):
-    zero when every patch holds as much pixel-scale detail as the image, whatever its phase."""
+    zero when every patch holds as much pixel-scale detail as the image, whatever its phase; plus
+    ``crop_weight`` times the same distance over each whole (square) crop, which asks for a sparse
+    texture's detail that no single patch can be sure of."""
     if x.shape[-1] % patch or x.shape[-2] % patch:
         raise LayerDiffError(f"VAE texture loss: crops of {x.shape[-2]}x{x.shape[-1]} px are not a multiple of {patch}")
-    return (detail_energy(rec, patch) - detail_energy(x, patch)).abs().mean()
+    loss = (detail_energy(rec, patch) - detail_energy(x, patch)).abs().mean()
+    if crop_weight > 0:
+        side = min(x.shape[-2:])
+        loss = loss + crop_weight * (detail_energy(rec, side) - detail_energy(x, side)).abs().mean()
+    return loss
 
 
 def scale_equivariance_loss(vae, z: torch.Tensor, x: torch.Tensor, factors: tuple[int, ...]) -> torch.Tensor:
