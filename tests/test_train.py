@@ -763,7 +763,8 @@ def test_vae_recipe_options_train_and_bad_schedule_is_named(data, tmp_path):
 
     vae = build_random_model(get_preset("tiny"), seed=0).vae
     cfg = VaeTrainConfig(steps=3, batch_size=2, crop=32, images=12, object_weight=4.0, sample_posterior=False,
-                         edge_weight=8.0, lr_schedule="cosine", checkpoint_every=3, texture_weight=1.0)
+                         edge_weight=8.0, lr_schedule="cosine", checkpoint_every=3, texture_weight=1.0,
+                         texture_crop_weight=1.0, texture_sharpness_weight=1.0)
     train_vae(vae, data, tmp_path / "vae", cfg, size=SIZE, progress=False)
     assert all(torch.isfinite(p).all() for p in vae.parameters()) and vae.config.scaling_factor > 0
     with pytest.raises(LayerDiffError, match="VAE lr_schedule 'step'"):
@@ -817,6 +818,37 @@ def test_texture_loss_crop_term_asks_for_sparse_dots_at_a_phase_of_their_own():
     assert texture_loss(flat, dots, crop_weight=0.0) == texture_loss(flat, dots)
     with pytest.raises(LayerDiffError, match="texture_crop_weight"):
         VaeTrainConfig.from_dict({"texture_crop_weight": -0.5}, "texture.")
+
+
+def test_sharpness_loss_tells_one_pixel_dots_from_soft_blobs_and_counts_backgrounds_only():
+    from layerdiff.training.settings import VaeTrainConfig
+    from layerdiff.training.vae import detail_energy, laplacian_energy, sharpness_loss
+
+    g = torch.Generator().manual_seed(2)
+    dots = -torch.ones(3, 3, 32, 32)
+    for img in range(3):
+        for y, x in torch.randint(2, 30, (12, 2), generator=g).tolist():
+            dots[img, :, y, x] = 1.0
+    # the same dots, moved: as sharp; blurred into soft blobs (a 3x3 box blur, twice) and brightened
+    # to the dots' first-difference energy: as much detail by first differences, much less by the
+    # Laplacian
+    moved = torch.roll(dots, shifts=(1, -1), dims=(2, 3))
+    soft = dots
+    for _ in range(2):
+        soft = torch.nn.functional.avg_pool2d(soft, 3, 1, 1, count_include_pad=False)
+    soft = -1 + (soft + 1) * (detail_energy(dots, 32)[:, 0].mean() / detail_energy(soft, 32)[:, 0].mean())
+    assert torch.allclose(detail_energy(soft, 32)[:, 0].mean(), detail_energy(dots, 32)[:, 0].mean())
+    assert (laplacian_energy(soft) < 0.6 * laplacian_energy(dots)).all()
+    every = torch.ones(3, dtype=torch.bool)
+    assert sharpness_loss(moved, dots, every) < 0.1 * sharpness_loss(soft, dots, every)
+    # crops not selected (foreground layers, masks) add nothing, and get no gradient from it
+    rec = soft.clone().requires_grad_(True)
+    select = torch.tensor([True, False, False])
+    sharpness_loss(rec, dots, select).backward()
+    assert rec.grad[0].abs().sum() > 0 and rec.grad[1:].abs().sum() == 0
+    assert sharpness_loss(soft, dots, torch.zeros(3, dtype=torch.bool)) == 0
+    with pytest.raises(LayerDiffError, match="texture_sharpness_weight"):
+        VaeTrainConfig.from_dict({"texture_sharpness_weight": "high"}, "texture.")
 
 
 def test_decoder_fine_tuning_keeps_the_encoder_and_its_latent_scale(data, tmp_path):

@@ -349,6 +349,12 @@ class VaeTrainConfig:
     # crop the amount of detail is nearly the same from crop to crop, and the decoder is asked to
     # draw it.
     texture_crop_weight: float = 0.0
+    # Weight of a sharpness match (0 = off), on background images only: each crop's mean magnitude
+    # of the Laplacian (second differences) must match the image's. First differences are met as
+    # well by soft blobs as by the one-pixel dots and lines of stars, snow flakes and grain; the
+    # Laplacian tells them apart. Foreground layers and masks are left out: their crops are flat
+    # grey or black and white, and the decoder would meet it there with speckles and mask noise.
+    texture_sharpness_weight: float = 0.0
 
     def __post_init__(self):
         check_settings({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, VAE_SETTINGS, "VAE ")
@@ -392,6 +398,7 @@ VAE_SETTINGS = {
     "latent_noise": Setting("float", 0.0, 100.0, hint="0 = off, e.g. 0.6"),
     "texture_weight": Setting("float", 0.0, 1000.0, hint="0 = off, e.g. 1"),
     "texture_crop_weight": Setting("float", 0.0, 1000.0, hint="0 = per 8x8 patch only, e.g. 1"),
+    "texture_sharpness_weight": Setting("float", 0.0, 1000.0, hint="0 = off, e.g. 1"),
     "latent_stats": Setting("choice", choices=("global", "channel")),
     "scale_equivariance": Setting("float", 0.0, 10_000.0, hint="0 = off, e.g. 1"),
     "scale_equivariance_factors": Setting("ints", 1, 1024, hint="pooling factors, e.g. [2, 4]"),

@@ -185,6 +185,9 @@ def train_vae(vae, data, out: str | Path, config: VaeTrainConfig, size: int = 12
         loss = ((err.abs() + err**2) * w).mean() + config.kl_weight * kl
         if config.texture_weight > 0:
             loss = loss + config.texture_weight * texture_loss(rec, x, crop_weight=config.texture_crop_weight)
+        if config.texture_sharpness_weight > 0:
+            backgrounds = ~(foreground[idx] | is_mask[idx])
+            loss = loss + config.texture_sharpness_weight * sharpness_loss(rec, x, backgrounds)
         if config.scale_equivariance > 0:  # decoder-only stages learn it too (encoder frozen)
             loss = loss + config.scale_equivariance * scale_equivariance_loss(vae, z, x, factors)
         opt.zero_grad(set_to_none=True)
@@ -233,6 +236,22 @@ def texture_loss(rec: torch.Tensor, x: torch.Tensor, patch: int = 8, crop_weight
         side = min(x.shape[-2:])
         loss = loss + crop_weight * (detail_energy(rec, side) - detail_energy(x, side)).abs().mean()
     return loss
+
+
+def laplacian_energy(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) images -> (N, C): the mean magnitude of each channel's Laplacian (the
+    4-neighbour second difference, over the interior pixels): how sharp the image's detail is."""
+    k = torch.tensor([[0, -1, 0], [-1, 4, -1], [0, -1, 0]], dtype=x.dtype, device=x.device)
+    return F.conv2d(x, k.view(1, 1, 3, 3).repeat(x.shape[1], 1, 1, 1), groups=x.shape[1]).abs().mean((2, 3))
+
+
+def sharpness_loss(rec: torch.Tensor, x: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
+    """L1 distance of the decoded and true crops' Laplacian energy (:func:`laplacian_energy`),
+    counted for the crops where ``select`` (N,) is True and averaged over all N (0 with none)."""
+    if min(x.shape[-2:]) < 3:
+        raise LayerDiffError(f"VAE sharpness loss: crops of {x.shape[-2]}x{x.shape[-1]} px are too small: use 8 px or more")
+    err = (laplacian_energy(rec) - laplacian_energy(x)).abs().mean(1)
+    return (err * select.to(err.dtype)).mean()
 
 
 def scale_equivariance_loss(vae, z: torch.Tensor, x: torch.Tensor, factors: tuple[int, ...]) -> torch.Tensor:
