@@ -28,7 +28,7 @@ def _load(path: Path) -> dict:
     try:
         report = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise SystemExit(f"{path}: not a readable eval report ({e})")
+        raise SystemExit(f"{path}: not a readable eval report ({e})") from None
     if not isinstance(report, dict) or "cfg" not in report:
         raise SystemExit(f"{path}: not an eval report (no 'cfg' entry): give the JSON of `python -m layerdiff eval --out`")
     return report
