@@ -942,7 +942,7 @@ def test_toy_recipe_runs_every_stage_and_ships_its_unet_override(tmp_path, capsy
     trained, _ = read_safetensors(out / "layerdiff" / "model.safetensors")
     shipped, _ = read_safetensors(out / "layerdiff-toy.safetensors")
     layout, _ = read_safetensors(out / "layout.safetensors")
-    assert model.config.layout_prior == 16 and model.config.sampling.layout_prior == 8.0
+    assert model.config.layout_prior == 16 and model.config.sampling.layout_prior == get_preset("toy").sampling.layout_prior > 0
     assert all(not torch.equal(trained[f"prompt_enhancer.layout.{k}"], v) for k, v in layout.items() if k.endswith("weight"))
     assert all(torch.equal(shipped[f"prompt_enhancer.layout.{k}"], v.half()) for k, v in layout.items())
     assert json.loads(read_safetensors(out / "layerdiff-toy.safetensors")[1]["recipe"])["layout"]["steps"] == 3

@@ -55,10 +55,12 @@ TOY_RECIPE = {
     },
     # after LayerDiff, the decoder once more (encoder, latents and LayerDiff untouched), with the
     # texture loss matched over each whole crop too, so sparse textures (stars, snow flakes, wood
-    # grain) are drawn rather than decoded to their blur
+    # grain) are drawn rather than decoded to their blur, and backgrounds' sharpness matched (their
+    # dots and lines one pixel wide, not soft blobs)
     "texture": {"steps": 800, "batch_size": 8, "crop": 64, "lr": 3e-4, "lr_schedule": "cosine", "focus": 0.75,
                 "object_weight": 4.0, "edge_weight": 16.0, "sample_posterior": False, "decoder_only": True,
-                "latent_noise": 0.6, "texture_weight": 30.0, "texture_crop_weight": 1.0},
+                "latent_noise": 0.6, "texture_weight": 30.0, "texture_crop_weight": 1.0,
+                "texture_sharpness_weight": 10.0},
     # the layout prior, trained alone on the LayerDiff stage's cached latents (0 steps skips it)
     "layout": {"steps": 1500, "batch_size": 32, "lr": 1e-2},
     # the background guidance, then the foregrounds' guidance, written into the model file's sampling
