@@ -3,7 +3,7 @@
 It chains: toy data (if --data has none) -> the toy VAE -> its decoder fine-tuned on noisy latents
 -> LayerDiff (UNet, prompt enhancer and the small text encoder trained together) -> the layout prior
 (where each layer prompt puts its object, :mod:`layerdiff.training.layout_stage`) -> the decoder
-fine-tuned once more for texture (the whole-crop texture term) -> the background
+fine-tuned once more for texture (the whole-crop texture term, backgrounds' sharpness) -> the background
 and foreground guidance picked on fresh validation scenes (:mod:`layerdiff.evaluation.calibrate`) ->
 ``OUT/layerdiff-toy.safetensors``, whose sampling defaults carry that guidance.
 Every stage is resumable: rerunning the same command continues where a killed run stopped.
