@@ -398,7 +398,7 @@ VAE_SETTINGS = {
     "latent_noise": Setting("float", 0.0, 100.0, hint="0 = off, e.g. 0.6"),
     "texture_weight": Setting("float", 0.0, 1000.0, hint="0 = off, e.g. 1"),
     "texture_crop_weight": Setting("float", 0.0, 1000.0, hint="0 = per 8x8 patch only, e.g. 1"),
-    "texture_sharpness_weight": Setting("float", 0.0, 1000.0, hint="0 = off, e.g. 1"),
+    "texture_sharpness_weight": Setting("float", 0.0, 1000.0, hint="0 = off, e.g. 10"),
     "latent_stats": Setting("choice", choices=("global", "channel")),
     "scale_equivariance": Setting("float", 0.0, 10_000.0, hint="0 = off, e.g. 1"),
     "scale_equivariance_factors": Setting("ints", 1, 1024, hint="pooling factors, e.g. [2, 4]"),

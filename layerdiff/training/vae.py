@@ -249,7 +249,7 @@ def sharpness_loss(rec: torch.Tensor, x: torch.Tensor, select: torch.Tensor) -> 
     """L1 distance of the decoded and true crops' Laplacian energy (:func:`laplacian_energy`),
     counted for the crops where ``select`` (N,) is True and averaged over all N (0 with none)."""
     if min(x.shape[-2:]) < 3:
-        raise LayerDiffError(f"VAE sharpness loss: crops of {x.shape[-2]}x{x.shape[-1]} px are too small: use 8 px or more")
+        raise LayerDiffError(f"VAE sharpness loss: crops of {x.shape[-2]}x{x.shape[-1]} px are too small: use 3 px or more")
     err = (laplacian_energy(rec) - laplacian_energy(x)).abs().mean(1)
     return (err * select.to(err.dtype)).mean()
 
