@@ -169,21 +169,69 @@ def _prior_model(rank=4, trained=True):
     return model
 
 
-def test_the_start_hook_moves_only_foreground_mask_channels_by_the_centred_map():
-    from layerdiff.sampling.layout_prior import LayoutPriorStart
+def test_the_start_hook_moves_only_foreground_mask_channels_away_from_the_map_and_to_its_focus_disk():
+    from layerdiff.sampling.layout_prior import FOCUS_SHARE, LayoutPriorStart, focus_disks
 
-    cover = torch.rand(2, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    cover = torch.rand(2, 2, 6, 6, generator=torch.Generator().manual_seed(0))
     white, black = torch.tensor([1.0, 2.0, 0.0, -1.0]), torch.tensor([-1.0, 0.0, 0.0, 1.0])
     valid = torch.tensor([[True, True, True], [True, True, False]])
     hook = LayoutPriorStart(2.0, cover, (white, black), valid, a_first=0.25, init_sigma=3.0)
-    noise = torch.randn(2, 3, 8, 4, 4, generator=torch.Generator().manual_seed(1))
+    noise = torch.randn(2, 3, 8, 6, 6, generator=torch.Generator().manual_seed(1))
     x = hook.start(noise * 3.0, noise)
     delta = x - noise * 3.0
     assert delta[:, 0].abs().max() == 0 and delta[:, :, :4].abs().max() == 0  # background and image channels
     assert delta[1, 2].abs().max() == 0  # a padding slot
-    expected = 2.0 * 0.5 * 3.0 * (cover[0, 0] - cover[0, 0].mean())[None] * (white - black)[:, None, None]
-    assert torch.allclose(delta[0, 1, 4:], expected, atol=1e-6)
-    assert torch.allclose(delta[:, 1:, 4:].mean((-1, -2)), torch.zeros(2, 2, 4), atol=1e-6)  # centred
+    axis = white - black
+    lean = torch.einsum("bkchw,c->bkhw", noise[:, 1:, 4:], axis / axis.norm())
+    disk = focus_disks(cover, lean, valid[:, 1:])[0, 0]
+    assert disk.sum() >= 5  # a disk of at least the minimum radius
+    away = (cover[0, 0] - cover[0, 0].mean()).clamp(max=0)  # only where the object is not
+    layout = away + FOCUS_SHARE * (disk - disk.mean())
+    expected = 2.0 * 0.5 * 3.0 * layout[None] * axis[:, None, None]
+    assert torch.allclose(delta[0, 1, 4:], expected, atol=1e-5)
+    along = torch.einsum("bkchw,c->bkhw", delta[:, 1:, 4:], axis)
+    assert (along[0, 0][disk == 0] <= 1e-6).all()  # off the disk: never towards a white mask
+    assert torch.equal(hook.start(noise * 3.0, noise), x)  # the same noise, the same start
+
+
+def _strip(h=16, w=16, cols=slice(0, 5), inside=0.3, outside=0.005):
+    m = torch.full((h, w), outside)
+    m[:, cols] = inside
+    return m
+
+
+def test_focus_disk_has_about_the_maps_expected_area_and_sits_where_the_map_is_high():
+    import math
+
+    from layerdiff.sampling.layout_prior import FOCUS_MIN_RADIUS, FOCUS_SHRINK, focus_disks
+
+    left, right = _strip(cols=slice(0, 5)), _strip(cols=slice(11, 16))
+    cover = torch.stack([left, right])[None]  # (1, 2, 16, 16)
+    lean = torch.randn(1, 2, 16, 16, generator=torch.Generator().manual_seed(3))
+    disks = focus_disks(cover, lean, torch.ones(1, 2, dtype=torch.bool))
+    assert set(disks.unique().tolist()) <= {0.0, 1.0}
+    for k, cols in ((0, slice(0, 5)), (1, slice(11, 16))):
+        d = disks[0, k]
+        assert d[:, cols].sum() >= 0.8 * d.sum()  # (nearly) all of it inside the map's strip
+        assert cols.start <= torch.nonzero(d)[:, 1].float().mean() < cols.stop
+        radius = max(math.sqrt(float(cover[0, k].sum()) / math.pi) - FOCUS_SHRINK, FOCUS_MIN_RADIUS)
+        assert abs(float(d.sum()) - math.pi * radius ** 2) <= 2 * math.pi * radius  # its area, to the rim
+    small = focus_disks(cover * 0.25, lean, torch.ones(1, 2, dtype=torch.bool))
+    assert small[0, 0].sum() < disks[0, 0].sum() / 2  # a smaller expected area, a smaller disk
+
+
+def test_focus_disks_follow_the_noise_on_a_flat_map_and_keep_apart():
+    from layerdiff.sampling.layout_prior import focus_disks
+
+    flat = torch.full((1, 2, 16, 16), 0.05)
+    lean = torch.zeros(1, 2, 16, 16)
+    lean[:, :, 10:14, 2:6] = 2.0  # both layers' noise leans white at the same place
+    disks = focus_disks(flat, lean, torch.ones(1, 2, dtype=torch.bool))
+    ys, xs = torch.nonzero(disks[0, 0], as_tuple=True)
+    assert 9 <= ys.float().mean() <= 14 and 1 <= xs.float().mean() <= 6  # the first where the noise leans
+    assert (disks[0, 0] * disks[0, 1]).sum() == 0  # the second somewhere else
+    one = focus_disks(flat, lean, torch.tensor([[True, False]]))
+    assert one[0, 1].abs().max() == 0 and torch.equal(one[0, 0], disks[0, 0])  # a padding slot: no disk
 
 
 def _run(model, **settings):
