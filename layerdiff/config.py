@@ -308,10 +308,10 @@ def _toy() -> LayerDiffConfig:
         # guidance scales on validation scenes and writes them into the model file it ships. Self-mask
         # guidance is off: paired against plain CFG on this model it lowers mask IoU (docs/sampling.md);
         # a user who turns it on gets it on each mask's interior (erode 1)
-        # The layout prior goes into the foregrounds' starting noise at strength 14 (where each object is
+        # The layout prior goes into the foregrounds' starting noise at strength 7 (where each object is
         # not, and a focus disk of its expected size where it is: docs/sampling.md, docs/experiments.md).
         sampling=DEFAULTS.replace(steps=20, cfg=3.0, background_cfg=20.0, mask_guidance=0.0, mask_guidance_erode=1,
-                                  layout_prior=14.0),
+                                  layout_prior=7.0),
         description="toy-world model: 128x128 images, 16x16 latents, word-level tokenizer",
     )
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from layerdiff.sampling.hooks import Hook
 
-FOCUS_SHARE = 0.3  # the focus disk's strength, as a share of the layout strength
+FOCUS_SHARE = 0.6  # the focus disk's strength, as a share of the layout strength
 FOCUS_SHRINK = 0.75  # latent pixels taken off the disk's radius (the UNet grows a strong blob)
 FOCUS_MIN_RADIUS = 1.0  # latent pixels
 FOCUS_LEAN = 0.3  # weight of the noise's own lean (a z-score) against the map's log coverage
