@@ -234,6 +234,57 @@ def test_focus_disks_follow_the_noise_on_a_flat_map_and_keep_apart():
     assert one[0, 1].abs().max() == 0 and torch.equal(one[0, 0], disks[0, 0])  # a padding slot: no disk
 
 
+def _blob(cy, cx, h=16, w=16, sigma=1.5, peak=0.8):
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
+    return peak * torch.exp(-((ys - cy) ** 2 + (xs - cx) ** 2) / (2 * sigma ** 2))
+
+
+def test_map_spread_tells_a_pinned_map_from_a_band_and_a_flat_one():
+    from layerdiff.sampling.layout_prior import FOCUS_PINNED, map_spread
+
+    assert abs(map_spread(torch.full((16, 16), 0.05)) - (1 / 12) ** 0.5) < 0.01  # flat: a uniform's spread
+    assert map_spread(_strip()) > FOCUS_PINNED  # "on the left": narrow in x, but spread along y
+    assert map_spread(_strip().T) > FOCUS_PINNED  # "at the top"
+    assert map_spread(_blob(7.5, 7.5)) < FOCUS_PINNED  # "in the centre"
+    assert map_spread(torch.zeros(16, 16)) == 0.0  # an empty map is no error
+
+
+def test_a_pinned_map_gets_a_full_area_disk_at_its_peak_whatever_the_noise_leans():
+    import math
+
+    from layerdiff.sampling.layout_prior import FOCUS_SHRINK, focus_disks
+
+    blob, strip = _blob(7.5, 7.5), _strip()
+    lean = torch.zeros(1, 2, 16, 16)
+    lean[:, :, 3:7, 9:13] = 3.0  # the noise leans white off the centre, for both layers
+    disks = focus_disks(torch.stack([blob, strip])[None], lean, torch.ones(1, 2, dtype=torch.bool))
+    ys, xs = torch.nonzero(disks[0, 0], as_tuple=True)
+    assert abs(ys.float().mean() - 7.5) <= 0.5 and abs(xs.float().mean() - 7.5) <= 0.5  # the map's peak
+    full = math.sqrt(float(blob.sum()) / math.pi)
+    assert abs(float(disks[0, 0].sum()) - math.pi * full ** 2) <= 2 * math.pi * full  # not shrunk
+    shrunk = math.pi * (full - FOCUS_SHRINK) ** 2
+    assert disks[0, 0].sum() > shrunk  # larger than a band's disk of the same expected area
+    # the band's disk still follows the noise inside its strip
+    ys, xs = torch.nonzero(disks[0, 1], as_tuple=True)
+    assert xs.float().mean() < 5
+
+
+def test_the_most_pinned_layer_is_placed_first_so_a_free_layer_does_not_take_its_place():
+    from layerdiff.sampling.layout_prior import focus_disks
+
+    flat, blob = torch.full((16, 16), 0.08), _blob(7.5, 7.5)
+    lean = torch.zeros(1, 2, 16, 16)
+    lean[:, 0, 5:11, 5:11] = 3.0  # the free layer's noise leans white at the centre
+    disks = focus_disks(torch.stack([flat, blob])[None], lean, torch.ones(1, 2, dtype=torch.bool))
+    ys, xs = torch.nonzero(disks[0, 1], as_tuple=True)
+    assert abs(ys.float().mean() - 7.5) <= 0.5 and abs(xs.float().mean() - 7.5) <= 0.5  # the centre layer: the centre
+    fy, fx = torch.nonzero(disks[0, 0], as_tuple=True)  # the free layer: elsewhere, though its noise leant there
+    assert (fy.float().mean() - 7.5) ** 2 + (fx.float().mean() - 7.5) ** 2 >= 4
+    assert (disks[0, 0] * disks[0, 1]).sum() <= disks[0, 0].sum() / 4
+    swapped = focus_disks(torch.stack([blob, flat])[None], lean.flip(1), torch.ones(1, 2, dtype=torch.bool))
+    assert torch.equal(swapped.flip(1), disks)  # slot order does not matter
+
+
 def _run(model, **settings):
     from layerdiff.conditioning import LayerPrompts
     from layerdiff.pipeline import run

@@ -12,7 +12,13 @@ latent were its signal ``strength`` times stronger (``strength * sqrt(a_first)``
 - *where it is, and how large*: a focus disk, at ``FOCUS_SHARE`` of that strength and centred, of
   about the map's expected area (``sum p``, a little smaller, since the UNet draws a strong blob
   larger than it is written), placed where the map is high, where the noise already leans towards
-  a white mask, and away from the disks of the layers before it.
+  a white mask, and away from the disks placed before it.
+
+A map *pinned* in both directions (its spread along x and along y both under ``FOCUS_PINNED`` of the
+side: "in the centre") names one place, not a band: its disk keeps the map's full expected area
+(a smaller one does not hold the object there) and goes exactly where the map is high, whatever
+the noise leans. Disks are placed from the most pinned map to the broadest, so a layer free to go
+anywhere does not take the one place another layer asked for.
 
 The map's positive part is not written: for "a small star on the left" it is the whole left third,
 a broad bump that the UNet draws as one large object.
@@ -35,6 +41,7 @@ FOCUS_MIN_RADIUS = 1.0  # latent pixels
 FOCUS_LEAN = 0.3  # weight of the noise's own lean (a z-score) against the map's log coverage
 FOCUS_TAKEN = 4.0  # penalty for covering the disks of the layers before
 FOCUS_FLOOR = 0.01  # added to the disk's mean coverage before the log
+FOCUS_PINNED = 0.2  # a map whose spread along both axes is under this share of the side is pinned
 
 
 def coverage(unet, layer_words: torch.Tensor | None, latent_size: tuple[int, int]) -> torch.Tensor | None:
@@ -53,26 +60,43 @@ def _disk(radius: float) -> torch.Tensor:
     return ((d[:, None] ** 2 + d[None, :] ** 2) <= radius * radius).float()
 
 
+def map_spread(p: torch.Tensor) -> float:
+    """(h, w) coverage -> the larger of its standard deviations along x and along y, as a share of
+    that side (about 0.29 for a flat map, under 0.2 for a map peaked in both directions)."""
+    h, w = p.shape
+    p = p.float()
+    total = p.sum().clamp(min=1e-8)
+    ys = (torch.arange(h, dtype=torch.float32, device=p.device) + 0.5) / h
+    xs = (torch.arange(w, dtype=torch.float32, device=p.device) + 0.5) / w
+    py, px = p.sum(1) / total, p.sum(0) / total  # marginals
+    var_y = (py * (ys - (py * ys).sum()) ** 2).sum()
+    var_x = (px * (xs - (px * xs).sum()) ** 2).sum()
+    return float(torch.maximum(var_x, var_y).sqrt())
+
+
 def focus_disks(cover: torch.Tensor, lean: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """cover, lean (B, K, h, w): coverage maps and the noise's lean towards a white mask (unit
     variance per cell); keep (B, K) bool -> (B, K, h, w) one 0/1 disk per kept foreground (zeros
-    elsewhere), placed layer by layer in slot order."""
+    elsewhere), placed one layer after another from the most pinned map to the broadest."""
     B, K, h, w = cover.shape
     out = torch.zeros(B, K, h, w, device=cover.device)
     for b in range(B):
         taken = torch.zeros(1, 1, h, w, device=cover.device)
-        for k in range(K):
+        spreads = [map_spread(cover[b, k]) for k in range(K)]
+        for k in sorted(range(K), key=lambda k: (spreads[k], k)):
             if not bool(keep[b, k]):
                 continue
             p = cover[b, k].float()
-            radius = max(math.sqrt(float(p.sum()) / math.pi) - FOCUS_SHRINK, FOCUS_MIN_RADIUS)
+            pinned = spreads[k] < FOCUS_PINNED
+            shrink, lean_weight = (0.0, 0.0) if pinned else (FOCUS_SHRINK, FOCUS_LEAN)
+            radius = max(math.sqrt(float(p.sum()) / math.pi) - shrink, FOCUS_MIN_RADIUS)
             kernel = _disk(radius).to(cover.device)
             R = kernel.shape[-1] // 2
             stack = torch.stack([p, lean[b, k].float(), torch.ones_like(p), taken[0, 0]])[:, None]
             sums = F.conv2d(stack, kernel[None, None], padding=R)[:, 0]  # (4, h, w) sums over the disk
             inside = sums[2].clamp(min=1.0)  # cells of the disk inside the latent
             score = (torch.log(sums[0] / (math.pi * radius * radius) + FOCUS_FLOOR)
-                     + FOCUS_LEAN * sums[1] / inside.sqrt() - FOCUS_TAKEN * sums[3] / inside)
+                     + lean_weight * sums[1] / inside.sqrt() - FOCUS_TAKEN * sums[3] / inside)
             centre = torch.zeros(h * w, device=cover.device)
             centre[int(score.flatten().argmax())] = 1.0
             disk = F.conv2d(centre.view(1, 1, h, w), kernel[None, None], padding=R)[0, 0].clamp(max=1.0)
