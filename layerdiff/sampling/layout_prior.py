@@ -39,7 +39,7 @@ FOCUS_SHARE = 0.6  # the focus disk's strength, as a share of the layout strengt
 FOCUS_SHRINK = 0.75  # latent pixels taken off the disk's radius (the UNet grows a strong blob)
 FOCUS_MIN_RADIUS = 1.0  # latent pixels
 FOCUS_LEAN = 0.3  # weight of the noise's own lean (a z-score) against the map's log coverage
-FOCUS_TAKEN = 4.0  # penalty for covering the disks of the layers before
+FOCUS_TAKEN = 4.0  # penalty for covering the disks placed before
 FOCUS_FLOOR = 0.01  # added to the disk's mean coverage before the log
 FOCUS_PINNED = 0.2  # a map whose spread along both axes is under this share of the side is pinned
 
@@ -62,10 +62,13 @@ def _disk(radius: float) -> torch.Tensor:
 
 def map_spread(p: torch.Tensor) -> float:
     """(h, w) coverage -> the larger of its standard deviations along x and along y, as a share of
-    that side (about 0.29 for a flat map, under 0.2 for a map peaked in both directions)."""
+    that side (about 0.29 for a flat map, under 0.2 for a map peaked in both directions); a map
+    with no coverage at all counts as flat."""
     h, w = p.shape
     p = p.float()
-    total = p.sum().clamp(min=1e-8)
+    if not float(p.sum()) > 0:
+        p = torch.ones_like(p)
+    total = p.sum()
     ys = (torch.arange(h, dtype=torch.float32, device=p.device) + 0.5) / h
     xs = (torch.arange(w, dtype=torch.float32, device=p.device) + 0.5) / w
     py, px = p.sum(1) / total, p.sum(0) / total  # marginals
